@@ -1,0 +1,73 @@
+"""`DataConfig`: which corpus to read, how it is tokenized and split (batch sizes live in the train config)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+SOURCES = ("synthetic", "stdlib", "text", "jsonl", "tokens")
+PATH_SOURCES = ("text", "jsonl", "tokens")
+
+
+@dataclass
+class DataConfig:
+    """Every knob of the data pipeline. Invalid values raise `ValueError` naming the field."""
+
+    # --- what to read ---
+    source: str = "stdlib"  # synthetic | stdlib (Python's own source files) | text | jsonl | tokens (memmap file)
+    path: Optional[str] = None  # text/jsonl: a file or a directory; tokens: the .bin file (its .json sidecar beside it)
+    val_path: Optional[str] = None  # optional held-out file/dir of the same source kind; val_fraction is then ignored
+    file_glob: Optional[str] = None  # directories: files to read (recursive); None = *.txt (text), *.jsonl (jsonl)
+    text_field: str = "text"  # jsonl: key of the document string in every JSON object
+    max_bytes: Optional[int] = 4_000_000  # stdlib/text/jsonl: cap on bytes of text read, in file order; None = all
+
+    # --- how it is cut ---
+    seq_len: int = 128  # tokens per training sequence S (each sample reads S+1 tokens: inputs + shifted labels)
+    val_fraction: float = 0.05  # tail fraction of the token stream held out for validation; 0 = no validation set
+    shuffle: bool = True  # shuffle sample order each epoch (seeded, epoch-aware); False = stream order
+    shuffle_documents: bool = True  # stdlib/text/jsonl: seeded document permutation before the val tail is cut
+    seed: int = 0  # seeds synthetic generation, document permutation and the per-epoch sample shuffle
+
+    # --- synthetic source: a seeded sparse Markov chain the model can learn ---
+    synthetic_num_tokens: int = 1 << 20  # total tokens generated (train + val), EOS separators included
+    synthetic_vocab_size: int = 256  # content token ids [0, n); BOS/EOS/PAD follow, so the vocab is n + 3
+    synthetic_branching: int = 4  # successors each token may be followed by; the loss floor is <= ln(branching)
+    synthetic_doc_len: int = 512  # content tokens per synthetic document (an EOS follows each)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"DataConfig.source={self.source!r} is not one of {list(SOURCES)}")
+        if self.source in PATH_SOURCES and not self.path:
+            raise ValueError(f"DataConfig.path={self.path!r} is required for source={self.source!r}")
+        if self.seq_len < 1:
+            raise ValueError(f"DataConfig.seq_len={self.seq_len} must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"DataConfig.val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError(f"DataConfig.max_bytes={self.max_bytes} must be >= 1 or None (read everything)")
+        if not self.text_field:
+            raise ValueError(f"DataConfig.text_field={self.text_field!r} must be a non-empty key")
+        for name in ("synthetic_num_tokens", "synthetic_vocab_size", "synthetic_branching", "synthetic_doc_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.synthetic_branching > self.synthetic_vocab_size:
+            raise ValueError(
+                f"DataConfig.synthetic_branching={self.synthetic_branching} exceeds "
+                f"synthetic_vocab_size={self.synthetic_vocab_size}"
+            )
+        self._warn_ineffective()
+
+    def _warn_ineffective(self) -> None:
+        def warn(msg: str) -> None:
+            warnings.warn(f"DataConfig: {msg}", UserWarning, stacklevel=4)
+
+        if self.source not in PATH_SOURCES and (self.path or self.val_path):
+            warn(f"path/val_path have no effect with source={self.source!r}")
+        if self.source != "jsonl" and self.text_field != "text":
+            warn(f"text_field={self.text_field!r} has no effect with source={self.source!r}")
+        if self.source not in ("text", "jsonl") and self.file_glob is not None:
+            warn(f"file_glob={self.file_glob!r} has no effect with source={self.source!r}")

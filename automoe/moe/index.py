@@ -1,0 +1,62 @@
+"""Pure index math for routing: counts per expert, sort by expert, permute / unpermute.
+
+Letters: T tokens, K slots per token, N = T*K routed slots, E experts, D model dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def flat_slots(indices_TK: Tensor, valid_TK: Tensor | None, num_experts: int) -> Tensor:
+    """Expert id of every slot, flattened to [T*K]; invalid (masked or dropped) slots get id `num_experts`."""
+    idx_N = indices_TK.reshape(-1)
+    if valid_TK is not None:
+        idx_N = torch.where(valid_TK.reshape(-1), idx_N, torch.full_like(idx_N, num_experts))
+    return idx_N
+
+
+def sort_by_expert(idx_N: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """Stable expert-major order of the slots and per-expert counts.
+
+    Returns `order_N` (slot positions sorted by expert, invalid slots last) and `counts_E` (int64).
+    Slots of one expert keep their token order, so the result is deterministic.
+    """
+    order_N = torch.argsort(idx_N, stable=True)
+    counts_E = torch.bincount(idx_N, minlength=num_experts + 1)[:num_experts]
+    return order_N, counts_E
+
+
+def expert_offsets(counts_E: Tensor) -> Tensor:
+    """int32 cumulative end offsets, the `offs` argument of grouped GEMMs."""
+    return torch.cumsum(counts_E, dim=0).to(torch.int32)
+
+
+def count_per_expert(indices_TK: Tensor, valid_T: Tensor | None, num_experts: int) -> Tensor:
+    """Top-k slots routed to each expert over valid tokens, as float32 [E] (the load L_e)."""
+    idx = indices_TK if valid_T is None else indices_TK[valid_T]
+    return torch.bincount(idx.reshape(-1), minlength=num_experts).to(torch.float32)
+
+
+def capacity_keep_mask(indices_TK: Tensor, weights_TK: Tensor, valid_T: Tensor | None, num_experts: int,
+                       capacity: int) -> Tensor:
+    """Boolean [T, K]: which slots fit in `capacity` per expert, keeping the highest weights.
+
+    Ties break by slot position (earlier tokens first), so the result is deterministic.
+    """
+    T, K = indices_TK.shape
+    valid_TK = torch.ones_like(indices_TK, dtype=torch.bool) if valid_T is None else valid_T[:, None].expand(T, K)
+    idx_N = flat_slots(indices_TK, valid_TK, num_experts)
+    w_N = weights_TK.detach().reshape(-1).float()
+    # 1) order slots by (expert, weight descending, position) with two stable sorts
+    by_weight = torch.argsort(-w_N, stable=True)
+    order = by_weight[torch.argsort(idx_N[by_weight], stable=True)]
+    # 2) rank of each slot within its expert
+    counts = torch.bincount(idx_N, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(idx_N.numel(), device=idx_N.device) - starts[idx_N[order]]
+    rank_N = torch.empty_like(rank_sorted)
+    rank_N[order] = rank_sorted
+    keep_N = (rank_N < capacity) & (idx_N < num_experts)
+    return keep_N.view(T, K)

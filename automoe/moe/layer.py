@@ -1,0 +1,151 @@
+"""The MoE layer: gate -> dispatch -> experts -> combine (+ shared experts), with balancing statistics.
+
+Letters: B sequences, S positions, T = B*S tokens, K slots per token, N routed rows, E experts, D model dim.
+The layer knows nothing of process groups: the token dispatcher and the statistics reducer are seams that
+`automoe.parallel` swaps for distributed versions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from automoe.config.moe import MoEConfig
+from automoe.moe import losses
+from automoe.moe.dispatch import LocalDispatcher
+from automoe.moe.experts import GroupedExperts
+from automoe.moe.gates import build_gate
+from automoe.moe.index import capacity_keep_mask, count_per_expert
+from automoe.moe.shared import SharedExperts
+from automoe.moe.types import IdentityReducer, RouterOutput, StatsReducer, TokenDispatcher
+
+
+def in_backward_recompute() -> bool:
+    """True while the autograd engine runs a backward pass, i.e. during activation-checkpoint recomputation."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN. `forward(x_BSD, padding_mask_BS=None) -> y_BSD`.
+
+    `padding_mask_BS` is True at padding: those tokens are not routed, get zero routed output and never count in
+    statistics or losses. After a training forward, `self.aux_loss` holds the weighted sum of this layer's
+    balancing losses (a scalar with graph, or None) and `self.expert_load` the load accumulated this step.
+    """
+
+    def __init__(self, cfg: MoEConfig, *, gate: nn.Module | None = None, experts: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.num_activated_experts
+        self.gate = gate if gate is not None else build_gate(cfg)
+        self.experts = experts if experts is not None else GroupedExperts(cfg)
+        self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
+        self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
+        self.reducer: StatsReducer = IdentityReducer()
+        # Routing statistics (not checkpointed): training load of the current optimizer step, load seen in
+        # evaluation, valid tokens this step, and token-slots dropped by the capacity limit.
+        self.register_buffer("expert_load", torch.zeros(cfg.num_experts), persistent=False)
+        self.register_buffer("eval_expert_load", torch.zeros(cfg.num_experts), persistent=False)
+        self.register_buffer("step_tokens", torch.zeros(()), persistent=False)
+        self.register_buffer("dropped_slots", torch.zeros(()), persistent=False)
+        self.aux_loss: Tensor | None = None
+        self.loss_values: dict[str, float] = {}
+
+    # ---- forward ----
+    def forward(self, x_BSD: Tensor, padding_mask_BS: Tensor | None = None) -> Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        valid_T = None if padding_mask_BS is None else ~padding_mask_BS.reshape(B * S)
+        route = self.gate(x_TD, valid_T)
+        valid_TK = self._routable_slots(route, valid_T)
+        self._record(route, valid_T, valid_TK, batch=B)
+
+        x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, route.indices_TK, route.weights_TK, valid_TK)
+        y_ND = self.experts(x_ND, counts_E)
+        y_TD = self.dispatcher.combine(y_ND, ctx).to(x_BSD.dtype)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.view(B, S, D)
+
+    def _routable_slots(self, route: RouterOutput, valid_T: Tensor | None) -> Tensor | None:
+        """[T, K] bool of slots to dispatch (padding removed, capacity applied); None = all of them."""
+        T, K = route.indices_TK.shape
+        valid_TK = None if valid_T is None else valid_T[:, None].expand(T, K)
+        if self.cfg.capacity_factor is None or not self.training:
+            return valid_TK
+        # NOTE: host sync: the capacity is a Python int derived from the number of valid tokens.
+        num_valid = T if valid_T is None else int(valid_T.sum())
+        capacity = math.ceil(self.cfg.capacity_factor * num_valid * K / self.num_experts)
+        return capacity_keep_mask(route.indices_TK, route.weights_TK, valid_T, self.num_experts, capacity)
+
+    # ---- statistics and losses ----
+    @torch.no_grad()
+    def _count(self, route: RouterOutput, valid_T: Tensor | None, valid_TK: Tensor | None) -> Tensor:
+        load_E = count_per_expert(route.indices_TK, valid_T, self.num_experts)
+        if not self.training:
+            self.eval_expert_load += load_E
+            return load_E
+        if in_backward_recompute():  # activation checkpointing replays the forward: count once
+            return load_E
+        self.expert_load += load_E
+        self.step_tokens += route.indices_TK.shape[0] if valid_T is None else valid_T.sum()
+        if valid_TK is not None:
+            num_slots = route.indices_TK.numel() if valid_T is None else valid_T.sum() * self.top_k
+            self.dropped_slots += num_slots - valid_TK.sum()
+        return load_E
+
+    def _record(self, route: RouterOutput, valid_T: Tensor | None, valid_TK: Tensor | None, *, batch: int) -> None:
+        self._count(route, valid_T, valid_TK)
+        self.aux_loss, self.loss_values = None, {}
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        cfg, terms = self.cfg, []
+        if cfg.aux_loss_coeff > 0 and route.probs_TE is not None and cfg.gate != "noisy_topk":
+            global_load = global_tokens = None
+            if cfg.aux_loss_type == "global":
+                global_load = self.reducer.sum_over_batch(self.expert_load.clone())
+                global_tokens = self.reducer.sum_over_batch(self.step_tokens.clone())
+            aux = losses.aux_loss(route.probs_TE, route.indices_TK, valid_T, batch=batch, scope=cfg.aux_loss_type,
+                                  reducer=self.reducer, global_load_E=global_load, global_tokens=global_tokens)
+            terms.append(cfg.aux_loss_coeff * aux)
+            self.loss_values["aux_loss"] = aux.detach()
+        if cfg.z_loss_coeff > 0 and route.logits_TE is not None:
+            z = losses.z_loss(route.logits_TE, valid_T, reducer=self.reducer)
+            terms.append(cfg.z_loss_coeff * z)
+            self.loss_values["z_loss"] = z.detach()
+        if route.gate_loss is not None:
+            terms.append(route.gate_loss)
+            self.loss_values["gate_loss"] = route.gate_loss.detach()
+        if terms:
+            self.aux_loss = torch.stack(terms).sum()
+
+    def reset_statistics(self) -> None:
+        """Zero the per-step training statistics (called after each optimizer step)."""
+        for buf in (self.expert_load, self.step_tokens, self.dropped_slots):
+            buf.zero_()
+
+    # ---- initialization ----
+    def init_weights(self, *, std: float = 0.02, out_std: float | None = None) -> None:
+        self.gate.init_weights(std=std)
+        self.experts.init_weights(std=std, out_std=out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std=std, out_std=out_std)
+        for buf in (self.expert_load, self.eval_expert_load, self.step_tokens, self.dropped_slots):
+            buf.zero_()
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:
+    """Every MoE layer of `model` with its qualified name, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            yield name, module
+
+
+def collect_aux_loss(model: nn.Module) -> Tensor | None:
+    """Sum of the weighted balancing losses of the last training forward of every MoE layer (None if none)."""
+    terms = [m.aux_loss for _, m in moe_layers(model) if m.aux_loss is not None]
+    return torch.stack(terms).sum() if terms else None
