@@ -15,24 +15,24 @@ class DataConfig:
     """Every knob of the data pipeline. Invalid values raise `ValueError` naming the field."""
 
     # --- what to read ---
-    source: str = "stdlib"  # synthetic | stdlib (Python's own source files) | text | jsonl | tokens (memmap file)
-    path: Optional[str] = None  # text/jsonl: a file or a directory; tokens: the .bin file (its .json sidecar beside it)
-    val_path: Optional[str] = None  # optional held-out file/dir of the same source kind; val_fraction is then ignored
-    file_glob: Optional[str] = None  # directories: files to read (recursive); None = *.txt (text), *.jsonl (jsonl)
+    source: str = "stdlib"  # synthetic | stdlib (Python's own sources) | text | jsonl | tokens (memmap)
+    path: Optional[str] = None  # text/jsonl: file or directory; tokens: the .bin file (.json sidecar beside)
+    val_path: Optional[str] = None  # held-out file/dir of the same source kind; then val_fraction is ignored
+    file_glob: Optional[str] = None  # files read from a directory (recursive); None = *.txt / *.jsonl
     text_field: str = "text"  # jsonl: key of the document string in every JSON object
-    max_bytes: Optional[int] = 4_000_000  # stdlib/text/jsonl: cap on bytes of text read, in file order; None = all
+    max_bytes: Optional[int] = 4_000_000  # stdlib/text/jsonl: cap on UTF-8 bytes read; None = all
 
     # --- how it is cut ---
-    seq_len: int = 128  # tokens per training sequence S (each sample reads S+1 tokens: inputs + shifted labels)
-    val_fraction: float = 0.05  # tail fraction of the token stream held out for validation; 0 = no validation set
+    seq_len: int = 128  # tokens per sequence S (a sample reads S+1: inputs + shifted labels)
+    val_fraction: float = 0.05  # tail share of the token stream held out for validation; 0 = none
     shuffle: bool = True  # shuffle sample order each epoch (seeded, epoch-aware); False = stream order
-    shuffle_documents: bool = True  # stdlib/text/jsonl: seeded document permutation before the val tail is cut
+    shuffle_documents: bool = True  # stdlib/text/jsonl: seeded document order, so the val tail is random docs
     seed: int = 0  # seeds synthetic generation, document permutation and the per-epoch sample shuffle
 
     # --- synthetic source: a seeded sparse Markov chain the model can learn ---
     synthetic_num_tokens: int = 1 << 20  # total tokens generated (train + val), EOS separators included
     synthetic_vocab_size: int = 256  # content token ids [0, n); BOS/EOS/PAD follow, so the vocab is n + 3
-    synthetic_branching: int = 4  # successors each token may be followed by; the loss floor is <= ln(branching)
+    synthetic_branching: int = 4  # successors per token; the achievable loss is <= ln(branching)
     synthetic_doc_len: int = 512  # content tokens per synthetic document (an EOS follows each)
 
     def __post_init__(self) -> None:
@@ -49,9 +49,16 @@ class DataConfig:
             raise ValueError(f"DataConfig.val_fraction={self.val_fraction} must be in [0, 1)")
         if self.max_bytes is not None and self.max_bytes < 1:
             raise ValueError(f"DataConfig.max_bytes={self.max_bytes} must be >= 1 or None (read everything)")
+        if self.seed < 0:
+            raise ValueError(f"DataConfig.seed={self.seed} must be >= 0")
         if not self.text_field:
             raise ValueError(f"DataConfig.text_field={self.text_field!r} must be a non-empty key")
-        for name in ("synthetic_num_tokens", "synthetic_vocab_size", "synthetic_branching", "synthetic_doc_len"):
+        for name in (
+            "synthetic_num_tokens",
+            "synthetic_vocab_size",
+            "synthetic_branching",
+            "synthetic_doc_len",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name}={getattr(self, name)} must be >= 1")
         if self.synthetic_branching > self.synthetic_vocab_size:

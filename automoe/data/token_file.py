@@ -95,16 +95,22 @@ def read_token_file(path: str | os.PathLike, *, field: str = "path") -> tuple[np
     if not path.is_file():
         raise ValueError(f"DataConfig.{field}={str(path)!r}: token file does not exist")
     if not meta_path.is_file():
-        raise ValueError(f"DataConfig.{field}={str(path)!r}: sidecar {meta_path.name} is missing (unfinished write?)")
+        raise ValueError(
+            f"DataConfig.{field}={str(path)!r}: sidecar {meta_path.name} is missing (unfinished write?)"
+        )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT or meta.get("dtype") not in DTYPES:
-        raise ValueError(f"DataConfig.{field}={str(path)!r}: sidecar has format={meta.get('format')!r} "
-                         f"dtype={meta.get('dtype')!r}, expected {FORMAT!r} with one of {list(DTYPES)}")
+        raise ValueError(
+            f"DataConfig.{field}={str(path)!r}: sidecar has format={meta.get('format')!r} "
+            f"dtype={meta.get('dtype')!r}, expected {FORMAT!r} with one of {list(DTYPES)}"
+        )
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
     num_tokens = int(meta["num_tokens"])
     if path.stat().st_size != num_tokens * dtype.itemsize:
-        raise ValueError(f"DataConfig.{field}={str(path)!r}: holds {path.stat().st_size} bytes, sidecar says "
-                         f"{num_tokens} x {dtype.itemsize}")
+        raise ValueError(
+            f"DataConfig.{field}={str(path)!r}: holds {path.stat().st_size} bytes, sidecar says "
+            f"{num_tokens} x {dtype.itemsize}"
+        )
     if num_tokens == 0:
         raise ValueError(f"DataConfig.{field}={str(path)!r}: token file is empty")
     return np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,)), meta

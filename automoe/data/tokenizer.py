@@ -40,7 +40,7 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """-> the UTF-8 bytes of `text` as ids (no BOS/EOS added)."""
-        return list(self.encode_array(text))
+        return self.encode_array(text).tolist()
 
     def encode_array(self, text: str) -> np.ndarray:
         """-> uint8 array [len(utf8 bytes)]: the fast path `encode` uses; no Python int per byte."""

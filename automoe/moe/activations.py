@@ -42,6 +42,7 @@ class FusedActivation:
 
     backward recomputes a_NF (the down projection's weight gradient needs it) from h_NH alone, so the caller
     saves only h_NH. Gated results are written straight into halves of one [N, 2F] buffer (no concatenation).
+    backward may overwrite `da_NF` (its buffer is reused as scratch).
     """
 
     name: str
@@ -83,7 +84,7 @@ class FusedActivation:
         dh_NH = torch.empty_like(h_NH)
         dg_NF, du_NF = _split_gated(dh_NH)
         torch.mul(da_NF, act_NF, out=du_NF)
-        gu_NF = torch.mul(da_NF, u_NF)  # gradient reaching act(g)
+        gu_NF = da_NF.mul_(u_NF)  # gradient reaching act(g), in da's buffer
         if self.name == "swiglu":
             torch.ops.aten.silu_backward.grad_input(gu_NF, g_NF, grad_input=dg_NF)
         else:

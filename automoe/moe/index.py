@@ -39,14 +39,17 @@ def count_per_expert(indices_TK: Tensor, valid_T: Tensor | None, num_experts: in
     return torch.bincount(idx.reshape(-1), minlength=num_experts).to(torch.float32)
 
 
-def capacity_keep_mask(indices_TK: Tensor, weights_TK: Tensor, valid_T: Tensor | None, num_experts: int,
-                       capacity: int) -> Tensor:
+def capacity_keep_mask(
+    indices_TK: Tensor, weights_TK: Tensor, valid_T: Tensor | None, num_experts: int, capacity: int
+) -> Tensor:
     """Boolean [T, K]: which slots fit in `capacity` per expert, keeping the highest weights.
 
     Ties break by slot position (earlier tokens first), so the result is deterministic.
     """
     T, K = indices_TK.shape
-    valid_TK = torch.ones_like(indices_TK, dtype=torch.bool) if valid_T is None else valid_T[:, None].expand(T, K)
+    valid_TK = (
+        torch.ones_like(indices_TK, dtype=torch.bool) if valid_T is None else valid_T[:, None].expand(T, K)
+    )
     idx_N = flat_slots(indices_TK, valid_TK, num_experts)
     w_N = weights_TK.detach().reshape(-1).float()
     # 1) order slots by (expert, weight descending, position) with two stable sorts
@@ -60,3 +63,45 @@ def capacity_keep_mask(indices_TK: Tensor, weights_TK: Tensor, valid_T: Tensor |
     rank_N[order] = rank_sorted
     keep_N = (rank_N < capacity) & (idx_N < num_experts)
     return keep_N.view(T, K)
+
+
+def rank_pairs(
+    indices_TK: Tensor, valid_TK: Tensor | None, *, experts_per_rank: int, num_ranks: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Unique (token, destination rank) pairs for expert-parallel dispatch, sorted by rank then token.
+
+    A token whose K experts include several on one rank yields ONE pair for that rank, so it crosses the wire
+    once. Returns `token_M`, `counts_P` (pairs per rank, int64), `local_MK` (local expert id on the pair's
+    rank for each of the token's slots, -1 where the slot goes elsewhere or is invalid) and `hit_MK` (bool
+    form of `local_MK >= 0`). M is the number of pairs.
+    """
+    T, K = indices_TK.shape
+    dest_TK = torch.div(indices_TK, experts_per_rank, rounding_mode="floor")
+    valid_TK = torch.ones_like(indices_TK, dtype=torch.bool) if valid_TK is None else valid_TK
+    hit_TP = torch.zeros(T, num_ranks, dtype=torch.bool, device=indices_TK.device)
+    hit_TP[torch.arange(T, device=indices_TK.device)[:, None].expand(T, K)[valid_TK], dest_TK[valid_TK]] = (
+        True
+    )
+    # NOTE: host sync: nonzero sizes its output from the data.
+    dest_M, token_M = hit_TP.t().nonzero(as_tuple=True)
+    counts_P = hit_TP.sum(0)
+    hit_MK = (dest_TK[token_M] == dest_M[:, None]) & valid_TK[token_M]
+    local_MK = torch.where(
+        hit_MK, indices_TK[token_M] % experts_per_rank, torch.full_like(hit_MK, -1, dtype=torch.long)
+    )
+    return token_M, counts_P, local_MK, hit_MK
+
+
+def expand_received(local_RK: Tensor, num_local_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Expand received rows into (row, local expert) slots in local-expert-major order.
+
+    Returns `slot_N` (flat index into the [R, K] slot grid, ordered by local expert then row), `row_N`
+    (the received row of each slot) and `counts_E` (slots per local expert, int64).
+    """
+    R, K = local_RK.shape
+    key_N = torch.where(local_RK >= 0, local_RK, num_local_experts).reshape(-1)
+    order_N, counts_E = sort_by_expert(key_N, num_local_experts)
+    # NOTE: host sync: how many slots are real decides the row count.
+    slot_N = order_N[: int(counts_E.sum())]
+    row_N = torch.div(slot_N, K, rounding_mode="floor")
+    return slot_N, row_N, counts_E

@@ -37,7 +37,8 @@ def group_limited_mask(choice_TE: Tensor, *, num_groups: int, num_kept: int, top
 
     A group's score is the sum of its two best `choice_TE` entries when `top2_sum` (DeepSeek-V3,
     with a correction bias), else its best entry (DeepSeek-V2). HF DeepSeek-V3 fills with 0.0
-    instead of -inf; the two select the same experts whenever a kept group offers K scores > 0.
+    instead of -inf: the same experts whenever the kept groups offer K biased scores > 0, but
+    with 0.0 a negative biased score loses to an expert of a dropped group.
     """
     T, E = choice_TE.shape
     grouped_TGS = choice_TE.view(T, num_groups, E // num_groups)
@@ -63,6 +64,9 @@ class TopKGate(nn.Module):
         `norm_topk_prob`, Qwen3-MoE).
       - softmax, `softmax_before_topk=False`: top-k of the logits, softmax over the K (GPT-OSS).
       - sigmoid: top-k of sigmoid scores (DeepSeek-V3); `probs_TE` are the scores normalized per token.
+    Selection (bias, groups, top-k) runs on those scores, i.e. on the logits for top-k-then-softmax;
+    slots come sorted by descending selection score. All router math, softmax included, runs in
+    `router_dtype` (HF's bf16 Mixtral/Qwen3 instead take a bf16 linear and an fp32 softmax).
     """
 
     def __init__(self, cfg: MoEConfig) -> None:

@@ -1,0 +1,116 @@
+"""`ModelConfig`: the shape of the decoder-only transformer, with the `MoEConfig` of its MoE blocks nested.
+
+Derived values are computed here, never duplicated in YAML: `moe.dim` and `moe.dtype` always follow `dim` and
+`dtype`, and `head_dim=None` resolves to `dim // num_heads`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from automoe.config.moe import DTYPES, MoEConfig
+
+_MOE_DIM_DEFAULT = next(f.default for f in fields(MoEConfig) if f.name == "dim")
+
+
+@dataclass
+class ModelConfig:
+    """Every knob of the transformer. Invalid values raise `ValueError` naming the field and its value.
+
+    Layer `i` has an MoE FFN iff `i >= num_dense_layers and i % moe_layer_freq == 0` (the DeepSeek
+    `first_k_dense_replace` / `moe_layer_freq` convention); every other layer has a dense SwiGLU FFN.
+    `head_dim` is resolved once, in `__post_init__`: `dataclasses.replace(cfg, dim=...)` keeps the old value
+    unless `head_dim=None` is passed as well.
+    """
+
+    # --- sizes ---
+    vocab_size: int = 259  # token ids [0, vocab_size); embedding rows and output logits V
+    dim: int = 128  # model (residual stream) width D; also sets moe.dim
+    num_layers: int = 4  # transformer blocks
+    num_heads: int = 4  # query heads H
+    num_kv_heads: int = 2  # key/value heads (GQA); must divide num_heads; = num_heads is plain MHA
+    head_dim: Optional[int] = None  # width of one attention head; None = dim // num_heads (Qwen3: 128)
+    ffn_inter_dim: int = 512  # hidden width of the dense SwiGLU FFN (dense layers only)
+
+    # --- which blocks are MoE ---
+    num_dense_layers: int = 1  # the first N blocks use a dense FFN (DeepSeek first_k_dense_replace)
+    moe_layer_freq: int = 1  # after those, every n-th layer index (i % n == 0) is MoE, the rest dense
+
+    # --- numerics ---
+    norm_eps: float = 1e-5  # epsilon inside every RMSNorm
+    rope_theta: float = 10000.0  # RoPE base: larger = slower-rotating frequencies (longer context)
+    max_seq_len: int = 256  # largest position + 1 the RoPE tables cover (positions index them directly)
+    tie_embeddings: bool = False  # output head reuses the token-embedding matrix (one parameter)
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE (Qwen3)
+    attention_bias: bool = False  # biases on the q/k/v/o projections (Llama/Qwen3 attention_bias)
+    init_std: float = 0.02  # truncated-normal init std; o_proj and down projections: / sqrt(2 * num_layers)
+    dtype: str = "float32"  # parameter dtype of every module (mixed precision is the parallel code's job)
+
+    # --- MoE blocks ---
+    moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE FFN; its dim and dtype are derived from ours
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # plain YAML loaded without the structured schema
+            self.moe = MoEConfig(**self.moe)
+        if self.head_dim is None and self.num_heads > 0 and self.dim % self.num_heads == 0:
+            self.head_dim = self.dim // self.num_heads
+        self.validate()
+        self.moe = self._derived_moe()
+
+    # ---- derived values ----
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """True when block `layer_id` has an MoE FFN."""
+        return layer_id >= self.num_dense_layers and layer_id % self.moe_layer_freq == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    def _derived_moe(self) -> MoEConfig:
+        """A copy of `moe` whose dim and dtype follow the model's (the caller's object is never mutated)."""
+        if self.moe.dim not in (self.dim, _MOE_DIM_DEFAULT):
+            warnings.warn(
+                f"ModelConfig: moe.dim={self.moe.dim} is ignored; it is derived from dim={self.dim}",
+                UserWarning,
+                stacklevel=3,
+            )
+        moe = copy.copy(self.moe)
+        moe.dim, moe.dtype = self.dim, self.dtype
+        return moe
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be > 0")
+
+        sizes = (
+            "vocab_size",
+            "dim",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "ffn_inter_dim",
+            "max_seq_len",
+        )
+        for name in (*sizes, "moe_layer_freq", "norm_eps", "rope_theta", "init_std"):
+            positive(name)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ModelConfig.dtype={self.dtype!r} is not one of {list(DTYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim is None:
+            raise ValueError(
+                f"ModelConfig.head_dim=None needs dim={self.dim} divisible by num_heads={self.num_heads}; "
+                "set head_dim explicitly"
+            )
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be positive and even (RoPE pairs)")
+        if not 0 <= self.num_dense_layers <= self.num_layers:
+            raise ValueError(
+                f"ModelConfig.num_dense_layers={self.num_dense_layers} must be in [0, num_layers={self.num_layers}]"
+            )

@@ -1,0 +1,20 @@
+"""The decoder-only transformer and its parts (no torch.distributed here: parallelism is applied from outside)."""
+
+from automoe.models.attention import Attention, KVGather
+from automoe.models.mlp import FeedForward
+from automoe.models.norms import RMSNorm
+from automoe.models.rope import RotaryEmbedding, apply_rotary
+from automoe.models.transformer import Block, ParamCounts, Transformer, num_params
+
+__all__ = [
+    "Attention",
+    "Block",
+    "FeedForward",
+    "KVGather",
+    "ParamCounts",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "Transformer",
+    "apply_rotary",
+    "num_params",
+]

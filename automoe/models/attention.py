@@ -1,0 +1,127 @@
+"""Causal grouped-query self-attention on `scaled_dot_product_attention`, with the context-parallel seam.
+
+Letters: B batch, S local query positions, L key positions (all context-parallel ranks), C model width,
+H query heads, G key/value heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from automoe.config.model import ModelConfig
+from automoe.models.norms import RMSNorm
+from automoe.models.rope import apply_rotary
+
+# Mask key of a padding token: larger than every real position, so `key <= query` never admits it as a key,
+# while a padding query (also given this key) sees every key and its output stays finite.
+PADDING_KEY = torch.iinfo(torch.int64).max
+
+
+class KVGather(Protocol):
+    """Set by the context-parallel code as `Attention.kv_gather`: gathers K/V from every CP rank.
+
+    `positions_BS` are the mask keys of the local tokens (global positions, with `PADDING_KEY` at padding);
+    they must be gathered as given, in the same order as the K/V rows. Backward must scatter K/V grads back.
+    """
+
+    def __call__(self, k_BGSD: Tensor, v_BGSD: Tensor, positions_BS: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (k_BGLD, v_BGLD, positions_BL) over the whole sequence, in any consistent order."""
+        ...
+
+
+def visibility_mask(query_keys_BS: Tensor, key_keys_BL: Tensor) -> Tensor:
+    """[B, 1, S, L] bool, True where query s may attend to key l: `key_keys[l] <= query_keys[s]`."""
+    return key_keys_BL[:, None, None, :] <= query_keys_BS[:, None, :, None]
+
+
+class Attention(nn.Module):
+    """`forward(x_BSC, cos_BSD, sin_BSD, *, positions_BS, padding_mask_BS=None) -> y_BSC`.
+
+    Causality: without `kv_gather`, query s sees keys 0..s of its own row (index order; `positions_BS`
+    only feed RoPE). With `kv_gather` set, query s sees every gathered key whose position is <= its own, so
+    `positions_BS` must then be global token indices (any chunk layout, e.g. load-balanced zigzag).
+    Padding (`padding_mask_BS` True) is never attended to by real tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        dtype, bias = getattr(torch, cfg.dtype), cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=bias, dtype=dtype)
+        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=bias, dtype=dtype)
+        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=bias, dtype=dtype)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=bias, dtype=dtype)
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.kv_gather: KVGather | None = None
+
+    def forward(
+        self,
+        x_BSC: Tensor,
+        cos_BSD: Tensor,
+        sin_BSD: Tensor,
+        *,
+        positions_BS: Tensor,
+        padding_mask_BS: Tensor | None = None,
+    ) -> Tensor:
+        B, S, _ = x_BSC.shape
+        q_BSHD = self.q_proj(x_BSC).view(B, S, self.num_heads, self.head_dim)
+        k_BSGD = self.k_proj(x_BSC).view(B, S, self.num_kv_heads, self.head_dim)
+        v_BSGD = self.v_proj(x_BSC).view(B, S, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHD, k_BSGD = self.q_norm(q_BSHD), self.k_norm(k_BSGD)
+        q_BHSD = apply_rotary(q_BSHD.transpose(1, 2), cos_BSD, sin_BSD)
+        k_BGSD = apply_rotary(k_BSGD.transpose(1, 2), cos_BSD, sin_BSD)
+        v_BGSD = v_BSGD.transpose(1, 2)
+
+        if self.kv_gather is None and padding_mask_BS is None:
+            # Fast path: no mask tensor, so flash-style kernels (which support GQA natively) can run.
+            y_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGSD, v_BGSD, is_causal=True, enable_gqa=True)
+        else:
+            y_BHSD = self._masked(q_BHSD, k_BGSD, v_BGSD, positions_BS, padding_mask_BS)
+        return self.o_proj(y_BHSD.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+    def _masked(
+        self,
+        q_BHSD: Tensor,
+        k_BGSD: Tensor,
+        v_BGSD: Tensor,
+        positions_BS: Tensor,
+        padding_mask_BS: Tensor | None,
+    ) -> Tensor:
+        """Attention with an explicit mask: padding and/or keys gathered from context-parallel ranks."""
+        B, _, S, _ = q_BHSD.shape
+        if self.kv_gather is None:  # causal by index within the row
+            query_keys_BS = torch.arange(S, device=q_BHSD.device).expand(B, S)
+        else:  # causal by global position across ranks
+            query_keys_BS = positions_BS.expand(B, S)
+        if padding_mask_BS is not None:
+            query_keys_BS = query_keys_BS.masked_fill(padding_mask_BS, PADDING_KEY)
+        if self.kv_gather is None:
+            k_BGLD, v_BGLD, key_keys_BL = k_BGSD, v_BGSD, query_keys_BS
+        else:
+            k_BGLD, v_BGLD, key_keys_BL = self.kv_gather(k_BGSD, v_BGSD, query_keys_BS)
+        mask_B1SL = visibility_mask(query_keys_BS, key_keys_BL)
+        # Masked kernels (memory-efficient, cuDNN) do not take enable_gqa: expand K/V to every query head.
+        repeat = self.num_heads // self.num_kv_heads
+        k_BHLD = k_BGLD.repeat_interleave(repeat, dim=1)
+        v_BHLD = v_BGLD.repeat_interleave(repeat, dim=1)
+        return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD, attn_mask=mask_B1SL)
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        for proj, proj_std in (
+            (self.q_proj, std),
+            (self.k_proj, std),
+            (self.v_proj, std),
+            (self.o_proj, out_std),
+        ):
+            nn.init.trunc_normal_(proj.weight, std=proj_std, a=-3 * proj_std, b=3 * proj_std)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.init_weights()

@@ -1,0 +1,154 @@
+"""The decoder-only transformer: embeddings, pre-norm blocks (attention + dense or MoE FFN), norm, output head.
+
+Letters: B batch, S positions, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from automoe.config.model import ModelConfig
+from automoe.models.attention import Attention
+from automoe.models.mlp import FeedForward
+from automoe.models.norms import RMSNorm
+from automoe.models.rope import RotaryEmbedding
+from automoe.moe.layer import MoE, moe_layers
+
+
+class Block(nn.Module):
+    """Pre-norm block: `h = x + attn(norm(x)); y = h + ffn(norm(h))`, the FFN being `feed_forward` or `moe`."""
+
+    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        dtype = getattr(torch, cfg.dtype)
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype)
+        if cfg.is_moe_layer(layer_id):
+            self.moe, self.feed_forward = MoE(cfg.moe), None
+        else:
+            self.moe, self.feed_forward = None, FeedForward(cfg.dim, cfg.ffn_inter_dim, dtype=dtype)
+
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos_BSd: Tensor,
+        sin_BSd: Tensor,
+        *,
+        positions_BS: Tensor,
+        padding_mask_BS: Tensor | None = None,
+    ) -> Tensor:
+        h_BSD = x_BSD + self.attention(
+            self.attention_norm(x_BSD),
+            cos_BSd,
+            sin_BSd,
+            positions_BS=positions_BS,
+            padding_mask_BS=padding_mask_BS,
+        )
+        ffn_in_BSD = self.ffn_norm(h_BSD)
+        if self.moe is not None:
+            return h_BSD + self.moe(ffn_in_BSD, padding_mask_BS=padding_mask_BS)
+        return h_BSD + self.feed_forward(ffn_in_BSD)
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        self.attention_norm.init_weights()
+        self.attention.init_weights(std=std, out_std=out_std)
+        self.ffn_norm.init_weights()
+        if self.moe is not None:
+            self.moe.init_weights(std=std, out_std=out_std)
+        else:
+            self.feed_forward.init_weights(std=std, out_std=out_std)
+
+
+class Transformer(nn.Module):
+    """`forward(tokens_BS, *, positions_BS=None, padding_mask_BS=None) -> logits_BSV`.
+
+    Build on the meta device, parallelize, then `to_empty(device=...)` and `init_weights()`:
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        model.to_empty(device="cpu"); model.init_weights()
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dtype = getattr(torch, cfg.dtype)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, dtype=dtype)
+        self.rope = RotaryEmbedding(cfg.head_dim, max_seq_len=cfg.max_seq_len, theta=cfg.rope_theta)
+        self.layers = nn.ModuleDict({str(i): Block(i, cfg) for i in range(cfg.num_layers)})
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, dtype=dtype)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make the output head share the embedding parameter (no-op unless `tie_embeddings`).
+
+        Moving off the meta device (`to_empty`) replaces parameters one module at a time and so unties
+        them; `init_weights` calls this again.
+        """
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(
+        self, tokens_BS: Tensor, *, positions_BS: Tensor | None = None, padding_mask_BS: Tensor | None = None
+    ) -> Tensor:
+        B, S = tokens_BS.shape
+        if positions_BS is None:
+            if self.cfg.max_seq_len < S:
+                raise ValueError(f"sequence length {S} > ModelConfig.max_seq_len={self.cfg.max_seq_len}")
+            positions_BS = torch.arange(S, device=tokens_BS.device).expand(B, S)
+        cos_BSd, sin_BSd = self.rope(positions_BS)
+        h_BSD = self.tok_embeddings(tokens_BS)
+        for block in self.layers.values():
+            h_BSD = block(h_BSD, cos_BSd, sin_BSd, positions_BS=positions_BS, padding_mask_BS=padding_mask_BS)
+        return self.output(self.norm(h_BSD))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize every parameter from the global RNG in a fixed module order (same seed -> same model).
+
+        Linear and embedding weights ~ truncated normal(0, init_std) within 3 std; the projections that write
+        into the residual stream (attention o_proj, FFN/expert down projections) use init_std / sqrt(2 L)
+        (GPT-2); norms are ones, biases zeros; the RoPE tables are recomputed.
+        """
+        self.tie_weights()
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        nn.init.trunc_normal_(self.tok_embeddings.weight, std=std, a=-3 * std, b=3 * std)
+        self.rope.init_weights()
+        for block in self.layers.values():
+            block.init_weights(std=std, out_std=out_std)
+        self.norm.init_weights()
+        if not self.cfg.tie_embeddings:
+            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts: `total` stored, `active` used per token (K routed experts + shared + dense + rest)."""
+
+    total: int
+    active: int
+
+
+def num_params(model_or_cfg: nn.Module | ModelConfig) -> ParamCounts:
+    """Count parameters of a model, or of a config by building it on the meta device (nothing allocated).
+
+    Shared parameters (tied embeddings) count once; sharded DTensors count at their global size. A token
+    uses only `num_activated_experts` of each MoE layer's `num_experts` routed experts, so `active` drops
+    the other experts' share of `moe.experts`; the router and shared experts are always active.
+    """
+    if isinstance(model_or_cfg, ModelConfig):
+        with torch.device("meta"):
+            model_or_cfg = Transformer(model_or_cfg)
+    total = sum(p.numel() for p in {id(p): p for p in model_or_cfg.parameters()}.values())
+    inactive = 0
+    for _, moe in moe_layers(model_or_cfg):
+        expert_params = sum(p.numel() for p in moe.experts.parameters())
+        inactive += expert_params * (moe.num_experts - moe.top_k) // moe.num_experts
+    return ParamCounts(total=total, active=total - inactive)

@@ -1,0 +1,274 @@
+"""Routed experts: grouped FFN weights for the local experts and the compute backends that run them.
+
+Letters: N routed rows (sorted expert-major), E local experts, D model dim, F expert hidden width,
+H = 2F for gated activations (gate columns first, then up) else F.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from automoe.config.moe import MoEConfig
+from automoe.moe.activations import FusedActivation, reference_activation
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _local(w: Tensor | None) -> Tensor | None:
+    """The local shard of a parameter that expert parallelism may have turned into a DTensor."""
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GEMM engines: per-expert products over expert-major rows. `mm` gives y_e = x_e @ w_e for every expert e;
+# `mm_weight` gives g_e = a_e^T @ b_e (a weight gradient), zeros for experts without rows.
+# ---------------------------------------------------------------------------------------------------------------
+class _GroupedMMEngine:
+    """torch grouped GEMM with int32 end offsets; no host sync."""
+
+    def __init__(self, counts_E: Tensor) -> None:
+        self.offs_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+
+    def mm(self, x_NK: Tensor, w_EKM: Tensor) -> Tensor:
+        return _grouped_mm(x_NK, w_EKM, offs=self.offs_E)
+
+    def mm_weight(self, a_NK: Tensor, b_NM: Tensor) -> Tensor:
+        return _grouped_mm(a_NK.t(), b_NM, offs=self.offs_E)
+
+
+class _SplitEngine:
+    """One torch.mm per expert written into slices of one output (no concatenation copy)."""
+
+    def __init__(self, counts_E: Tensor) -> None:
+        # NOTE: host sync: the per-expert row ranges are Python ints.
+        ends = torch.cumsum(counts_E, dim=0).tolist()
+        self.ranges = list(zip([0, *ends[:-1]], ends))
+
+    def mm(self, x_NK: Tensor, w_EKM: Tensor) -> Tensor:
+        y_NM = x_NK.new_empty(x_NK.shape[0], w_EKM.shape[-1])
+        for e, (lo, hi) in enumerate(self.ranges):
+            if hi > lo:
+                torch.mm(x_NK[lo:hi], w_EKM[e], out=y_NM[lo:hi])
+        return y_NM
+
+    def mm_weight(self, a_NK: Tensor, b_NM: Tensor) -> Tensor:
+        g_EKM = a_NK.new_empty(len(self.ranges), a_NK.shape[-1], b_NM.shape[-1])
+        for e, (lo, hi) in enumerate(self.ranges):
+            if hi > lo:
+                torch.mm(a_NK[lo:hi].t(), b_NM[lo:hi], out=g_EKM[e])
+            else:
+                g_EKM[e].zero_()
+        return g_EKM
+
+
+class _PaddedEngine:
+    """Pads every expert to the largest count C and runs one bmm over [E, C, *]; padding rows are zeros."""
+
+    def __init__(self, counts_E: Tensor) -> None:
+        self.num_experts = counts_E.shape[0]
+        # NOTE: host sync: the padded capacity C is a Python int.
+        self.capacity = int(counts_E.max()) if self.num_experts else 0
+        starts_E = torch.cumsum(counts_E, dim=0) - counts_E
+        expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=counts_E.device), counts_E)
+        row_N = torch.arange(expert_N.shape[0], device=counts_E.device)
+        self.slot_N = expert_N * self.capacity + (row_N - starts_E[expert_N])
+
+    def _pad(self, x_NK: Tensor) -> Tensor:
+        x_EcK = x_NK.new_zeros(self.num_experts * self.capacity, x_NK.shape[-1])
+        return x_EcK.index_copy_(0, self.slot_N, x_NK).view(self.num_experts, self.capacity, x_NK.shape[-1])
+
+    def mm(self, x_NK: Tensor, w_EKM: Tensor) -> Tensor:
+        y_ECM = torch.bmm(self._pad(x_NK), w_EKM)
+        return y_ECM.view(-1, w_EKM.shape[-1]).index_select(0, self.slot_N)
+
+    def mm_weight(self, a_NK: Tensor, b_NM: Tensor) -> Tensor:
+        return torch.bmm(self._pad(a_NK).transpose(1, 2), self._pad(b_NM))
+
+
+_ENGINES = {"grouped_mm": _GroupedMMEngine, "split": _SplitEngine, "bmm": _PaddedEngine}
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM runs here (probed once per device type and dtype on a tiny problem)."""
+    if _grouped_mm is None:
+        return False
+    try:
+        x = torch.zeros(8, 16, device=device_type, dtype=dtype)
+        w = torch.zeros(2, 16, 16, device=device_type, dtype=dtype)
+        offs = torch.tensor([4, 8], device=device_type, dtype=torch.int32)
+        _grouped_mm(x, w, offs=offs)
+        _grouped_mm(x.t(), x, offs=offs)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *, dim: int, hidden: int) -> bool:
+    """torch grouped GEMM needs the kernel for (device, dtype) and every row stride a multiple of 16 bytes."""
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    return dim % align == 0 and hidden % align == 0 and _grouped_mm_runs(device.type, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused expert FFN: one autograd node that saves only x_ND and the pre-activation h_NH.
+# ---------------------------------------------------------------------------------------------------------------
+def _rows_expert(counts_E: Tensor, num_rows: int) -> Tensor:
+    """Local expert index of every row, int64 [N]."""
+    return torch.repeat_interleave(
+        torch.arange(counts_E.shape[0], device=counts_E.device), counts_E, output_size=num_rows
+    )
+
+
+def _dropout(a_NF: Tensor, keep_NF: Tensor | None, p: float) -> Tensor:
+    return a_NF if keep_NF is None else a_NF.mul_(keep_NF)
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """y_ND = (drop(act(x_ND @ w_up[e] + b_up[e])) @ w_down[e] + b_down[e]) for the expert e that owns each row."""
+
+    @staticmethod
+    def forward(ctx, x_ND, counts_E, w_up_EDH, w_down_EFD, b_up_EH, b_down_ED, keep_NF, engine_name, act, p):
+        engine = _ENGINES[engine_name](counts_E)
+        expert_N = _rows_expert(counts_E, x_ND.shape[0]) if b_up_EH is not None else None
+        h_NH = engine.mm(x_ND, w_up_EDH)
+        if b_up_EH is not None:
+            h_NH += b_up_EH.index_select(0, expert_N)
+        a_NF = _dropout(act.forward(h_NH), keep_NF, p)
+        y_ND = engine.mm(a_NF, w_down_EFD)
+        if b_down_ED is not None:
+            y_ND += b_down_ED.index_select(0, expert_N)
+        ctx.save_for_backward(x_ND, h_NH, w_up_EDH, w_down_EFD, keep_NF, expert_N)
+        ctx.engine, ctx.act, ctx.p = engine, act, p
+        ctx.has_bias = (b_up_EH is not None, b_down_ED is not None)
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, dy_ND):
+        x_ND, h_NH, w_up_EDH, w_down_EFD, keep_NF, expert_N = ctx.saved_tensors
+        engine, (has_b_up, has_b_down) = ctx.engine, ctx.has_bias
+        num_experts = w_up_EDH.shape[0]
+        dy_ND = dy_ND.contiguous()
+        da_NF = engine.mm(dy_ND, w_down_EFD.transpose(1, 2))
+        da_NF = _dropout(da_NF, keep_NF, ctx.p)
+        dh_NH, a_NF = ctx.act.backward(h_NH, da_NF)
+        del da_NF
+        d_w_down = engine.mm_weight(_dropout(a_NF, keep_NF, ctx.p), dy_ND)
+        del a_NF
+        d_w_up = engine.mm_weight(x_ND, dh_NH)
+        dx_ND = engine.mm(dh_NH, w_up_EDH.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        d_b_up = d_b_down = None
+        if has_b_up:
+            d_b_up = dh_NH.new_zeros(num_experts, dh_NH.shape[-1]).index_add_(0, expert_N, dh_NH)
+        if has_b_down:
+            d_b_down = dy_ND.new_zeros(num_experts, dy_ND.shape[-1]).index_add_(0, expert_N, dy_ND)
+        return dx_ND, None, d_w_up, d_w_down, d_b_up, d_b_down, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------------------------
+class GroupedExperts(nn.Module):
+    """E routed experts with stacked weights. `forward(x_ND, counts_E) -> y_ND`.
+
+    Parameters: `w_up` [E, D, H] (gated activations: first F columns gate, last F up), `w_down` [E, F, D],
+    and with `cfg.expert_bias` also `b_up` [E, H], `b_down` [E, D]. Under expert parallelism the parameters
+    may be DTensors sharded on dim 0; forward computes on the local shard.
+
+    Backends (`cfg.experts_backend`): `loop` (one expert at a time with plain autograd ops: the oracle),
+    `grouped_mm` (torch grouped GEMM), `bmm` (pad every expert to the largest count, one batched GEMM) and
+    `auto` (grouped_mm where it runs for the device, dtype and shapes, else one GEMM per expert). All but
+    `loop` share one fused autograd node that saves only x_ND and the pre-activation for backward.
+    """
+
+    def __init__(self, cfg: MoEConfig, *, num_experts: int | None = None) -> None:
+        super().__init__()
+        E = cfg.num_experts if num_experts is None else num_experts
+        if E < 0:
+            raise ValueError(f"GroupedExperts num_experts={E} must be >= 0")
+        D, Fd = cfg.dim, cfg.moe_inter_dim
+        H = 2 * Fd if cfg.gated else Fd
+        dtype = getattr(torch, cfg.dtype)
+        self.num_experts, self.dim, self.inter_dim = E, D, Fd
+        self.backend = cfg.experts_backend
+        self.activation = cfg.expert_activation
+        self.swiglu_limit = cfg.swiglu_limit
+        self.dropout = cfg.expert_dropout
+        self.w_up = nn.Parameter(torch.empty(E, D, H, dtype=dtype))
+        self.w_down = nn.Parameter(torch.empty(E, Fd, D, dtype=dtype))
+        if cfg.expert_bias:
+            self.b_up = nn.Parameter(torch.empty(E, H, dtype=dtype))
+            self.b_down = nn.Parameter(torch.empty(E, D, dtype=dtype))
+        else:
+            self.register_parameter("b_up", None)
+            self.register_parameter("b_down", None)
+        self._fused_act = FusedActivation(cfg.expert_activation, cfg.swiglu_limit)
+
+    def init_weights(self, *, std: float = 0.02, out_std: float | None = None) -> None:
+        """Truncated normal (±3 std) up weights, `out_std` (default `std`) down weights, zero biases."""
+        out_std = std if out_std is None else out_std
+        nn.init.trunc_normal_(self.w_up, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.w_down, std=out_std, a=-3 * out_std, b=3 * out_std)
+        for b in (self.b_up, self.b_down):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        """x_ND: rows sorted expert-major (the first counts_E[0] rows go to local expert 0, ...);
+        counts_E: int64 [E_local] on x's device with sum N. Returns y_ND in the same row order."""
+        w_up, w_down, b_up, b_down = (_local(w) for w in (self.w_up, self.w_down, self.b_up, self.b_down))
+        if counts_E.shape[0] != w_up.shape[0]:
+            raise ValueError(f"counts_E has {counts_E.shape[0]} entries for {w_up.shape[0]} local experts")
+        if w_up.shape[0] == 0:  # an EP rank that owns no experts receives no rows
+            return x_ND * 0
+        keep_NF = None
+        if self.training and self.dropout > 0:
+            keep_NF = torch.rand(x_ND.shape[0], self.inter_dim, device=x_ND.device) >= self.dropout
+        engine = self._engine(x_ND)
+        if engine == "loop":
+            return self._loop(x_ND, counts_E, w_up, w_down, b_up, b_down, keep_NF)
+        return _ExpertFFN.apply(
+            x_ND, counts_E, w_up, w_down, b_up, b_down, keep_NF, engine, self._fused_act, self.dropout
+        )
+
+    def _engine(self, x_ND: Tensor) -> str:
+        """The GEMM engine for this call: loop | grouped_mm | split | bmm."""
+        if self.backend in ("loop", "bmm"):
+            return self.backend
+        ok = grouped_mm_supported(x_ND.device, x_ND.dtype, dim=self.dim, hidden=self.inter_dim)
+        if self.backend == "grouped_mm" and not ok:
+            raise ValueError(
+                f"MoEConfig.experts_backend='grouped_mm' does not run for device={x_ND.device.type}, "
+                f"dtype={x_ND.dtype}, dim={self.dim}, moe_inter_dim={self.inter_dim} (torch grouped GEMM needs "
+                "its kernel for that device/dtype and row strides that are multiples of 16 bytes); use 'auto'"
+            )
+        return "grouped_mm" if ok else "split"
+
+    def _loop(self, x_ND, counts_E, w_up, w_down, b_up, b_down, keep_NF) -> Tensor:
+        """The oracle: one expert at a time, plain differentiable ops."""
+        # NOTE: host sync: split sizes are Python ints.
+        rows = torch.split(x_ND, counts_E.tolist())
+        keeps = torch.split(keep_NF, counts_E.tolist()) if keep_NF is not None else [None] * len(rows)
+        outs = []
+        for e, (x_nD, keep_nF) in enumerate(zip(rows, keeps)):
+            h = x_nD @ w_up[e]
+            if b_up is not None:
+                h = h + b_up[e]
+            a = reference_activation(h, name=self.activation, limit=self.swiglu_limit)
+            if keep_nF is not None:
+                a = a * keep_nF / (1.0 - self.dropout)
+            y = a @ w_down[e]
+            if b_down is not None:
+                y = y + b_down[e]
+            outs.append(y)
+        return torch.cat(outs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, inter_dim={self.inter_dim}, "
+            f"activation={self.activation}, backend={self.backend}"
+        )

@@ -1,0 +1,160 @@
+"""`ParallelDims`: the parallel degrees, their validation, and the dense and expert device meshes.
+
+This is the only place that spells mesh axis names. Expert parallelism borrows ranks from dp_shard x cp:
+dense mesh = (dp_replicate, dp_shard, cp), expert mesh = (dp_replicate, ep_shard, ep) over the same world.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+DP_REPLICATE, DP_SHARD, CP = "dp_replicate", "dp_shard", "cp"
+EP_SHARD, EP = "ep_shard", "ep"
+DENSE_DATA = "dp_shard_cp"  # flattened (dp_shard, cp): where dense parameters are sharded
+DENSE_ALL = "dp_cp"  # flattened (dp_replicate, dp_shard, cp): every rank that sees different data
+
+
+@dataclass
+class ParallelDims:
+    """Degrees of each parallelism for `world_size` ranks. `dp_shard=-1` infers it from the others."""
+
+    world_size: int
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    ep: int = 1
+    num_experts: int | None = None  # when given, `num_experts % ep` is validated too
+    _meshes: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "dp_replicate", "cp", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.dp_shard == -1:
+            rest = self.dp_replicate * self.cp
+            if self.world_size % rest:
+                raise ValueError(
+                    f"world size {self.world_size} is not divisible by dp_replicate*cp = "
+                    f"{self.dp_replicate}*{self.cp} = {rest}, so dp_shard cannot be inferred"
+                )
+            self.dp_shard = self.world_size // rest
+        if self.dp_shard < 1:
+            raise ValueError(f"parallel.dp_shard={self.dp_shard} must be >= 1 or -1 (inferred)")
+        product = self.dp_replicate * self.dp_shard * self.cp
+        if product != self.world_size:
+            raise ValueError(
+                f"dp_replicate*dp_shard*cp = {self.dp_replicate}*{self.dp_shard}*{self.cp} = {product} "
+                f"does not match the world size {self.world_size}"
+            )
+        if (self.dp_shard * self.cp) % self.ep:
+            raise ValueError(
+                f"parallel.ep={self.ep} must divide dp_shard*cp = {self.dp_shard}*{self.cp} = "
+                f"{self.dp_shard * self.cp} (expert parallelism borrows those ranks)"
+            )
+        if self.num_experts is not None and self.num_experts % self.ep:
+            raise ValueError(
+                f"num_experts % ep = {self.num_experts} % {self.ep} != 0: experts cannot be split evenly"
+            )
+
+    # ---- derived degrees ----
+    @property
+    def ep_shard(self) -> int:
+        return self.dp_shard * self.cp // self.ep
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks that see different sequences (CP ranks share one)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    # ---- meshes ----
+    @cached_property
+    def device_type(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def build_meshes(self) -> None:
+        """Create the dense and expert meshes (collective: call on every rank)."""
+        dense = init_device_mesh(
+            self.device_type,
+            (self.dp_replicate, self.dp_shard, self.cp),
+            mesh_dim_names=(DP_REPLICATE, DP_SHARD, CP),
+        )
+        experts = init_device_mesh(
+            self.device_type,
+            (self.dp_replicate, self.ep_shard, self.ep),
+            mesh_dim_names=(DP_REPLICATE, EP_SHARD, EP),
+        )
+        self._meshes = {
+            "dense": dense,
+            "experts": experts,
+            DENSE_DATA: dense[DP_SHARD, CP]._flatten(DENSE_DATA),
+            DENSE_ALL: dense[DP_REPLICATE, DP_SHARD, CP]._flatten(DENSE_ALL),
+            "dp": dense[DP_REPLICATE, DP_SHARD]._flatten("dp"),
+            "expert_data": experts[DP_REPLICATE, EP_SHARD]._flatten("expert_dp"),
+        }
+
+    def _mesh(self, key: str) -> DeviceMesh:
+        if not self._meshes:
+            raise RuntimeError("ParallelDims.build_meshes() must run before meshes are used")
+        return self._meshes[key]
+
+    @property
+    def dense_mesh(self) -> DeviceMesh:
+        return self._mesh("dense")
+
+    @property
+    def expert_mesh(self) -> DeviceMesh:
+        return self._mesh("experts")
+
+    @property
+    def ep_mesh(self) -> DeviceMesh:
+        return self._mesh("experts")[EP]
+
+    @property
+    def cp_mesh(self) -> DeviceMesh:
+        return self._mesh("dense")[CP]
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        """(dp_replicate x dp_shard) flattened: ranks holding different sequences; used to shard the data."""
+        return self._mesh("dp")
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """2-D (dp_replicate, dp_shard x cp) mesh for dense parameters (HSDP when dp_replicate > 1)."""
+        if self.dp_replicate == 1:
+            return self._mesh(DENSE_DATA)
+        return self._mesh("dense")[DP_REPLICATE, DENSE_DATA]
+
+    @property
+    def expert_fsdp_mesh(self) -> DeviceMesh:
+        """(dp_replicate, ep_shard) of the expert mesh: where expert parameters are sharded / replicated."""
+        experts = self._mesh("experts")
+        return experts[EP_SHARD] if self.dp_replicate == 1 else experts[DP_REPLICATE, EP_SHARD]
+
+    @property
+    def all_data_mesh(self) -> DeviceMesh:
+        """Every rank (dp_replicate x dp_shard x cp) flattened: sums of per-step statistics."""
+        return self._mesh(DENSE_ALL)
+
+    def dp_coordinate(self) -> tuple[int, int]:
+        """(rank, size) of this process among the ranks that see different sequences."""
+        mesh = self._mesh("dp")
+        return mesh.get_local_rank(), mesh.size()
+
+    def describe(self) -> str:
+        return (
+            f"world={self.world_size} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} "
+            f"cp={self.cp} ep={self.ep} ep_shard={self.ep_shard}"
+        )

@@ -1,0 +1,80 @@
+"""Process-group start-up: device and backend from what is available, finite timeouts, restart-safe rendezvous."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(local_rank: int = 0) -> torch.device:
+    """cuda:<local_rank> when a GPU is present, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def pick_backend(device: torch.device) -> str:
+    """nccl for GPU tensors (with gloo for CPU-side collectives), gloo on CPU-only machines."""
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(*, timeout_s: float = 300.0) -> DistEnv:
+    """Initialize the default process group from torchrun's environment (or run as one process).
+
+    Every collective gets a finite `timeout_s`, so a dead peer ends the job instead of hanging it. Under
+    `torchrun --max-restarts`, each restart attempt uses its own key space in the rendezvous store: torchrun keeps
+    one store across attempts and gloo would otherwise read the dead attempt's addresses.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world_size,
+            is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+            timeout=timeout,
+            wait_for_workers=False,
+        )
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"automoe/attempt_{attempt}", store)
+        dist.init_process_group(
+            pick_backend(device), store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
+        logger.info(
+            "initialized %s process group: rank %d of %d (attempt %s)",
+            pick_backend(device),
+            rank,
+            world_size,
+            attempt,
+        )
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,141 @@
+"""Expert parallelism: the all-to-all token dispatcher and `apply_ep`, which shards experts over the `ep` axis.
+
+Letters: T tokens, K slots per token, M (token, destination rank) pairs sent, R rows received, N expert slots
+on this rank, P ranks in the ep group, E experts, D model dim.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from automoe.moe.index import expand_received, rank_pairs
+from automoe.moe.layer import moe_layers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class A2AContext:
+    token_M: Tensor  # source token of every pair sent
+    send_splits: list[int]  # pairs sent to each rank
+    recv_splits: list[int]  # rows received from each rank
+    row_N: Tensor  # received row of each local expert slot
+    weights_N: Tensor  # routing weight of each local expert slot
+    num_rows: int
+    num_tokens: int
+
+
+@dataclass
+class WireStats:
+    """Rows of the last dispatch: pairs sent (after dedup), and what one copy per expert slot would have sent."""
+
+    rows_sent: int = 0
+    rows_remote: int = 0
+    slots_remote: int = 0
+
+
+def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> Tensor:
+    """Variable-size all_to_all_single with autograd: its backward is the reverse all-to-all of the grads."""
+    return fc.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
+
+
+class AllToAllDispatcher:
+    """Sends each token once to every ep rank that owns one of its experts, runs local experts, and returns it.
+
+    The receiving rank expands a token to its local experts, and applies and sums their routing weights before
+    the return trip, so the reply is also one row per (token, rank) pair.
+    """
+
+    def __init__(self, *, num_experts: int, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.num_ranks = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.experts_per_rank = num_experts // self.num_ranks
+        self.wire = WireStats()
+
+    def dispatch(
+        self, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, valid_TK: Tensor | None
+    ) -> tuple[Tensor, Tensor, A2AContext]:
+        T, K = indices_TK.shape
+        # 1) unique (token, rank) pairs, sorted by destination rank
+        token_M, counts_P, local_MK, hit_MK = rank_pairs(
+            indices_TK, valid_TK, experts_per_rank=self.experts_per_rank, num_ranks=self.num_ranks
+        )
+        # 2) exchange pair counts (one int per peer: an even all-to-all)
+        recv_counts_P = torch.empty_like(counts_P)
+        dist.all_to_all_single(recv_counts_P, counts_P, group=self.group)
+        # NOTE: host sync: split sizes must be Python ints for the variable-size all-to-all.
+        send_splits, recv_splits = counts_P.tolist(), recv_counts_P.tolist()
+        self._count_wire(send_splits, hit_MK)
+        # 3) tokens, their local expert ids and their weights travel together (weights with autograd)
+        x_RD = _a2a(x_TD.index_select(0, token_M), recv_splits, send_splits, self.group)
+        local_RK = torch.empty(sum(recv_splits), K, dtype=local_MK.dtype, device=local_MK.device)
+        dist.all_to_all_single(local_RK, local_MK.contiguous(), recv_splits, send_splits, group=self.group)
+        w_MK = weights_TK.index_select(0, token_M) * hit_MK
+        w_RK = _a2a(w_MK, recv_splits, send_splits, self.group)
+        # 4) expand received rows to local-expert-major slots
+        slot_N, row_N, counts_E = expand_received(local_RK, self.experts_per_rank)
+        x_ND = x_RD.index_select(0, row_N)
+        ctx = A2AContext(
+            token_M,
+            send_splits,
+            recv_splits,
+            row_N,
+            w_RK.reshape(-1).index_select(0, slot_N),
+            x_RD.shape[0],
+            T,
+        )
+        return x_ND, counts_E, ctx
+
+    def combine(self, y_ND: Tensor, ctx: A2AContext) -> Tensor:
+        # 5) weight and sum each received row's local expert outputs
+        weighted_ND = y_ND * ctx.weights_N.to(y_ND.dtype).unsqueeze(-1)
+        y_RD = y_ND.new_zeros(ctx.num_rows, y_ND.shape[-1]).index_add(0, ctx.row_N, weighted_ND)
+        # 6) return trip (splits swapped), then sum each token's pairs
+        y_MD = _a2a(y_RD, ctx.send_splits, ctx.recv_splits, self.group)
+        return y_MD.new_zeros(ctx.num_tokens, y_MD.shape[-1]).index_add(0, ctx.token_M, y_MD)
+
+    def _count_wire(self, send_splits: list[int], hit_MK: Tensor) -> None:
+        lo = sum(send_splits[: self.rank])
+        hi = lo + send_splits[self.rank]
+        rows = sum(send_splits)
+        self.wire = WireStats(
+            rows_sent=rows,
+            rows_remote=rows - (hi - lo),
+            slots_remote=int(hit_MK.sum()) - int(hit_MK[lo:hi].sum()),
+        )
+
+
+def _shard_param(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
+    param = getattr(module, name)
+    # Every rank holds the same full tensor (layout-invariant init), so each keeps its slice: no scatter.
+    local = distribute_tensor(param.data, mesh, [Shard(0)], src_data_rank=None)
+    sharded = nn.Parameter(local, requires_grad=param.requires_grad)
+    setattr(module, name, sharded)
+
+
+def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+    """Shard every MoE layer's expert weights `Shard(0)` over `ep_mesh` and swap in the all-to-all dispatcher.
+
+    Expert parameters become DTensors, so distributed checkpoints can be resharded to another EP size.
+    """
+    num_ranks = ep_mesh.size()
+    for name, layer in moe_layers(model):
+        if layer.num_experts % num_ranks:
+            raise ValueError(f"{name}: num_experts % ep = {layer.num_experts} % {num_ranks} != 0")
+        for pname, _ in list(layer.experts.named_parameters(recurse=False)):
+            _shard_param(layer.experts, pname, ep_mesh)
+        layer.dispatcher = AllToAllDispatcher(num_experts=layer.num_experts, group=ep_mesh.get_group())
+    logger.info(
+        "applied expert parallelism: ep=%d, %d experts per rank",
+        num_ranks,
+        next((m.num_experts // num_ranks for _, m in moe_layers(model)), 0),
+    )

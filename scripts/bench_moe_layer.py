@@ -1,0 +1,229 @@
+"""Benchmark one MoE layer (forward + backward) against a dense MLP doing the same active FLOPs.
+
+    .venv/bin/python scripts/bench_moe_layer.py                     # T=4096, d=512, F=1024, E=8, k=2; fp32 + bf16
+    .venv/bin/python scripts/bench_moe_layer.py --dtype bf16 --noise 0.5 --json /tmp/moe.json
+
+Rows, timed interleaved in one run so their ratio is fair on a shared machine:
+  ideal  a dense SwiGLU MLP on [T*k, d] (same active FLOPs, no routing), plain autograd
+  loop   automoe.moe.layer.MoE with experts_backend=loop (the per-expert oracle)
+  fast   the same layer with --backend (default auto)
+Columns: median ms over --repeats after warm-up, tokens/s, efficiency = ideal_ms / row_ms, and the bytes autograd
+saves for backward (storages deduplicated, parameters excluded). A stage breakdown of the fast layer follows
+(letters: T tokens, N = T*k routed rows, D model dim, F expert hidden width).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from automoe.config.moe import MoEConfig
+from automoe.moe.layer import MoE
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class DenseSwiGLU(nn.Module):
+    """The `ideal` row: one SwiGLU MLP over all T*k routed rows, fused [D, 2F] up weight like the experts."""
+
+    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.w_up = nn.Parameter(torch.randn(dim, 2 * inter_dim, dtype=dtype) * dim**-0.5)
+        self.w_down = nn.Parameter(torch.randn(inter_dim, dim, dtype=dtype) * inter_dim**-0.5)
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        g_NF, u_NF = (x_ND @ self.w_up).chunk(2, dim=-1)
+        return (F.silu(g_NF) * u_NF) @ self.w_down
+
+
+def saved_activation_bytes(step_forward, params: list[Tensor]) -> int:
+    """Bytes of distinct storages autograd saves for backward during `step_forward()`, parameters excluded."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_ptrs:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step_forward()
+    del out
+    return sum(storages.values())
+
+
+def _busy_ticks() -> int:
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # everything but idle and iowait
+
+
+class LoadMeter:
+    """Fraction of the machine's CPU time used by other processes (or stolen) while the benchmark ran."""
+
+    def __enter__(self) -> LoadMeter:
+        self.t0, self.busy0 = time.perf_counter(), _busy_ticks()
+        self.self0 = resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.t0
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        own = (r.ru_utime + r.ru_stime) - (self.self0.ru_utime + self.self0.ru_stime)
+        busy = (_busy_ticks() - self.busy0) / os.sysconf("SC_CLK_TCK")
+        self.other_load = max(0.0, (busy - own) / (wall * os.cpu_count()))
+
+
+def build_rows(args, dtype: torch.dtype) -> dict:
+    """name -> (module, input, grad of output) for the ideal MLP and the two MoE layers."""
+    T, D, Fd, E, K = args.tokens, args.dim, args.inter_dim, args.experts, args.topk
+    g = torch.Generator().manual_seed(0)
+    x_BSD = torch.randn(1, T, D, generator=g).to(dtype)
+    dy_BSD = torch.randn(1, T, D, generator=g).to(dtype)
+    x_ND = torch.randn(T * K, D, generator=g).to(dtype)
+    dy_ND = torch.randn(T * K, D, generator=g).to(dtype)
+    rows = {"ideal": (DenseSwiGLU(D, Fd, dtype), x_ND, dy_ND)}
+    for name, backend in (("loop", "loop"), ("fast", args.backend)):
+        cfg = MoEConfig(dim=D, moe_inter_dim=Fd, num_experts=E, num_activated_experts=K, gate="fake_balanced",
+                        fake_gate_noise=args.noise, expert_activation="swiglu", experts_backend=backend,
+                        dtype="float32" if dtype == torch.float32 else "bfloat16")
+        layer = MoE(cfg)
+        torch.manual_seed(0)
+        layer.init_weights(std=D**-0.5)
+        rows[name] = (layer, x_BSD, dy_BSD)
+    return rows
+
+
+def step(module: nn.Module, x: Tensor, dy: Tensor) -> None:
+    x = x.detach().requires_grad_()
+    for p in module.parameters():
+        p.grad = None
+    module(x).backward(dy)
+
+
+def time_rows(rows: dict, *, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Per-row step times in ms, rows interleaved within every repeat."""
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for r in range(warmup + repeats):
+        for name, (module, x, dy) in rows.items():
+            torch.manual_seed(r)  # the fake gate's noise draws the same routing for loop and fast
+            t0 = time.perf_counter()
+            step(module, x, dy)
+            if r >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def stage_times(layer: MoE, x_BSD: Tensor, dy_BSD: Tensor, *, repeats: int) -> dict[str, float]:
+    """Median ms of each stage of the layer, forward and backward (backward split with gradient hooks)."""
+    acc: dict[str, list[float]] = {}
+    for _ in range(repeats + 1):
+        marks: list[tuple[str, float]] = [("start", time.perf_counter())]
+        x_TD = x_BSD.detach().reshape(-1, x_BSD.shape[-1]).requires_grad_()
+        route = layer.gate(x_TD, None)
+        marks.append(("gate", time.perf_counter()))
+        x_ND, counts_E, ctx = layer.dispatcher.dispatch(x_TD, route.indices_TK, route.weights_TK, None)
+        marks.append(("dispatch", time.perf_counter()))
+        y_ND = layer.experts(x_ND, counts_E)
+        marks.append(("experts", time.perf_counter()))
+        y_TD = layer.dispatcher.combine(y_ND, ctx)
+        marks.append(("combine", time.perf_counter()))
+        bwd: list[tuple[str, float]] = []
+        y_ND.register_hook(lambda g: bwd.append(("combine_bwd", time.perf_counter())))
+        x_ND.register_hook(lambda g: bwd.append(("experts_bwd", time.perf_counter())))
+        for p in layer.parameters():
+            p.grad = None
+        t_bwd = time.perf_counter()
+        y_TD.backward(dy_BSD.reshape(y_TD.shape))
+        bwd.append(("dispatch_bwd", time.perf_counter()))
+        ms = {name: (t - marks[i][1]) * 1e3 for i, (name, t) in enumerate(marks[1:])}
+        prev = t_bwd
+        for name, t in bwd:
+            ms[name], prev = (t - prev) * 1e3, t
+        for name, v in ms.items():
+            acc.setdefault(name, []).append(v)
+    return {name: statistics.median(v[1:]) for name, v in acc.items()}
+
+
+def run_dtype(args, dtype_name: str) -> dict:
+    dtype = DTYPES[dtype_name]
+    rows = build_rows(args, dtype)
+    with LoadMeter() as load:
+        times = time_rows(rows, repeats=args.repeats, warmup=args.warmup)
+    ideal_ms = statistics.median(times["ideal"])
+    result = {"dtype": dtype_name, "other_cpu_load": round(load.other_load, 3), "rows": {}}
+    for name, (module, x, dy) in rows.items():
+        med = statistics.median(times[name])
+        saved = saved_activation_bytes(lambda m=module, x=x: m(x.detach().requires_grad_()),
+                                       list(module.parameters()))
+        result["rows"][name] = {
+            "median_ms": round(med, 2),
+            "min_ms": round(min(times[name]), 2),
+            "tokens_per_s": round(args.tokens / med * 1e3),
+            "efficiency": round(ideal_ms / med, 3),
+            "saved_MB": round(saved / 2**20, 1),
+        }
+    if not args.no_stages:
+        fast, x, dy = rows["fast"]
+        result["fast_stages_ms"] = {k: round(v, 2) for k, v in stage_times(fast, x, dy, repeats=3).items()}
+    return result
+
+
+def print_result(args, res: dict) -> None:
+    print(f"\n{res['dtype']}: T={args.tokens} d={args.dim} F={args.inter_dim} E={args.experts} k={args.topk} "
+          f"noise={args.noise} backend={args.backend} repeats={args.repeats} "
+          f"(other CPU load during the run: {res['other_cpu_load']:.0%})")
+    print(f"{'row':<6} {'median ms':>10} {'min ms':>8} {'tokens/s':>9} {'efficiency':>10} {'saved MB':>9}")
+    for name, r in res["rows"].items():
+        print(f"{name:<6} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {r['tokens_per_s']:>9} "
+              f"{r['efficiency']:>10.3f} {r['saved_MB']:>9.1f}")
+    if "fast_stages_ms" in res:
+        print("fast stages (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in res["fast_stages_ms"].items()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096, help="tokens T per step")
+    p.add_argument("--dim", type=int, default=512, help="model dim D")
+    p.add_argument("--inter-dim", type=int, default=1024, help="expert hidden width F")
+    p.add_argument("--experts", type=int, default=8, help="routed experts E")
+    p.add_argument("--topk", type=int, default=2, help="experts per token k")
+    p.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
+    p.add_argument("--noise", type=float, default=0.0, help="fake gate noise: 0 balanced, 1 random (skewed) routing")
+    p.add_argument("--backend", default="auto", help="experts_backend of the `fast` row")
+    p.add_argument("--no-stages", action="store_true", help="skip the stage breakdown")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args()
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "args": vars(args),
+        "results": [],
+    }
+    for name in args.dtype.split(","):
+        if name not in DTYPES:
+            raise ValueError(f"--dtype {name!r} is not one of {list(DTYPES)}")
+        res = run_dtype(args, name)
+        print_result(args, res)
+        report["results"].append(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
