@@ -50,3 +50,8 @@ def zeros_(t: Tensor) -> Tensor:
 
 def ones_(t: Tensor) -> Tensor:
     return init_tensor_(t, torch.nn.init.ones_)
+
+
+def normal_(t: Tensor, *, std: float) -> Tensor:
+    """N(0, std^2), layout-invariant."""
+    return init_tensor_(t, lambda full: torch.nn.init.normal_(full, mean=0.0, std=std))

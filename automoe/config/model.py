@@ -13,6 +13,8 @@ from typing import Optional
 
 from automoe.config.moe import DTYPES, MoEConfig
 
+ATTENTIONS = ("gqa", "mla")  # grouped-query attention | DeepSeek multi-head latent attention
+ROPE_SCALINGS = (None, "yarn")
 _MOE_DIM_DEFAULT = next(f.default for f in fields(MoEConfig) if f.name == "dim")
 
 
@@ -48,6 +50,26 @@ class ModelConfig:
     attention_bias: bool = False  # biases on the q/k/v/o projections (Llama/Qwen3 attention_bias)
     init_std: float = 0.02  # truncated-normal init std; o_proj and down projections: / sqrt(2 * num_layers)
     dtype: str = "float32"  # parameter dtype of every module (mixed precision is the parallel code's job)
+
+    # --- attention choice; the mla_* fields and YaRN are used only with attention="mla" (DeepSeek-V2/V3) ---
+    attention: str = "gqa"  # gqa (num_kv_heads, head_dim, qk_norm) | mla (the MLA fields below)
+    q_lora_rank: Optional[int] = (
+        None  # MLA: rank of the compressed query latent; None = full-rank q projection
+    )
+    kv_lora_rank: int = 512  # MLA: width of the compressed key/value latent (what a KV cache would hold)
+    qk_nope_head_dim: int = 128  # MLA: per-head query/key width without position information
+    qk_rope_head_dim: int = 64  # MLA: per-head query/key width that carries RoPE (the key part is shared)
+    v_head_dim: int = 128  # MLA: per-head value width
+    rope_interleave: bool = True  # MLA: RoPE rotates pairs (2i, 2i+1) (DeepSeek) instead of (i, i + D/2)
+    rope_scaling: Optional[str] = (
+        None  # None | yarn: YaRN context extension of the RoPE frequencies (MLA only)
+    )
+    yarn_factor: float = 1.0  # YaRN: context extension factor s (interpolate the low frequencies by 1/s)
+    yarn_original_max_seq_len: int = 4096  # YaRN: context length of pre-training (sets the ramp's band)
+    yarn_beta_fast: float = 32.0  # YaRN: rotations above which a frequency is kept (extrapolated)
+    yarn_beta_slow: float = 1.0  # YaRN: rotations below which a frequency is fully interpolated
+    yarn_mscale: float = 1.0  # YaRN: cos/sin gain is mscale(s, yarn_mscale) / mscale(s, yarn_mscale_all_dim)
+    yarn_mscale_all_dim: float = 0.0  # YaRN: softmax scale *= mscale(s, this)^2 (DeepSeek-V3: 1.0); 0 = off
 
     # --- MoE blocks ---
     moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE FFN; its dim and dtype are derived from ours
@@ -110,7 +132,40 @@ class ModelConfig:
             )
         if self.head_dim <= 0 or self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be positive and even (RoPE pairs)")
+        self._validate_attention()
         if not 0 <= self.num_dense_layers <= self.num_layers:
             raise ValueError(
                 f"ModelConfig.num_dense_layers={self.num_dense_layers} must be in [0, num_layers={self.num_layers}]"
             )
+
+    def _validate_attention(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"ModelConfig.attention={self.attention!r} is not one of {list(ATTENTIONS)}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(
+                f"ModelConfig.rope_scaling={self.rope_scaling!r} is not one of {list(ROPE_SCALINGS)}"
+            )
+        if self.attention != "mla":
+            if self.rope_scaling is not None:
+                raise ValueError(
+                    f"ModelConfig.rope_scaling={self.rope_scaling!r} is only supported with attention='mla', "
+                    f"got attention={self.attention!r}"
+                )
+            return
+        if self.qk_norm:
+            raise ValueError("ModelConfig.qk_norm=True is not supported with attention='mla'")
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be > 0")
+        if self.qk_nope_head_dim < 0:
+            raise ValueError(f"ModelConfig.qk_nope_head_dim={self.qk_nope_head_dim} must be >= 0")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"ModelConfig.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs)"
+            )
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ValueError(f"ModelConfig.q_lora_rank={self.q_lora_rank} must be > 0 or None (full rank)")
+        if self.rope_scaling == "yarn":
+            for name in ("yarn_factor", "yarn_original_max_seq_len", "yarn_beta_fast", "yarn_beta_slow"):
+                if getattr(self, name) <= 0:
+                    raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be > 0")

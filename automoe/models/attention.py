@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from automoe import init
 from automoe.config.model import ModelConfig
 from automoe.models.norms import RMSNorm
 from automoe.models.rope import apply_rotary
@@ -119,9 +120,9 @@ class Attention(nn.Module):
             (self.v_proj, std),
             (self.o_proj, out_std),
         ):
-            nn.init.trunc_normal_(proj.weight, std=proj_std, a=-3 * proj_std, b=3 * proj_std)
+            init.trunc_normal_(proj.weight, std=proj_std)
             if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+                init.zeros_(proj.bias)
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.init_weights()

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from automoe import init
+
 
 class FeedForward(nn.Module):
     """`y = down(silu(gate(x)) * up(x))`; x and y are [..., dim], the hidden is [..., inter_dim]."""
@@ -21,4 +23,4 @@ class FeedForward(nn.Module):
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         for proj, proj_std in ((self.gate_proj, std), (self.up_proj, std), (self.down_proj, out_std)):
-            nn.init.trunc_normal_(proj.weight, std=proj_std, a=-3 * proj_std, b=3 * proj_std)
+            init.trunc_normal_(proj.weight, std=proj_std)

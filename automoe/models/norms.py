@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from automoe import init
+
 
 class RMSNorm(nn.Module):
     """`y = weight * x / sqrt(mean(x^2, last dim) + eps)`; `x` is [..., dim], `y` has x's shape."""
@@ -20,4 +22,4 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
     def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
+        init.ones_(self.weight)

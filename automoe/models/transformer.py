@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from automoe import init
 from automoe.config.model import ModelConfig
 from automoe.models.attention import Attention
+from automoe.models.mla import LatentRotaryEmbedding, MultiHeadLatentAttention
 from automoe.models.mlp import FeedForward
 from automoe.models.norms import RMSNorm
 from automoe.models.rope import RotaryEmbedding
@@ -27,7 +29,7 @@ class Block(nn.Module):
         dtype = getattr(torch, cfg.dtype)
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype)
-        self.attention = Attention(cfg)
+        self.attention = MultiHeadLatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype)
         if cfg.is_moe_layer(layer_id):
             self.moe, self.feed_forward = MoE(cfg.moe), None
@@ -79,7 +81,10 @@ class Transformer(nn.Module):
         self.cfg = cfg
         dtype = getattr(torch, cfg.dtype)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, dtype=dtype)
-        self.rope = RotaryEmbedding(cfg.head_dim, max_seq_len=cfg.max_seq_len, theta=cfg.rope_theta)
+        if cfg.attention == "mla":  # tables for the RoPE part of each head only, optionally YaRN-scaled
+            self.rope = LatentRotaryEmbedding(cfg)
+        else:
+            self.rope = RotaryEmbedding(cfg.head_dim, max_seq_len=cfg.max_seq_len, theta=cfg.rope_theta)
         self.layers = nn.ModuleDict({str(i): Block(i, cfg) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, dtype=dtype)
@@ -119,13 +124,13 @@ class Transformer(nn.Module):
         self.tie_weights()
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        nn.init.trunc_normal_(self.tok_embeddings.weight, std=std, a=-3 * std, b=3 * std)
+        init.trunc_normal_(self.tok_embeddings.weight, std=std)
         self.rope.init_weights()
         for block in self.layers.values():
             block.init_weights(std=std, out_std=out_std)
         self.norm.init_weights()
         if not self.cfg.tie_embeddings:
-            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+            init.trunc_normal_(self.output.weight, std=std)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from automoe import init
 from automoe.config.moe import MoEConfig
 from automoe.moe.activations import FusedActivation, reference_activation
 
@@ -92,7 +93,7 @@ class _PaddedEngine:
 _ENGINES = {"grouped_mm": _GroupedMMEngine, "split": _SplitEngine, "bmm": _PaddedEngine}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch's grouped GEMM runs here (probed once per device type and dtype on a tiny problem)."""
     if _grouped_mm is None:
@@ -125,7 +126,7 @@ def _rows_expert(counts_E: Tensor, num_rows: int) -> Tensor:
 
 
 def _dropout(a_NF: Tensor, keep_NF: Tensor | None, p: float) -> Tensor:
-    return a_NF if keep_NF is None else a_NF.mul_(keep_NF)
+    return a_NF if keep_NF is None else a_NF.mul_(keep_NF).mul_(1.0 / (1.0 - p))
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -211,11 +212,12 @@ class GroupedExperts(nn.Module):
     def init_weights(self, *, std: float = 0.02, out_std: float | None = None) -> None:
         """Truncated normal (±3 std) up weights, `out_std` (default `std`) down weights, zero biases."""
         out_std = std if out_std is None else out_std
-        nn.init.trunc_normal_(self.w_up, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.w_down, std=out_std, a=-3 * out_std, b=3 * out_std)
+        # layout-invariant: the full [E, ...] tensor is drawn, each EP rank keeps its experts' slice
+        init.trunc_normal_(self.w_up, std=std)
+        init.trunc_normal_(self.w_down, std=out_std)
         for b in (self.b_up, self.b_down):
             if b is not None:
-                nn.init.zeros_(b)
+                init.zeros_(b)
 
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """x_ND: rows sorted expert-major (the first counts_E[0] rows go to local expert 0, ...);

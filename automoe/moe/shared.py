@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from automoe import init
 from automoe.config.moe import MoEConfig
 
 
@@ -30,6 +31,6 @@ class SharedExperts(nn.Module):
     def init_weights(self, *, std: float = 0.02, out_std: float | None = None) -> None:
         for lin in (self.gate_proj, self.up_proj, self.gate):
             if lin is not None:
-                nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
+                init.trunc_normal_(lin.weight, std=std)
         out_std = std if out_std is None else out_std
-        nn.init.trunc_normal_(self.down_proj.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+        init.trunc_normal_(self.down_proj.weight, std=out_std)

@@ -28,6 +28,7 @@ class ParallelDims:
     cp: int = 1
     ep: int = 1
     num_experts: int | None = None  # when given, `num_experts % ep` is validated too
+    fsdp_applied: bool = False  # set by `parallelize` when FSDP2 manages the gradient reductions
     _meshes: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -150,6 +151,8 @@ class ParallelDims:
 
     def dp_coordinate(self) -> tuple[int, int]:
         """(rank, size) of this process among the ranks that see different sequences."""
+        if self.world_size == 1:
+            return 0, 1
         mesh = self._mesh("dp")
         return mesh.get_local_rank(), mesh.size()
 

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from automoe import init
 from automoe.config.moe import MoEConfig
 from automoe.moe.gates.topk import param_dtype, router_compute_dtype, router_linear
 from automoe.moe.types import RouterOutput
@@ -51,10 +52,10 @@ class HybridGate(nn.Module):
     def init_weights(self, *, std: float = 0.02) -> None:
         """Router weights and keys ~ N(0, std²), biases 0, mix_logits = log(INITIAL_MIX)."""
         for w in (self.w_soft, self.w_sparse, self.memory_keys):
-            nn.init.normal_(w, mean=0.0, std=std)
+            init.normal_(w, std=std)
         for b in (self.b_soft, self.b_sparse):
             if b is not None:
-                nn.init.zeros_(b)
+                init.zeros_(b)
         self.mix_logits.copy_(torch.tensor(INITIAL_MIX).log())
 
     def forward(self, x_TD: Tensor, valid_T: Tensor | None = None) -> RouterOutput:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from automoe import init
 from automoe.config.moe import MoEConfig
 from automoe.moe.gates.topk import param_dtype, router_compute_dtype, router_linear
 from automoe.moe.types import RouterOutput
@@ -64,8 +65,8 @@ class NoisyTopKGate(nn.Module):
     @torch.no_grad()
     def init_weights(self, *, std: float = 0.02) -> None:
         """w_gate ~ N(0, std²); w_noise = 0 (the paper's init: noise std starts at softplus(0) + eps)."""
-        nn.init.normal_(self.w_gate, mean=0.0, std=std)
-        nn.init.zeros_(self.w_noise)
+        init.normal_(self.w_gate, std=std)
+        init.zeros_(self.w_noise)
 
     def forward(self, x_TD: Tensor, valid_T: Tensor | None = None) -> RouterOutput:
         """Route T tokens x_TD [T, D]; padding (valid_T False) is left out of the loss."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from automoe import init
 from automoe.config.moe import MoEConfig
 from automoe.moe.types import RouterOutput
 
@@ -91,9 +92,9 @@ class TopKGate(nn.Module):
     @torch.no_grad()
     def init_weights(self, *, std: float = 0.02) -> None:
         """weight ~ N(0, std²); router bias and correction bias = 0."""
-        nn.init.normal_(self.weight, mean=0.0, std=std)
+        init.normal_(self.weight, std=std)
         if self.bias is not None:
-            nn.init.zeros_(self.bias)
+            init.zeros_(self.bias)
         if self.correction_bias is not None:
             self.correction_bias.zero_()
 

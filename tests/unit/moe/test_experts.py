@@ -12,11 +12,31 @@ COUNTS = [3, 0, 7, 2]  # uneven, with an expert that gets no rows
 D, FF = 16, 24
 
 
-def _make(backend, *, act="swiglu", bias=False, limit=None, dropout=0.0, dtype="float32", dim=D, inter=FF,
-          counts=COUNTS, seed=0):
-    cfg = MoEConfig(dim=dim, moe_inter_dim=inter, num_experts=len(counts), num_activated_experts=1,
-                    expert_activation=act, expert_bias=bias, swiglu_limit=limit, expert_dropout=dropout,
-                    experts_backend=backend, dtype=dtype)
+def _make(
+    backend,
+    *,
+    act="swiglu",
+    bias=False,
+    limit=None,
+    dropout=0.0,
+    dtype="float32",
+    dim=D,
+    inter=FF,
+    counts=COUNTS,
+    seed=0,
+):
+    cfg = MoEConfig(
+        dim=dim,
+        moe_inter_dim=inter,
+        num_experts=len(counts),
+        num_activated_experts=1,
+        expert_activation=act,
+        expert_bias=bias,
+        swiglu_limit=limit,
+        expert_dropout=dropout,
+        experts_backend=backend,
+        dtype=dtype,
+    )
     m = GroupedExperts(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # large enough values that clamps and relus really bite
@@ -85,7 +105,9 @@ def test_loop_oracle_matches_row_reference(act, bias, limit):
     m = _make("loop", act=act, bias=bias, limit=limit)
     x, counts, _ = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(m(x, counts), _row_reference(m, x, counts, act, limit), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            m(x, counts), _row_reference(m, x, counts, act, limit), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("act,bias,limit", CASES)
@@ -160,8 +182,11 @@ def test_fused_backend_saves_only_input_and_pre_activation():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         m(x, counts)
-    activations = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
-                   if t.untyped_storage().data_ptr() not in params}
+    activations = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in saved
+        if t.untyped_storage().data_ptr() not in params
+    }
     n = sum(COUNTS)
     assert sum(activations.values()) == 4 * n * (D + 2 * FF)
 
@@ -205,12 +230,17 @@ def test_dropout_zeroes_hidden_units_and_rescales(backend):
 # ---- construction ----
 @pytest.mark.parametrize("act,width", [("swiglu", 2 * FF), ("geglu", 2 * FF), ("relu2", FF)])
 def test_parameter_shapes_and_dtype(act, width):
-    cfg = MoEConfig(dim=D, moe_inter_dim=FF, num_experts=8, expert_activation=act, expert_bias=True,
-                    dtype="bfloat16")
+    cfg = MoEConfig(
+        dim=D, moe_inter_dim=FF, num_experts=8, expert_activation=act, expert_bias=True, dtype="bfloat16"
+    )
     m = GroupedExperts(cfg, num_experts=3)
     shapes = {n: (tuple(p.shape), p.dtype) for n, p in m.named_parameters()}
-    assert shapes == {"w_up": ((3, D, width), torch.bfloat16), "w_down": ((3, FF, D), torch.bfloat16),
-                      "b_up": ((3, width), torch.bfloat16), "b_down": ((3, D), torch.bfloat16)}
+    assert shapes == {
+        "w_up": ((3, D, width), torch.bfloat16),
+        "w_down": ((3, FF, D), torch.bfloat16),
+        "b_up": ((3, width), torch.bfloat16),
+        "b_down": ((3, D), torch.bfloat16),
+    }
 
 
 def test_meta_build_then_init_is_deterministic():

@@ -1,0 +1,174 @@
+"""`JobConfig`: the whole training job (model, data, layout, optimizer, loop, checkpoints, logging) as one schema.
+
+Registered with Hydra's ConfigStore as `job_schema`; `configs/config.yaml` lists it first in its defaults, so every
+YAML value is merged onto these dataclasses and a misspelt key or a wrong type fails at composition time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from automoe.config.data import DataConfig
+from automoe.config.model import ModelConfig
+from automoe.config.moe import MoEConfig
+from automoe.config.parallel import ParallelConfig
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+NAN_POLICIES = ("skip", "stop")
+SCHEDULES = ("cosine", "linear", "constant")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+def _choice(section: str, name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{section}.{name}={value!r} is not one of {list(choices)}")
+
+
+def _at_least(section: str, obj: object, names: tuple[str, ...], low: float) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < low:
+            raise ValueError(f"{section}.{name}={value} must be >= {low}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then decay to `min_lr_ratio * lr`."""
+
+    lr: float = 3e-3  # peak learning rate, reached after warmup_steps
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    weight_decay: float = 0.1  # decoupled decay on matrices (>= 2-D params); norms, biases get none
+    warmup_steps: int = 20  # steps of linear warmup from lr/warmup_steps to lr
+    schedule: str = "cosine"  # cosine | linear | constant: decay after warmup until train.steps
+    min_lr_ratio: float = 0.1  # final lr as a fraction of lr (cosine/linear)
+    max_grad_norm: float = 1.0  # clip the global gradient L2 norm to this; <= 0 only measures it
+
+    def __post_init__(self) -> None:
+        _choice("optim", "schedule", self.schedule, SCHEDULES)
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        _at_least("optim", self, ("eps", "weight_decay", "warmup_steps"), 0)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how much data per step, numerics, validation and NaN handling."""
+
+    steps: int = 300  # optimizer steps of the whole run (the lr schedule spans them)
+    stop_at_step: Optional[int] = None  # end this invocation after this step (schedule still spans `steps`)
+    seed: int = 0  # seeds weight init and every RNG (data order has data.seed)
+    global_batch_size: int = 16  # sequences per optimizer step over all ranks (fixed for every layout)
+    micro_batch_size: int = 4  # sequences per forward/backward on one rank (grad accumulation fills the rest)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (autocast; params and optimizer stay fp32)
+    val_interval: int = 100  # validate every n steps and after the last one; 0 disables validation
+    val_max_batches: Optional[int] = 4  # global batches per validation; None = the whole val split
+    nan_policy: str = "stop"  # non-finite loss or grad norm: stop (raise) | skip (drop the update)
+    nan_max_skips: int = 10  # skip policy: stop after this many consecutive skipped steps
+
+    def __post_init__(self) -> None:
+        _choice("train", "dtype", self.dtype, COMPUTE_DTYPES)
+        _choice("train", "nan_policy", self.nan_policy, NAN_POLICIES)
+        _at_least("train", self, ("steps", "global_batch_size", "micro_batch_size", "nan_max_skips"), 1)
+        _at_least("train", self, ("seed", "val_interval"), 0)
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.steps:
+            raise ValueError(
+                f"train.stop_at_step={self.stop_at_step} must be in [1, train.steps={self.steps}]"
+            )
+        if self.val_max_batches is not None and self.val_max_batches < 1:
+            raise ValueError(f"train.val_max_batches={self.val_max_batches} must be >= 1 or null (all)")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints in `output_dir/checkpoints/step_<N>/`."""
+
+    interval: int = 100  # save every n steps (and after the last step); 0 disables saving
+    resume: Optional[str] = (
+        None  # null (fresh start) | latest (newest complete; fresh if none) | a step_<N> dir
+    )
+    keep_last_n: int = 2  # complete checkpoints kept (older ones deleted); 0 keeps all
+    async_save: bool = (
+        False  # write tensors in the background on a dedicated gloo group; marker after it ends
+    )
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint", self, ("interval", "keep_last_n"), 0)
+        if self.resume is not None and not str(self.resume).strip():
+            raise ValueError(
+                f"checkpoint.resume={self.resume!r} must be null, 'latest' or a checkpoint directory"
+            )
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases mirror of metrics.jsonl (rank 0 only)."""
+
+    mode: str = "offline"  # disabled | offline (files under output_dir/wandb, no network) | online
+    project: str = "automoe"  # wandb project name
+    name: Optional[str] = None  # run name; None = the output_dir's last component
+
+    def __post_init__(self) -> None:
+        _choice("logging.wandb", "mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics.jsonl, wandb and the expert-load heatmap."""
+
+    log_interval: int = 10  # console summary line every n steps (and the first and last step)
+    progress_bar: bool = True  # tqdm progress bar with ETA on rank 0
+    heatmap: bool = True  # save output_dir/expert_load_heatmap.png (layers x experts over steps) at the end
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        _at_least("logging", self, ("log_interval",), 1)
+
+
+def _model_schema_default() -> ModelConfig:
+    """ModelConfig() with its derived fields put back to "derive me", so YAML that omits them still derives."""
+    model = ModelConfig()
+    model.head_dim = None
+    model.moe = MoEConfig()
+    return model
+
+
+@dataclass
+class JobConfig:
+    """Everything one training run reads. Hydra fills it from `configs/`; overrides are `key=value`."""
+
+    output_dir: str = "outputs/run"  # metrics.jsonl, config.yaml, checkpoints/, heatmap; same on every rank
+    model: ModelConfig = field(default_factory=_model_schema_default)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ValueError(f"output_dir={self.output_dir!r} must be a directory path")
+        if self.model.max_seq_len < self.data.seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+
+
+def register_configs() -> None:
+    """Store the schema as `job_schema` so `configs/config.yaml` can list it first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)

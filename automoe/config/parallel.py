@@ -1,0 +1,34 @@
+"""`ParallelConfig`: the parallel layout and the memory/speed knobs applied by `automoe.parallel.parallelize`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AC_MODES = ("none", "full", "moe")
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of each parallelism; their product (with dp_shard inferred) must equal the world size."""
+
+    dp_replicate: int = 1  # replicas of the whole model (HSDP outer axis); 1 = pure sharding
+    dp_shard: int = -1  # ranks dense parameters are sharded over; -1 = world / (dp_replicate * cp)
+    cp: int = 1  # context-parallel ranks splitting each sequence (attention all-gathers K/V over them)
+    ep: int = 1  # expert-parallel ranks (borrowed from dp_shard * cp); must divide num_experts
+    fsdp: bool = True  # shard dense params over dp_shard*cp and expert params over ep_shard with FSDP2
+    fsdp_param_dtype: str = "float32"  # FSDP2 mixed precision: dtype params are gathered and computed in
+    activation_checkpointing: str = "none"  # none | full (every block) | moe (only the MoE FFNs)
+    compile: bool = False  # torch.compile each block (first step pays the compile time)
+    cp_load_balance: bool = True  # zigzag chunks (rank r holds chunks r and 2cp-1-r) so causal work is even
+    collective_timeout_s: float = 300.0  # process-group timeout: a dead peer fails the job after this long
+
+    def __post_init__(self) -> None:
+        if self.activation_checkpointing not in AC_MODES:
+            raise ValueError(
+                f"parallel.activation_checkpointing={self.activation_checkpointing!r} is not one of {list(AC_MODES)}"
+            )
+        if self.fsdp_param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"parallel.fsdp_param_dtype={self.fsdp_param_dtype!r} is not one of {list(PARAM_DTYPES)}")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"parallel.collective_timeout_s={self.collective_timeout_s} must be > 0")

@@ -1,0 +1,321 @@
+"""Import HF checkpoints into automoe (state dict or live, possibly EP-sharded model) and export them back.
+
+Every tensor is accounted for: before anything is read, the checkpoint's keys and header shapes are checked
+against the plan for the config, and a missing, unexpected or misshaped key raises `ValueError` naming it.
+Expert tensors are read lazily per expert, so an EP rank reads only its own experts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from automoe.config.model import ModelConfig
+from automoe.hf.adapters import (
+    ExpertTensor,
+    TensorPlan,
+    build_plan,
+    expert_to_hf,
+    expert_to_ours,
+    hf_expert_shapes,
+    is_ignored,
+)
+from automoe.hf.config_map import config_from_hf, config_to_hf, read_hf_config
+from automoe.hf.safetensors_io import SafetensorsReader, ShardedWriter, parse_size
+from automoe.models.transformer import Transformer
+
+logger = logging.getLogger(__name__)
+
+ExpertSelection = Union[range, Sequence[int], Callable[[int], bool], None]
+# Wrapper segments that torch.compile / activation checkpointing insert into parameter names.
+_WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
+_SHOW = 8  # how many offending keys an error message lists
+
+
+def expert_ids(selection: ExpertSelection, num_experts: int) -> list[int]:
+    """Sorted expert ids chosen by a range, a sequence or a predicate (None = all)."""
+    if selection is None:
+        return list(range(num_experts))
+    ids = [e for e in range(num_experts) if selection(e)] if callable(selection) else sorted(set(selection))
+    bad = [e for e in ids if not 0 <= e < num_experts]
+    if bad:
+        raise ValueError(f"experts={selection!r} names experts {bad} outside [0, {num_experts})")
+    return ids
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """automoe state-dict key -> (global shape, dtype), from a model built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if not _tied_output(cfg, k)}
+
+
+def _tied_output(cfg: ModelConfig, key: str) -> bool:
+    return cfg.tie_embeddings and key == "output.weight"
+
+
+def _fmt(keys: Sequence[str]) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+    return ", ".join(keys[:_SHOW]) + more
+
+
+def validate_checkpoint(reader: SafetensorsReader, plan: TensorPlan, cfg: ModelConfig) -> None:
+    """Raise ValueError unless the checkpoint holds exactly the plan's tensors with the expected shapes."""
+    shapes = {k: s for k, (s, _) in expected_tensors(cfg).items()}
+    if plan.ours_keys() != set(shapes):  # internal invariant: the plan covers the model exactly
+        raise RuntimeError(f"HF plan and model disagree: {_fmt(list(plan.ours_keys() ^ set(shapes)))}")
+    file_keys = reader.keys()
+    expected = plan.hf_keys(cfg.moe.num_experts)
+    missing = expected - file_keys
+    if missing:
+        raise ValueError(
+            f"HF checkpoint {str(reader.path)!r} lacks {len(missing)} tensors: {_fmt(list(missing))}"
+        )
+    unexpected = [
+        k
+        for k in file_keys - expected - plan.optional_hf
+        if not is_ignored(plan, k, cfg.num_layers) and not k.endswith("rotary_emb.inv_freq")
+    ]
+    if unexpected:
+        raise ValueError(
+            f"HF checkpoint {str(reader.path)!r} has {len(unexpected)} tensors with no automoe counterpart: "
+            f"{_fmt(unexpected)}"
+        )
+    wrong = []
+    for ours, hf in plan.direct.items():
+        if reader.shape(hf) != shapes[ours]:
+            wrong.append(f"{hf} {list(reader.shape(hf))} (expected {list(shapes[ours])})")
+    for spec in plan.experts:
+        want = hf_expert_shapes(spec, shapes[spec.ours])
+        for e in range(cfg.moe.num_experts):
+            for key, shape in zip(spec.hf_keys(e), want):
+                if reader.shape(key) != shape:
+                    wrong.append(f"{key} {list(reader.shape(key))} (expected {list(shape)})")
+    if wrong:
+        raise ValueError(
+            f"HF checkpoint {str(reader.path)!r} has {len(wrong)} misshaped tensors: {_fmt(wrong)}"
+        )
+
+
+def _read_experts(
+    reader: SafetensorsReader, spec: ExpertTensor, ids: Sequence[int], dtype: torch.dtype
+) -> Tensor:
+    """[len(ids), ...] stacked automoe slices of the chosen experts (only their tensors are read)."""
+    return torch.stack(
+        [expert_to_ours(spec, [reader.get(k) for k in spec.hf_keys(e)]).to(dtype) for e in ids]
+    )
+
+
+class HFCheckpoint:
+    """An opened, validated HF checkpoint directory: `cfg`, `family`, `plan` and a lazy `reader`."""
+
+    def __init__(self, path: str | Path, *, max_seq_len: int | None = None, dtype: str = "float32") -> None:
+        self.path = Path(path)
+        self.cfg, self.family = config_from_hf(read_hf_config(path), max_seq_len=max_seq_len, dtype=dtype)
+        self.plan = build_plan(self.cfg, self.family)
+        self.reader = SafetensorsReader(path)
+        self.expected = expected_tensors(self.cfg)
+        validate_checkpoint(self.reader, self.plan, self.cfg)
+        self._expert_specs = {spec.ours: spec for spec in self.plan.experts}
+
+    def read(self, key: str, *, experts: ExpertSelection = None) -> Tensor:
+        """The automoe tensor `key`; for stacked expert tensors only the selected experts' rows."""
+        dtype = self.expected[key][1]
+        if key in self.plan.direct:
+            return self.reader.get(self.plan.direct[key]).to(dtype)
+        spec = self._expert_specs[key]
+        ids = expert_ids(experts, self.cfg.moe.num_experts)
+        if not ids:
+            shape = self.expected[key][0]
+            return torch.empty((0, *shape[1:]), dtype=dtype)
+        return _read_experts(self.reader, spec, ids, dtype)
+
+    def state_dict(self, *, experts: ExpertSelection = None) -> dict[str, Tensor]:
+        return {key: self.read(key, experts=experts) for key in self.expected}
+
+
+def load_hf_checkpoint(
+    path: str | Path,
+    *,
+    experts: ExpertSelection = None,
+    max_seq_len: int | None = None,
+    dtype: str = "float32",
+    build_model: bool = False,
+) -> tuple[ModelConfig, dict[str, Tensor] | Transformer]:
+    """-> (ModelConfig, automoe state dict) of an HF directory, or (cfg, Transformer) with `build_model=True`.
+
+    `experts` (range, ids or predicate) limits every stacked expert tensor to those experts' rows, e.g.
+    `experts=range(rank * El, (rank + 1) * El)` under expert parallelism; no other expert tensor is read.
+    """
+    ckpt = HFCheckpoint(path, max_seq_len=max_seq_len, dtype=dtype)
+    state = ckpt.state_dict(experts=experts)
+    if not build_model:
+        return ckpt.cfg, state
+    if experts is not None:
+        raise ValueError("build_model=True builds the whole model; pass experts=None")
+    model = Transformer(ckpt.cfg)  # RoPE tables are built in __init__; every parameter is overwritten below
+    if ckpt.cfg.tie_embeddings:
+        state = {**state, "output.weight": state["tok_embeddings.weight"]}
+    model.load_state_dict(state, strict=True)
+    model.tie_weights()
+    return ckpt.cfg, model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading into a live (possibly sharded) model
+# ---------------------------------------------------------------------------------------------------------------
+def _clean_key(key: str) -> str:
+    for segment in _WRAPPER_SEGMENTS:
+        key = key.replace(segment, "")
+    return key
+
+
+def _local_block(t: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(local shape, global offset) of a DTensor's shard when it is one contiguous block, else None."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not all(type(p) in (Shard, Replicate) for p in t.placements):
+        return None
+    return compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+
+
+def _crop(full: Tensor, shape: Sequence[int], offset: Sequence[int], *, from_dim: int) -> Tensor:
+    index = tuple(
+        slice(None) if d < from_dim else slice(o, o + s) for d, (o, s) in enumerate(zip(offset, shape))
+    )
+    return full[index]
+
+
+@torch.no_grad()
+def load_hf_into_model(model: nn.Module, path: str | Path) -> list[str]:
+    """Copy an HF checkpoint into an already built automoe `Transformer` (after `to_empty`/`init_weights`).
+
+    Parameters may be DTensors (expert parallelism, FSDP): each rank reads only its shard's rows; for stacked
+    expert tensors that means only its own experts' safetensors entries. Placements other than plain
+    `Shard`/`Replicate` (e.g. FSDP's strided shards of expert tensors) fall back to reading the whole tensor
+    and slicing it locally (a warning says which). Raises ValueError when the checkpoint's shapes do not match
+    the model's config. Returns the HF keys this process read (in order).
+    """
+    cfg: ModelConfig = model.cfg
+    ckpt = HFCheckpoint(path, max_seq_len=cfg.max_seq_len, dtype=cfg.dtype)
+    if {k: v[0] for k, v in ckpt.expected.items()} != {k: v[0] for k, v in expected_tensors(cfg).items()}:
+        raise ValueError(f"HF checkpoint {str(path)!r} describes a model of another shape than model.cfg")
+    seen = set()
+    for raw_key, target in model.state_dict().items():
+        key = _clean_key(raw_key)
+        if _tied_output(cfg, key):
+            continue
+        if key not in ckpt.expected:
+            raise ValueError(f"model tensor {raw_key!r} has no counterpart in the HF plan")
+        seen.add(key)
+        _copy_into(ckpt, key, target)
+    if seen != set(ckpt.expected):
+        raise ValueError(f"model lacks tensors the checkpoint holds: {_fmt(list(set(ckpt.expected) - seen))}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return list(ckpt.reader.read_keys)
+
+
+def _copy_into(ckpt: HFCheckpoint, key: str, target: Tensor) -> None:
+    is_experts = key not in ckpt.plan.direct
+    if not hasattr(target, "to_local"):
+        target.copy_(ckpt.read(key))
+        return
+    local = target.to_local()
+    block = _local_block(target)
+    if block is None:
+        from torch.distributed.tensor import distribute_tensor
+
+        logger.warning("load_hf_into_model: %s has placements %s; reading it whole", key, target.placements)
+        full = ckpt.read(key)
+        local.copy_(
+            distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+        )
+        return
+    shape, offset = block
+    if is_experts:  # read only the rows (experts) of this shard, then crop the other dims
+        value = ckpt.read(key, experts=range(offset[0], offset[0] + shape[0]))
+        local.copy_(_crop(value, shape, offset, from_dim=1))
+    else:
+        local.copy_(_crop(ckpt.read(key), shape, offset, from_dim=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------------
+def _full(t: Tensor) -> Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def hf_tensors(
+    state: nn.Module | dict[str, Tensor], cfg: ModelConfig, *, family: str, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield (HF key, tensor) for every tensor of an automoe model or state dict, one layer tensor at a time.
+
+    DTensors are gathered (`full_tensor()`, a collective: every rank must iterate). `dtype` casts everything
+    except the fp32 correction bias.
+    """
+    sd = {
+        _clean_key(k): v for k, v in (state.state_dict() if isinstance(state, nn.Module) else state).items()
+    }
+    plan = build_plan(cfg, family)
+    missing = plan.ours_keys() - set(sd)
+    if missing:
+        raise ValueError(f"state dict lacks tensors of the {family} layout: {_fmt(list(missing))}")
+    extra = [k for k in set(sd) - plan.ours_keys() if not _tied_output(cfg, k)]
+    if extra:
+        raise ValueError(f"state dict has tensors the {family} layout cannot hold: {_fmt(extra)}")
+
+    def cast(key: str, t: Tensor) -> Tensor:
+        return t if dtype is None or key.endswith("e_score_correction_bias") else t.to(dtype)
+
+    for ours, hf in plan.direct.items():
+        yield hf, cast(hf, _full(sd[ours]).detach())
+    for spec in plan.experts:
+        stacked = _full(sd[spec.ours]).detach()
+        for e in range(stacked.shape[0]):
+            for hf, t in zip(spec.hf_keys(e), expert_to_hf(spec, stacked[e])):
+                yield hf, cast(hf, t)
+
+
+def _is_writer() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def save_hf_checkpoint(
+    state: nn.Module | dict[str, Tensor],
+    cfg: ModelConfig,
+    path: str | Path,
+    *,
+    family: str,
+    max_shard_size: int | str = "5GB",
+    dtype: str | None = None,
+) -> list[str]:
+    """Write `config.json` + safetensors shards (+ `model.safetensors.index.json`) loadable by `transformers`.
+
+    Under torch.distributed every rank must call this (sharded tensors are gathered); only rank 0 writes.
+    Returns the file names written (empty on other ranks).
+    """
+    hf_config = config_to_hf(cfg, family=family)
+    if dtype is not None:
+        hf_config["torch_dtype"] = dtype
+    tensors = hf_tensors(state, cfg, family=family, dtype=None if dtype is None else getattr(torch, dtype))
+    if not _is_writer():
+        for _ in tensors:  # take part in the gathers
+            pass
+        return []
+    writer = ShardedWriter(path, max_shard_bytes=parse_size(max_shard_size))
+    writer.add_all(tensors)
+    names = writer.close()
+    (Path(path) / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return ["config.json", *names]

@@ -1,0 +1,34 @@
+"""FSDP2: dense parameters sharded over dp_shard x cp (HSDP with dp_replicate), experts over ep_shard."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from automoe.parallel.dims import ParallelDims
+
+logger = logging.getLogger(__name__)
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "float32") -> None:
+    """`fully_shard` every block (experts first, on the expert mesh when EP is on), then the root.
+
+    Mixed precision gathers parameters in `param_dtype` and reduces gradients in fp32; sharded master
+    parameters stay fp32.
+    """
+    mp = MixedPrecisionPolicy()
+    if param_dtype != "float32":
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
+    dense_mesh = dims.fsdp_mesh
+    for block in model.layers.values():
+        moe = getattr(block, "moe", None)
+        if moe is not None and dims.ep_enabled:
+            # expert weights are already Shard(0) over ep: FSDP adds sharding over the expert-data axis
+            fully_shard(moe.experts, mesh=dims.expert_fsdp_mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(block, mesh=dense_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dense_mesh, mp_policy=mp)
+    dims.fsdp_applied = True
+    logger.info("applied FSDP2 over %s (params gathered in %s)", dense_mesh.mesh_dim_names, param_dtype)

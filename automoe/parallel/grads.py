@@ -1,0 +1,98 @@
+"""Gradient bookkeeping across layouts: the loss scale, the final gradient reductions, and one global clip norm.
+
+Convention: each rank's loss is its share of the global objective, scaled by `loss_scale` (the world size)
+before backward. FSDP then averages over the data ranks, which turns the scaled shares back into the exact sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+from automoe.moe.layer import moe_layers
+from automoe.parallel.dims import ParallelDims
+
+
+def loss_scale(dims: ParallelDims) -> float:
+    """Multiply every micro-batch loss by this before backward: gradient reductions average over all ranks."""
+    return float(dims.world_size)
+
+
+def sum_over_ranks(t: Tensor, dims: ParallelDims) -> Tensor:
+    """All-reduce SUM of a statistic over every rank (identity on one process)."""
+    if dims.world_size == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, layer in moe_layers(model) for p in layer.experts.parameters()]
+
+
+@torch.no_grad()
+def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
+    """Finish the step's gradient reductions so every gradient equals the single-process one.
+
+    1. Without FSDP, average plain (replicated) gradients over all ranks and expert gradients over the ranks that
+       hold the same experts (dp_replicate x ep_shard); with FSDP the reduce-scatter already did this.
+    2. Expert gradients arrive ep-times too large: the all-to-all backward already summed the contributions of the
+       ep group, and the average above divides only by the expert-data degree.
+    """
+    if dims.world_size == 1:
+        return
+    experts = {id(p) for p in expert_parameters(model)}
+    if not dims.fsdp_applied:
+        expert_group = dims.expert_fsdp_mesh
+        for p in model.parameters():
+            if p.grad is None:
+                continue
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            if id(p) in experts and dims.ep_enabled:
+                if expert_group.size() > 1:
+                    _all_reduce_avg(grad, expert_group)
+            else:
+                dist.all_reduce(grad, op=dist.ReduceOp.AVG)
+    if dims.ep_enabled:
+        for p in expert_parameters(model):
+            if p.grad is not None:
+                p.grad.div_(dims.ep)
+
+
+def _all_reduce_avg(t: Tensor, mesh) -> None:
+    if mesh.ndim == 1:
+        dist.all_reduce(t, op=dist.ReduceOp.AVG, group=mesh.get_group())
+        return
+    for axis in range(mesh.ndim):
+        dist.all_reduce(t, op=dist.ReduceOp.AVG, group=mesh.get_group(axis))
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+    """Clip all gradients to one global L2 norm and return it (max_norm <= 0: only compute the norm).
+
+    Parameters live on different meshes (dense FSDP mesh, expert mesh) or are plain tensors; torch's
+    `clip_grad_norm_` refuses to mix them, so norms are taken per mesh, reduced, and combined.
+    """
+    groups: dict[object, list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            groups.setdefault(mesh, []).append(p)
+    squares = []
+    for params in groups.values():
+        norm = get_total_norm([p.grad for p in params], 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.float().square())
+    if not squares:
+        return torch.zeros(())
+    total = torch.stack(squares).sum().sqrt()
+    if max_norm > 0:
+        for params in groups.values():
+            clip_grads_with_norm_(params, max_norm, total)
+    return total

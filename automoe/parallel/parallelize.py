@@ -1,0 +1,65 @@
+"""`parallelize`: the one place where every parallelism is applied to a (meta-device) model, in order."""
+
+from __future__ import annotations
+
+import logging
+
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from automoe.config.parallel import ParallelConfig
+from automoe.init import register_sharded_assign
+from automoe.moe.layer import moe_layers
+from automoe.parallel.checkpointing import apply_ac, apply_compile
+from automoe.parallel.context_parallel import CPKVGather, DistributedStatsReducer
+from automoe.parallel.dims import ParallelDims
+from automoe.parallel.expert_parallel import apply_ep
+from automoe.parallel.fsdp import apply_fsdp
+
+logger = logging.getLogger(__name__)
+
+
+def _assign_shard(sharded: DTensor, full) -> None:
+    local = distribute_tensor(
+        full.to(sharded.device), sharded.device_mesh, sharded.placements, src_data_rank=None
+    )
+    sharded.to_local().copy_(local.to_local())
+
+
+register_sharded_assign(_assign_shard)
+
+
+def apply_cp(model: nn.Module, dims: ParallelDims) -> None:
+    """Attention gathers K/V over the CP group; routing statistics are summed over it."""
+    group = dims.cp_mesh.get_group()
+    for block in model.layers.values():
+        block.attention.kv_gather = CPKVGather(group)
+    logger.info("applied context parallelism: cp=%d", dims.cp)
+
+
+def apply_stats_reducers(model: nn.Module, dims: ParallelDims) -> None:
+    """Per-sequence statistics over the CP group, global-batch statistics over every rank."""
+    sequence_group = dims.cp_mesh.get_group() if dims.cp_enabled else None
+    for _, layer in moe_layers(model):
+        layer.reducer = DistributedStatsReducer(sequence_group=sequence_group, batch_group=dist.group.WORLD)
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, pcfg: ParallelConfig) -> None:
+    """Apply the layout in `dims` and the knobs in `pcfg` to a model (normally still on the meta device)."""
+    if dims.world_size > 1:
+        # 1. context parallelism: attention K/V gather + CP-aware routing statistics
+        if dims.cp_enabled:
+            apply_cp(model, dims)
+        apply_stats_reducers(model, dims)
+        # 2. expert parallelism: shard experts over `ep`, all-to-all dispatch
+        if dims.ep_enabled:
+            apply_ep(model, dims.ep_mesh)
+    # 3. activation checkpointing (before compile and FSDP, which wrap what it wraps)
+    apply_ac(model, pcfg.activation_checkpointing)
+    # 4. torch.compile per block
+    if pcfg.compile:
+        apply_compile(model)
+    # 5. FSDP2 last: it shards whatever parameters the steps above left
+    if dims.world_size > 1 and pcfg.fsdp:
+        apply_fsdp(model, dims, param_dtype=pcfg.fsdp_param_dtype)

@@ -1,0 +1,330 @@
+"""Distributed checkpoints: one `step_<N>/` directory per save, complete only once its marker file exists.
+
+Inside `step_<N>/`: DCP files (`.metadata`, `__<rank>_0.distcp`) with the model (gate correction biases are
+persistent buffers, so they ride along) and optimizer state in any sharded layout; `trainer_state.json` (step,
+scheduler, loader position); `rng/rank_<r>.json` (each rank's RNG states); `config.yaml` (the resolved job
+config); and `COMPLETE`, written last by rank 0 after every rank finished. Non-tensor state is JSON, so loading
+never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+FORMAT_VERSION = 1
+# Model config fields that change parameter names or shapes (others, e.g. balancing coefficients, may change).
+SHAPE_KEYS = frozenset(
+    [
+        "vocab_size",
+        "dim",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "ffn_inter_dim",
+        "num_dense_layers",
+        "moe_layer_freq",
+        "tie_embeddings",
+        "qk_norm",
+        "attention_bias",
+        "moe.moe_inter_dim",
+        "moe.num_experts",
+        "moe.num_shared_experts",
+        "moe.shared_expert_inter_dim",
+        "moe.shared_expert_gate",
+        "moe.router_bias",
+        "moe.expert_bias",
+        "moe.expert_activation",
+        "moe.gate",
+        "moe.correction_bias",
+    ]
+)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# ---- finding checkpoints ----
+def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """Every `step_<N>` directory under `root` (complete or not), sorted by N."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete `step_<N>` directory under `root`; directories without the marker are ignored."""
+    complete = [p for _, p in step_dirs(root) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
+    """`checkpoint.resume` -> the directory to load, or None for a fresh start.
+
+    null: fresh. `latest`: the newest complete checkpoint under `root`, fresh if there is none (so one command
+    line serves the first start and every restart). Otherwise a path that must be a complete checkpoint.
+    """
+    if resume is None:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(root)
+    path = Path(resume)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint.resume={resume!r} is not a directory")
+    if not is_complete(path):
+        raise ValueError(
+            f"checkpoint.resume={resume!r} has no {MARKER} marker: the save did not finish (or it is not a "
+            "step_<N> checkpoint directory); pick another or use checkpoint.resume=latest"
+        )
+    return path
+
+
+# ---- RNG state as JSON ----
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) RNG states as plain JSON values."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint file {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint file {path} is corrupt: {e}") from None
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns on every call without a process group that it assumes one process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Checkpointer:
+    """Saves and loads `step_<N>/` checkpoints under `root`. Every rank calls every method (they are collective).
+
+    `config_yaml` is the resolved job config: saved in each checkpoint and compared (its `model` section) with
+    the checkpoint's on load. `async_save` writes tensors in the background on a dedicated gloo group; the
+    marker is written when the next `save` or `wait` finds the write finished on every rank.
+    """
+
+    def __init__(
+        self, root: str | Path, *, config_yaml: str, keep_last_n: int = 0, async_save: bool = False
+    ) -> None:
+        self.root = Path(root)
+        self.config_yaml = config_yaml
+        self.keep_last_n = keep_last_n
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.async_save = async_save
+        # A separate gloo group keeps the background write's collectives off the training process group.
+        self._async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self._pending: tuple[Any, int, Path] | None = None
+
+    # ---- save ----
+    def save(
+        self,
+        step: int,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        loader: Any,
+    ) -> Path:
+        """Write `step_<step>/`; returns its path. Sync: complete on return. Async: complete after `wait()`."""
+        self.wait()
+        path = self.root / f"step_{step}"
+        if is_complete(path):
+            logger.info("checkpoint %s already exists; not rewritten", path)
+            return path
+        if self.rank == 0:
+            if path.exists():  # an unfinished earlier attempt at this step
+                shutil.rmtree(path)
+            (path / "rng").mkdir(parents=True)
+        _barrier()
+        start = time.perf_counter()
+        _write_json(path / "rng" / f"rank_{self.rank}.json", rng_state())
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.rank == 0:
+            trainer_state = {
+                "format": FORMAT_VERSION,
+                "step": step,
+                "world_size": self.world_size,
+                "scheduler": scheduler.state_dict(),
+                "loader": loader.state_dict(),
+            }
+            _write_json(path / STATE_FILE, trainer_state)
+            (path / CONFIG_FILE).write_text(self.config_yaml)
+        if self.async_save:
+            kwargs = {"process_group": self._async_group} if self._async_group is not None else {}
+            with _single_process_ok():
+                future = dcp.async_save(state, checkpoint_id=str(path), **kwargs)
+            self._pending = (future, step, path)
+            logger.info("checkpoint step %d: async save started (%.2fs)", step, time.perf_counter() - start)
+            return path
+        with _single_process_ok():
+            dcp.save(state, checkpoint_id=str(path))
+        self._finish(step, path)
+        logger.info("checkpoint step %d saved to %s (%.2fs)", step, path, time.perf_counter() - start)
+        return path
+
+    def wait(self) -> None:
+        """Finish a pending async save: wait for it on every rank, then mark it complete and prune."""
+        if self._pending is None:
+            return
+        future, step, path = self._pending
+        self._pending = None
+        future.result()
+        self._finish(step, path)
+        logger.info("checkpoint step %d saved to %s (async)", step, path)
+
+    def _finish(self, step: int, path: Path) -> None:
+        _barrier()  # every rank's shards and JSON files are on disk before the marker says so
+        if self.rank == 0:
+            _write_json(path / MARKER, {"step": step, "world_size": self.world_size, "time": time.time()})
+            self._prune()
+        _barrier()
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_last_n` complete checkpoints; drop unfinished directories older than them."""
+        dirs = step_dirs(self.root)
+        complete = [(s, p) for s, p in dirs if is_complete(p)]
+        if not complete:
+            return
+        doomed = complete[: -self.keep_last_n] if self.keep_last_n > 0 else []
+        newest = complete[-1][0]
+        doomed += [(s, p) for s, p in dirs if not is_complete(p) and s < newest]
+        for _, p in doomed:
+            # Remove the marker first: a crash mid-delete must not leave a "complete" partial directory.
+            (p / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(p, ignore_errors=True)
+
+    # ---- load ----
+    def load(
+        self,
+        path: str | Path,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        loader: Any,
+    ) -> int:
+        """Restore everything saved in `path` into objects already built in this run's layout; -> the step."""
+        path = Path(path)
+        if not is_complete(path):
+            raise ValueError(f"checkpoint {path} has no {MARKER} marker: it is incomplete")
+        self._check_model_config(path)
+        trainer_state = _read_json(path / STATE_FILE)
+        if trainer_state.get("format") != FORMAT_VERSION:
+            raise ValueError(
+                f"checkpoint file {path / STATE_FILE} has format {trainer_state.get('format')!r}, "
+                f"this code reads format {FORMAT_VERSION}"
+            )
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        try:
+            with _single_process_ok():
+                dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:
+            raise RuntimeError(f"could not read the tensors of checkpoint {path}: {e}") from e
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        loader.load_state_dict(trainer_state["loader"])
+        rng_file = path / "rng" / f"rank_{self.rank}.json"
+        if not rng_file.is_file():
+            warnings.warn(
+                f"checkpoint {path} was saved by {trainer_state['world_size']} ranks, this is rank {self.rank}: "
+                "using rank 0's RNG state",
+                UserWarning,
+                stacklevel=2,
+            )
+            rng_file = path / "rng" / "rank_0.json"
+        set_rng_state(_read_json(rng_file))
+        step = int(trainer_state["step"])
+        logger.info("resumed from %s (step %d, saved by %d ranks)", path, step, trainer_state["world_size"])
+        return step
+
+    def _check_model_config(self, path: Path) -> None:
+        """The checkpoint must hold the same model shape as this run (a clear message instead of a DCP error)."""
+        saved_file = path / CONFIG_FILE
+        try:
+            saved = OmegaConf.to_container(OmegaConf.create(saved_file.read_text())).get("model", {})
+        except Exception as e:  # noqa: BLE001 - any parse failure is reported with the file name
+            raise ValueError(f"checkpoint file {saved_file} is missing or corrupt: {e}") from None
+        mine = OmegaConf.to_container(OmegaConf.create(self.config_yaml)).get("model", {})
+        diffs = [f"model.{k}={w!r} (checkpoint has {v!r})" for k, v, w in _diff(saved, mine)]
+        if diffs:
+            raise ValueError(f"checkpoint {path} was written for another model shape: " + "; ".join(diffs))
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Leaves of `SHAPE_KEYS` that differ between two model config dicts, as (dotted key, a value, b value)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _diff(x, y, f"{prefix}{key}.")
+        elif f"{prefix}{key}" in SHAPE_KEYS and x != y:
+            out.append((f"{prefix}{key}", x, y))
+    return out

@@ -1,0 +1,66 @@
+"""AdamW with decay/no-decay parameter groups, and the warmup + cosine/linear/constant learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from automoe.config.job import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `model`'s trainable parameters: weight decay on matrices (>= 2-D), none on norms and biases.
+
+    Works on sharded (DTensor) parameters; call after `parallelize` and materialization.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
+
+
+class WarmupDecay:
+    """lr multiplier at step s (0-based): linear warmup to 1, then decay to `min_ratio` at `total_steps`.
+
+    Warmup: (s + 1) / warmup_steps for s < warmup_steps. Decay over p = (s - warmup) / (total - warmup) in
+    [0, 1]: cosine `min + (1 - min) * (1 + cos(pi p)) / 2`, linear `1 - (1 - min) p`, or constant 1.
+    A plain-number object, so `LambdaLR.state_dict()` holds only numbers (saved as JSON in checkpoints).
+    """
+
+    def __init__(self, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.schedule = schedule
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.schedule == "linear":
+            return 1.0 - (1.0 - self.min_ratio) * progress
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """`LambdaLR` with `WarmupDecay`: step s of the run trains with lr * WarmupDecay(s); call `.step()` after it."""
+    fn = WarmupDecay(
+        warmup_steps=cfg.warmup_steps,
+        total_steps=total_steps,
+        schedule=cfg.schedule,
+        min_ratio=cfg.min_lr_ratio,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=fn)

@@ -1,0 +1,242 @@
+"""The training loop (the only one): micro-batches -> forward/backward -> clip -> AdamW -> gate biases -> log.
+
+Every rank runs the same code; the distributed parts are the `automoe.parallel` calls, which are identities on
+one process. Letters: B micro-batch rows, S positions (CP-local under context parallelism), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from automoe import parallel
+from automoe.config.job import JobConfig
+from automoe.data import IGNORE_INDEX, StatefulLoader, TokenDataset, val_batches
+from automoe.moe import collect_aux_loss, moe_layers, step_expert_loads, update_gate_biases
+from automoe.train.checkpoint import Checkpointer, latest_checkpoint
+from automoe.train.metrics import HEATMAP_FILE, MetricsLogger, expert_load_stats, save_expert_load_heatmap
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradient norm was NaN/inf and `train.nan_policy` says stop (or too many steps were skipped)."""
+
+
+class Trainer:
+    """Runs steps `start_step + 1 ..` of a job whose pieces are already built (see `automoe.train.build`).
+
+    `fit()` trains until `train.stop_at_step` or `train.steps`, validating every `train.val_interval` steps and
+    checkpointing every `checkpoint.interval` steps and at the end. Returns a summary of the last step.
+    """
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        loader: StatefulLoader,
+        val_dataset: TokenDataset | None,
+        dims: Any,
+        device: torch.device,
+        checkpointer: Checkpointer,
+        metrics: MetricsLogger,
+        start_step: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.loader, self.val_dataset = loader, val_dataset
+        self.dims, self.device = dims, device
+        self.checkpointer, self.metrics = checkpointer, metrics
+        self.step = start_step
+        self.consecutive_skips = 0
+        self.output_dir = Path(cfg.output_dir)
+
+    # ---- the loop ----
+    def fit(self) -> dict[str, Any]:
+        train, ckpt = self.cfg.train, self.cfg.checkpoint
+        last_step = train.stop_at_step or train.steps
+        record: dict[str, Any] = {}
+        try:
+            while self.step < last_step:
+                self.step += 1
+                start = time.perf_counter()
+                micro_batches = self.loader.next_step()
+                ce_sum, aux_sum, dropped_L = self.forward_backward(micro_batches)
+                parallel.finalize_grads(self.model, self.dims)
+                grad_norm = parallel.clip_grad_norm_(self.model, self.cfg.optim.max_grad_norm).item()
+                # One all-reduce for every logged sum; the loss is the global mean CE of the step.
+                sums = parallel.sum_over_ranks(
+                    torch.cat([ce_sum.view(1), aux_sum.view(1), dropped_L]), self.dims
+                )
+                num_tokens = micro_batches[0]["global_num_tokens"]
+                loss = sums[0].item() / num_tokens
+                aux_loss = sums[1].item() / (len(micro_batches) * self.dims.world_size)
+                lr = self.optimizer.param_groups[0]["lr"]
+                healthy = self._check_finite(loss, grad_norm)
+                if healthy:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                loads = self._update_gate_biases() if healthy else self._discard_moe_statistics()
+                step_time = time.perf_counter() - start
+                record = {
+                    "step": self.step,
+                    "loss": loss,
+                    "aux_loss": aux_loss,
+                    "grad_norm": grad_norm,
+                    "lr": lr,
+                    "tokens": num_tokens,
+                    "tokens_per_s": num_tokens / step_time,
+                    "step_time_s": step_time,
+                    "skipped": not healthy,
+                    "moe": {
+                        name: expert_load_stats(load_E, dropped=sums[2 + i].item())
+                        for i, (name, load_E) in enumerate(loads.items())
+                    },
+                }
+                if self._due(train.val_interval, final=train.steps) and self.val_dataset is not None:
+                    record["val_loss"] = self.validate()
+                self.metrics.log(record)
+                if self._due(ckpt.interval, final=last_step):
+                    self.save_checkpoint()
+            self.checkpointer.wait()
+        finally:
+            self.metrics.close()
+        if self.cfg.logging.heatmap and self.metrics.is_main:
+            save_expert_load_heatmap(self.metrics.path, self.output_dir / HEATMAP_FILE)
+        return record
+
+    def forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Accumulate the gradients of one step; -> (CE sum, aux-loss sum, dropped slots per MoE layer) here.
+
+        Each micro-batch's loss is its share of the global objective: CE summed over this rank's labels / the
+        global batch's token count, plus its aux loss / (micro-batches x ranks); `loss_scale` undoes the
+        averaging of the gradient reductions, so gradients equal those of one process on the whole batch.
+        """
+        scale = parallel.loss_scale(self.dims)
+        share = 1.0 / (len(micro_batches) * self.dims.world_size)
+        ce_total = torch.zeros((), device=self.device)
+        aux_total = torch.zeros((), device=self.device)
+        for mb in micro_batches:
+            ce_sum = self._ce_sum(mb)
+            loss = ce_sum / mb["global_num_tokens"]
+            aux = collect_aux_loss(self.model)
+            if aux is not None:
+                loss = loss + aux * share
+                aux_total += aux.detach().float()
+            (loss * scale).backward()
+            ce_total += ce_sum.detach()
+        dropped_L = [layer.dropped_slots.float().reshape(1) for _, layer in moe_layers(self.model)]
+        dropped_L = torch.cat(dropped_L) if dropped_L else torch.zeros(0)
+        return ce_total, aux_total, dropped_L.to(self.device)
+
+    def _ce_sum(self, mb: dict[str, Any]) -> Tensor:
+        """Cross-entropy summed over this rank's (CP-local) labels != IGNORE_INDEX, in fp32."""
+        mb = parallel.cp_shard_batch(mb, self.dims, load_balance=self.cfg.parallel.cp_load_balance)
+        with self._autocast():
+            logits_BSV = self.model(
+                mb["input_ids"].to(self.device), positions_BS=mb["positions"].to(self.device)
+            )
+        labels = mb["labels"].to(self.device).flatten()
+        return F.cross_entropy(
+            logits_BSV.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+    def _autocast(self):
+        if self.cfg.train.dtype == "bfloat16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- after the optimizer step ----
+    def _update_gate_biases(self) -> dict[str, Tensor]:
+        return update_gate_biases(self.model, sum_fn=lambda t: parallel.sum_over_ranks(t, self.dims))
+
+    def _discard_moe_statistics(self) -> dict[str, Tensor]:
+        """A skipped step: report its loads but leave the gate biases alone."""
+        loads = step_expert_loads(self.model, sum_fn=lambda t: parallel.sum_over_ranks(t, self.dims))
+        for _, layer in moe_layers(self.model):
+            layer.reset_statistics()
+        return loads
+
+    def _check_finite(self, loss: float, grad_norm: float) -> bool:
+        """True when the step may update the weights. Every rank sees the same global loss and norm, so all agree."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.consecutive_skips = 0
+            return True
+        what = f"step {self.step}: non-finite loss={loss} or grad_norm={grad_norm}"
+        policy = self.cfg.train.nan_policy
+        if policy == "skip" and self.consecutive_skips < self.cfg.train.nan_max_skips:
+            self.consecutive_skips += 1
+            self.metrics.info(
+                f"{what}; update skipped (train.nan_policy=skip, {self.consecutive_skips} in a row)"
+            )
+            return False
+        self.checkpointer.wait()  # a pending save holds the last healthy state: let it complete
+        latest = latest_checkpoint(self.checkpointer.root)
+        reason = (
+            "train.nan_policy=stop"
+            if policy == "stop"
+            else f"train.nan_max_skips={self.cfg.train.nan_max_skips} consecutive steps skipped"
+        )
+        raise NonFiniteError(
+            f"{what}: stopping ({reason}). Nothing was saved from this state; the last complete checkpoint "
+            f"is {latest or 'none'}. Lower optim.lr, use train.dtype=float32 or tighten optim.max_grad_norm."
+        )
+
+    def _due(self, interval: int, *, final: int) -> bool:
+        return interval > 0 and (self.step % interval == 0 or self.step == final)
+
+    # ---- validation and checkpoints ----
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean CE over the validation split (at most `train.val_max_batches` global batches), all ranks."""
+        train = self.cfg.train
+        dp_rank, dp_size = self.dims.dp_coordinate()
+        self.model.eval()
+        ce_sum = torch.zeros((), device=self.device)
+        num_tokens = 0
+        for micro_batches in val_batches(
+            self.val_dataset,
+            global_batch_size=train.global_batch_size,
+            micro_batch_size=train.micro_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            max_steps=train.val_max_batches,
+        ):
+            num_tokens += micro_batches[0]["global_num_tokens"]
+            for mb in micro_batches:
+                ce_sum += self._ce_sum(mb).float()
+        self.model.train()
+        return parallel.sum_over_ranks(ce_sum, self.dims).item() / num_tokens
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step, refusing to save weights that are no longer finite."""
+        local_ok = all(
+            bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+            for p in self.model.parameters()
+        )
+        num_bad = parallel.sum_over_ranks(
+            torch.tensor(float(not local_ok), device=self.device), self.dims
+        ).item()
+        if num_bad:
+            raise NonFiniteError(
+                f"step {self.step}: parameters are not finite on {int(num_bad)} rank(s); not writing a checkpoint"
+            )
+        return self.checkpointer.save(
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            loader=self.loader,
+        )

@@ -1,0 +1,115 @@
+"""Tiny random HF models of each family, built from config objects and saved sharded (no download, ever)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+COMMON = dict(
+    vocab_size=97, hidden_size=64, num_attention_heads=4, max_position_embeddings=128, attention_dropout=0.0
+)
+
+
+def hf_config(case: str):
+    """The transformers config object of a test case (imports transformers lazily)."""
+    tf = pytest.importorskip("transformers")
+    if case == "mixtral":
+        return tf.MixtralConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            rope_theta=1e6,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        )
+    if case == "qwen3_moe":
+        return tf.Qwen3MoeConfig(
+            **COMMON,
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        )
+    dsv3 = dict(
+        **COMMON,
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        tie_word_embeddings=False,
+    )
+    if case == "deepseek_v3":  # compressed queries, YaRN with a non-trivial cos/sin gain and softmax mscale
+        yarn = dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=4.0,
+            original_max_position_embeddings=32,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            mscale=0.707,
+            mscale_all_dim=1.0,
+        )
+        return tf.DeepseekV3Config(**dsv3, q_lora_rank=24, rope_parameters=yarn, rope_interleave=True)
+    assert case == "deepseek_v3_plain"  # full-rank queries, plain RoPE in rotate-half layout
+    return tf.DeepseekV3Config(**dsv3, q_lora_rank=None, rope_interleave=False)
+
+
+CASES = ("mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v3_plain")
+
+
+def hf_model(case: str, seed: int = 0):
+    """A random fp32 HF model in eval mode; every parameter and the correction bias are non-trivial."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(hf_config(case), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(
+                1.0 + 0.1 * torch.randn_like(p)
+                if name.endswith("norm.weight")
+                else 0.15 * torch.randn_like(p)
+            )
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """case -> (hf_model, directory) with sharded safetensors (several files + index)."""
+    cache = {}
+
+    def get(case: str):
+        if case not in cache:
+            model = hf_model(case)
+            path = tmp_path_factory.mktemp(case)
+            model.save_pretrained(path, max_shard_size="100KB")
+            cache[case] = (model, path)
+        return cache[case]
+
+    return get

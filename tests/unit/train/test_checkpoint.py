@@ -1,0 +1,149 @@
+"""Checkpoint round trip at world 1 (model, optimizer, scheduler, loader, RNG, gate biases) and directory rules."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from automoe.moe import moe_layers
+from automoe.train import build_trainer
+from automoe.train.checkpoint import MARKER, Checkpointer, latest_checkpoint, resolve_resume
+from tests.unit.train.conftest import make_job
+
+
+def train_steps(trainer, n: int) -> None:
+    """Run n steps through the real loop without touching the trainer's config."""
+    trainer.cfg.train.stop_at_step = trainer.step + n
+    trainer.fit()
+
+
+def snapshot(trainer) -> dict:
+    model_sd = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    optim_state = {
+        k: {n: (t.clone() if torch.is_tensor(t) else t) for n, t in s.items()}
+        for k, s in trainer.optimizer.state_dict()["state"].items()
+    }
+    return {
+        "model": model_sd,
+        "optim": optim_state,
+        "lr": [g["lr"] for g in trainer.optimizer.param_groups],
+        "sched": trainer.scheduler.state_dict(),
+        "loader": trainer.loader.state_dict(),
+    }
+
+
+def test_round_trip_restores_everything(tmp_path, env):
+    cfg = make_job(tmp_path / "a", "checkpoint.interval=2")
+    trainer = build_trainer(cfg, env)
+    train_steps(trainer, 2)  # saves step_2 at the end of this invocation
+    biases = [layer.gate.correction_bias.clone() for _, layer in moe_layers(trainer.model)]
+    assert biases and all(b.abs().sum() > 0 for b in biases), "the bias update should have moved the biases"
+    before = snapshot(trainer)
+    ckpt = tmp_path / "a" / "checkpoints" / "step_2"
+    assert (ckpt / MARKER).is_file()
+
+    fresh = build_trainer(make_job(tmp_path / "b", f"checkpoint.resume={ckpt}"), env)
+    assert fresh.step == 2
+    after = snapshot(fresh)
+    assert after["model"].keys() == before["model"].keys()
+    for key, value in before["model"].items():
+        assert torch.equal(after["model"][key], value), key
+    assert any("correction_bias" in k for k in before["model"])
+    assert after["optim"].keys() == before["optim"].keys()
+    for pid, state in before["optim"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(after["optim"][pid][name]), torch.as_tensor(value)), (
+                pid,
+                name,
+            )
+    assert after["lr"] == before["lr"]
+    assert after["sched"] == before["sched"]
+    assert after["loader"] == before["loader"]
+
+
+def test_rng_restored_on_load(tmp_path, env):
+    cfg = make_job(tmp_path / "a", "checkpoint.interval=1", "train.val_interval=0")
+    trainer = build_trainer(cfg, env)
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(7)
+    train_steps(trainer, 1)  # step_1 holds the RNG states as they were at save time
+    expected = (torch.rand(4), random.random(), np.random.rand())
+    torch.manual_seed(999)
+    random.seed(0)
+    np.random.seed(0)
+    build_trainer(make_job(tmp_path / "b", f"checkpoint.resume={tmp_path / 'a/checkpoints/step_1'}"), env)
+    got = (torch.rand(4), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+def test_latest_ignores_incomplete_and_keep_last_n(tmp_path, env):
+    cfg = make_job(tmp_path, "checkpoint.interval=1", "checkpoint.keep_last_n=2", "train.val_interval=0")
+    trainer = build_trainer(cfg, env)
+    train_steps(trainer, 4)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_3", "step_4"]
+    (root / "step_9").mkdir()  # a save that crashed before its marker
+    (root / "step_9" / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(root) == root / "step_4"
+    assert resolve_resume("latest", root) == root / "step_4"
+    with pytest.raises(ValueError, match="checkpoint.resume=.*step_9.*COMPLETE"):
+        resolve_resume(str(root / "step_9"), root)
+    with pytest.raises(ValueError, match="checkpoint.resume=.*is not a directory"):
+        resolve_resume(str(root / "step_77"), root)
+    assert resolve_resume("latest", tmp_path / "nothing_here") is None
+    assert resolve_resume(None, root) is None
+
+
+def test_keep_zero_keeps_all(tmp_path, env):
+    trainer = build_trainer(make_job(tmp_path, "checkpoint.interval=1", "checkpoint.keep_last_n=0"), env)
+    train_steps(trainer, 3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1", "step_2", "step_3"]
+
+
+def test_other_model_shape_is_refused_by_name(tmp_path, env):
+    train_steps(
+        build_trainer(make_job(tmp_path / "a", "checkpoint.interval=1", "train.val_interval=0"), env), 1
+    )
+    ckpt = tmp_path / "a" / "checkpoints" / "step_1"
+    with pytest.raises(ValueError, match=r"model.moe.num_experts=8 \(checkpoint has 4\)"):
+        build_trainer(make_job(tmp_path / "b", f"checkpoint.resume={ckpt}", "model.moe.num_experts=8"), env)
+
+
+def test_corrupt_state_file_is_named(tmp_path, env):
+    train_steps(
+        build_trainer(make_job(tmp_path / "a", "checkpoint.interval=1", "train.val_interval=0"), env), 1
+    )
+    ckpt = tmp_path / "a" / "checkpoints" / "step_1"
+    (ckpt / "trainer_state.json").write_text('{"format": 1, "step"')
+    with pytest.raises(ValueError, match="trainer_state.json is corrupt"):
+        build_trainer(make_job(tmp_path / "b", f"checkpoint.resume={ckpt}"), env)
+
+
+def test_state_files_are_json(tmp_path, env):
+    train_steps(build_trainer(make_job(tmp_path, "checkpoint.interval=1", "train.val_interval=0"), env), 1)
+    ckpt = tmp_path / "checkpoints" / "step_1"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["loader"]["step"] == 1 and state["scheduler"]["last_epoch"] == 1
+    assert json.loads((ckpt / "rng" / "rank_0.json").read_text()).keys() >= {"python", "numpy", "torch"}
+    assert "num_experts: 4" in (ckpt / "config.yaml").read_text()
+
+
+def test_checkpointer_rewrites_an_unfinished_step(tmp_path, env):
+    trainer = build_trainer(make_job(tmp_path, "train.val_interval=0"), env)
+    stale = tmp_path / "checkpoints" / "step_0"
+    stale.mkdir(parents=True)
+    (stale / "junk").write_text("x")
+    ckpt = Checkpointer(tmp_path / "checkpoints", config_yaml="model: {}\n")
+    path = ckpt.save(
+        0,
+        model=trainer.model,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler,
+        loader=trainer.loader,
+    )
+    assert (path / MARKER).is_file() and not (path / "junk").exists()
