@@ -57,7 +57,13 @@ def main(dict_cfg: DictConfig) -> None:
         last = trainer.fit()
         if last:
             val = f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else ""
-            logger.info("finished step %d: loss %.4f%s; outputs in %s", last["step"], last["loss"], val, cfg.output_dir)
+            logger.info(
+                "finished step %d: loss %.4f%s; outputs in %s",
+                last["step"],
+                last["loss"],
+                val,
+                cfg.output_dir,
+            )
     finally:
         shutdown_distributed()
 

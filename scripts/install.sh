@@ -10,5 +10,5 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   $PIP install "${TORCH_SPEC:-torch==2.13.0}"
 fi
-$PIP install -e ".[dev${EXTRAS:+,$EXTRAS}]"
+$PIP install -e ".[${EXTRAS:-dev,hf}]"
 "$VENV/bin/python" -c "import torch, automoe; print(f'automoe ready: torch {torch.__version__}')"
