@@ -47,7 +47,7 @@ def run_recipe(nproc: int, output_dir: Path, *overrides: str, timeout: float = 1
         f"output_dir={output_dir}",
         *overrides,
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return RecipeRun(proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start)
