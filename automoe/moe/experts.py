@@ -158,10 +158,11 @@ class _ExpertFFN(torch.autograd.Function):
         da_NF = _dropout(da_NF, keep_NF, ctx.p)
         dh_NH, a_NF = ctx.act.backward(h_NH, da_NF)
         del da_NF
-        d_w_down = engine.mm_weight(_dropout(a_NF, keep_NF, ctx.p), dy_ND)
+        need = ctx.needs_input_grad
+        d_w_down = engine.mm_weight(_dropout(a_NF, keep_NF, ctx.p), dy_ND) if need[3] else None
         del a_NF
-        d_w_up = engine.mm_weight(x_ND, dh_NH)
-        dx_ND = engine.mm(dh_NH, w_up_EDH.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        d_w_up = engine.mm_weight(x_ND, dh_NH) if need[2] else None
+        dx_ND = engine.mm(dh_NH, w_up_EDH.transpose(1, 2)) if need[0] else None
         d_b_up = d_b_down = None
         if has_b_up:
             d_b_up = dh_NH.new_zeros(num_experts, dh_NH.shape[-1]).index_add_(0, expert_N, dh_NH)

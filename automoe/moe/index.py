@@ -71,8 +71,8 @@ def rank_pairs(
     """Unique (token, destination rank) pairs for expert-parallel dispatch, sorted by rank then token.
 
     A token whose K experts include several on one rank yields ONE pair for that rank, so it crosses the wire
-    once. Returns `token_M`, `counts_P` (pairs per rank, int64), `local_MK` (local expert id on the pair's
-    rank for each of the token's slots, -1 where the slot goes elsewhere or is invalid) and `hit_MK` (bool
+    once. Returns `token_M`, `dest_M`, `counts_P` (pairs per rank, int64), `local_MK` (local expert id on the
+    pair's rank for each of the token's slots, -1 where the slot goes elsewhere or is invalid) and `hit_MK` (bool
     form of `local_MK >= 0`). M is the number of pairs.
     """
     T, K = indices_TK.shape
@@ -89,7 +89,7 @@ def rank_pairs(
     local_MK = torch.where(
         hit_MK, indices_TK[token_M] % experts_per_rank, torch.full_like(hit_MK, -1, dtype=torch.long)
     )
-    return token_M, counts_P, local_MK, hit_MK
+    return token_M, dest_M, counts_P, local_MK, hit_MK
 
 
 def expand_received(local_RK: Tensor, num_local_experts: int) -> tuple[Tensor, Tensor, Tensor]:

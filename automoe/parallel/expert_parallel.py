@@ -18,18 +18,19 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from automoe.moe.index import expand_received, rank_pairs
 from automoe.moe.layer import moe_layers
+from automoe.moe.permute import expand_rows, weighted_collapse
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class A2AContext:
-    token_M: Tensor  # source token of every pair sent
+    pair_slot_M: Tensor  # slot (token * P + destination rank) of every pair sent
     send_splits: list[int]  # pairs sent to each rank
     recv_splits: list[int]  # rows received from each rank
-    row_N: Tensor  # received row of each local expert slot
-    weights_N: Tensor  # routing weight of each local expert slot
-    num_rows: int
+    slot_N: Tensor  # (received row * K + k) slot of each local expert row
+    w_RK: Tensor  # routing weights of the received rows' slots (0 where the slot is another rank's)
+    num_ranks: int
     num_tokens: int
 
 
@@ -66,9 +67,9 @@ class AllToAllDispatcher:
     ) -> tuple[Tensor, Tensor, A2AContext]:
         T, K = indices_TK.shape
         # 1) unique (token, rank) pairs, sorted by destination rank
-        token_M, counts_P, local_MK, hit_MK = rank_pairs(
-            indices_TK, valid_TK, experts_per_rank=self.experts_per_rank, num_ranks=self.num_ranks
-        )
+        token_M, dest_M, counts_P, local_MK, hit_MK = rank_pairs(
+            indices_TK, valid_TK, experts_per_rank=self.experts_per_rank, num_ranks=self.num_ranks)
+        pair_slot_M = token_M * self.num_ranks + dest_M
         # 2) exchange pair counts (one int per peer: an even all-to-all)
         recv_counts_P = torch.empty_like(counts_P)
         dist.all_to_all_single(recv_counts_P, counts_P, group=self.group)
@@ -76,32 +77,26 @@ class AllToAllDispatcher:
         send_splits, recv_splits = counts_P.tolist(), recv_counts_P.tolist()
         self._count_wire(send_splits, hit_MK)
         # 3) tokens, their local expert ids and their weights travel together (weights with autograd)
-        x_RD = _a2a(x_TD.index_select(0, token_M), recv_splits, send_splits, self.group)
+        x_MD = expand_rows(x_TD, pair_slot_M, slots_per_row=self.num_ranks)
+        x_RD = _a2a(x_MD, recv_splits, send_splits, self.group)
         local_RK = torch.empty(sum(recv_splits), K, dtype=local_MK.dtype, device=local_MK.device)
         dist.all_to_all_single(local_RK, local_MK.contiguous(), recv_splits, send_splits, group=self.group)
-        w_MK = weights_TK.index_select(0, token_M) * hit_MK
+        w_MK = expand_rows(weights_TK, pair_slot_M, slots_per_row=self.num_ranks) * hit_MK
         w_RK = _a2a(w_MK, recv_splits, send_splits, self.group)
         # 4) expand received rows to local-expert-major slots
-        slot_N, row_N, counts_E = expand_received(local_RK, self.experts_per_rank)
-        x_ND = x_RD.index_select(0, row_N)
-        ctx = A2AContext(
-            token_M,
-            send_splits,
-            recv_splits,
-            row_N,
-            w_RK.reshape(-1).index_select(0, slot_N),
-            x_RD.shape[0],
-            T,
-        )
+        slot_N, _, counts_E = expand_received(local_RK, self.experts_per_rank)
+        x_ND = expand_rows(x_RD, slot_N, slots_per_row=K)
+        ctx = A2AContext(pair_slot_M, send_splits, recv_splits, slot_N, w_RK, self.num_ranks, T)
         return x_ND, counts_E, ctx
 
     def combine(self, y_ND: Tensor, ctx: A2AContext) -> Tensor:
         # 5) weight and sum each received row's local expert outputs
-        weighted_ND = y_ND * ctx.weights_N.to(y_ND.dtype).unsqueeze(-1)
-        y_RD = y_ND.new_zeros(ctx.num_rows, y_ND.shape[-1]).index_add(0, ctx.row_N, weighted_ND)
+        y_RD = weighted_collapse(y_ND, ctx.slot_N, ctx.w_RK)
         # 6) return trip (splits swapped), then sum each token's pairs
         y_MD = _a2a(y_RD, ctx.send_splits, ctx.recv_splits, self.group)
-        return y_MD.new_zeros(ctx.num_tokens, y_MD.shape[-1]).index_add(0, ctx.token_M, y_MD)
+        num_tokens = ctx.num_tokens
+        ones_TP = y_MD.new_ones(num_tokens, ctx.num_ranks)
+        return weighted_collapse(y_MD, ctx.pair_slot_M, ones_TP)
 
     def _count_wire(self, send_splits: list[int], hit_MK: Tensor) -> None:
         lo = sum(send_splits[: self.rank])

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -27,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 logger = logging.getLogger(__name__)
@@ -153,6 +155,48 @@ def _single_process_ok():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         yield
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` allowing only the classes it is made of (no arbitrary callables)."""
+
+    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
+    ALLOWED = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module in self.ALLOWED_MODULES and "." not in name) or (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """`FileSystemReader` whose metadata is read by `_MetadataUnpickler` (tensors already use weights_only)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt or hostile: all reported with the file
+            raise ValueError(f"checkpoint file {path} is corrupt or not a DCP metadata file: {e}") from None
+        if not isinstance(metadata, Metadata):
+            raise ValueError(f"checkpoint file {path} holds {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def _barrier() -> None:
@@ -283,9 +327,14 @@ class Checkpointer:
             )
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
+        reader = SafeFileSystemReader(str(path))
+        try:
+            reader.read_metadata()  # fail here, with the file named, rather than deep inside dcp.load
+        except FileNotFoundError:
+            raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
         try:
             with _single_process_ok():
-                dcp.load(state, checkpoint_id=str(path))
+                dcp.load(state, storage_reader=reader)
         except Exception as e:
             raise RuntimeError(f"could not read the tensors of checkpoint {path}: {e}") from e
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -7,6 +7,7 @@ resumed run's heatmap covers the whole history.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -113,6 +114,7 @@ class MetricsLogger:
                 name=cfg.wandb.name or self.output_dir.resolve().name,
                 dir=str(self.output_dir),
                 config=run_config,
+                settings=wandb.Settings(quiet=True),
             )
 
     def log(self, record: dict[str, Any]) -> None:
@@ -158,6 +160,14 @@ class MetricsLogger:
             parts.append("SKIPPED (non-finite)")
         parts.append(f"eta {_format_seconds(eta)}")
         return " | ".join(parts)
+
+    def console(self):
+        """Context in which log lines go through the progress bar instead of breaking it."""
+        if self._bar is None:
+            return contextlib.nullcontext()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm()
 
     def info(self, message: str) -> None:
         """A console line from rank 0 that does not break the progress bar."""

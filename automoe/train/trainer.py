@@ -7,7 +7,6 @@ one process. Letters: B micro-batch rows, S positions (CP-local under context pa
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 from pathlib import Path
@@ -24,8 +23,6 @@ from automoe.moe import collect_aux_loss, moe_layers, step_expert_loads, update_
 from automoe.train.checkpoint import Checkpointer, latest_checkpoint
 from automoe.train.metrics import HEATMAP_FILE, MetricsLogger, expert_load_stats, save_expert_load_heatmap
 
-logger = logging.getLogger(__name__)
-
 
 class NonFiniteError(FloatingPointError):
     """The loss or gradient norm was NaN/inf and `train.nan_policy` says stop (or too many steps were skipped)."""
@@ -35,7 +32,7 @@ class Trainer:
     """Runs steps `start_step + 1 ..` of a job whose pieces are already built (see `automoe.train.build`).
 
     `fit()` trains until `train.stop_at_step` or `train.steps`, validating every `train.val_interval` steps and
-    checkpointing every `checkpoint.interval` steps and at the end. Returns a summary of the last step.
+    checkpointing every `checkpoint.interval` steps and at the end. Returns the last step's metrics record.
     """
 
     def __init__(
@@ -47,7 +44,7 @@ class Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         loader: StatefulLoader,
         val_dataset: TokenDataset | None,
-        dims: Any,
+        dims: parallel.ParallelDims,
         device: torch.device,
         checkpointer: Checkpointer,
         metrics: MetricsLogger,
@@ -64,58 +61,62 @@ class Trainer:
 
     # ---- the loop ----
     def fit(self) -> dict[str, Any]:
+        """Train to `train.stop_at_step` (or `train.steps`); validate, log and checkpoint on schedule."""
         train, ckpt = self.cfg.train, self.cfg.checkpoint
         last_step = train.stop_at_step or train.steps
         record: dict[str, Any] = {}
         try:
-            while self.step < last_step:
-                self.step += 1
-                start = time.perf_counter()
-                micro_batches = self.loader.next_step()
-                ce_sum, aux_sum, dropped_L = self.forward_backward(micro_batches)
-                parallel.finalize_grads(self.model, self.dims)
-                grad_norm = parallel.clip_grad_norm_(self.model, self.cfg.optim.max_grad_norm).item()
-                # One all-reduce for every logged sum; the loss is the global mean CE of the step.
-                sums = parallel.sum_over_ranks(
-                    torch.cat([ce_sum.view(1), aux_sum.view(1), dropped_L]), self.dims
-                )
-                num_tokens = micro_batches[0]["global_num_tokens"]
-                loss = sums[0].item() / num_tokens
-                aux_loss = sums[1].item() / (len(micro_batches) * self.dims.world_size)
-                lr = self.optimizer.param_groups[0]["lr"]
-                healthy = self._check_finite(loss, grad_norm)
-                if healthy:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                loads = self._update_gate_biases() if healthy else self._discard_moe_statistics()
-                step_time = time.perf_counter() - start
-                record = {
-                    "step": self.step,
-                    "loss": loss,
-                    "aux_loss": aux_loss,
-                    "grad_norm": grad_norm,
-                    "lr": lr,
-                    "tokens": num_tokens,
-                    "tokens_per_s": num_tokens / step_time,
-                    "step_time_s": step_time,
-                    "skipped": not healthy,
-                    "moe": {
-                        name: expert_load_stats(load_E, dropped=sums[2 + i].item())
-                        for i, (name, load_E) in enumerate(loads.items())
-                    },
-                }
-                if self._due(train.val_interval, final=train.steps) and self.val_dataset is not None:
-                    record["val_loss"] = self.validate()
-                self.metrics.log(record)
-                if self._due(ckpt.interval, final=last_step):
-                    self.save_checkpoint()
-            self.checkpointer.wait()
+            with self.metrics.console():
+                while self.step < last_step:
+                    record = self.train_step()
+                    if self._due(train.val_interval, final=train.steps) and self.val_dataset is not None:
+                        record["val_loss"] = self.validate()
+                    self.metrics.log(record)
+                    if self._due(ckpt.interval, final=last_step):
+                        self.save_checkpoint()
+                self.checkpointer.wait()
         finally:
             self.metrics.close()
         if self.cfg.logging.heatmap and self.metrics.is_main:
             save_expert_load_heatmap(self.metrics.path, self.output_dir / HEATMAP_FILE)
         return record
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step on the loader's next global batch; -> its metrics record (see `metrics.STEP_KEYS`)."""
+        self.step += 1
+        start = time.perf_counter()
+        micro_batches = self.loader.next_step()
+        ce_sum, aux_sum, dropped_L = self.forward_backward(micro_batches)
+        parallel.finalize_grads(self.model, self.dims)
+        grad_norm = parallel.clip_grad_norm_(self.model, self.cfg.optim.max_grad_norm).item()
+        # One all-reduce for every logged sum; the loss is the global mean CE of the step.
+        sums = parallel.sum_over_ranks(torch.cat([ce_sum.view(1), aux_sum.view(1), dropped_L]), self.dims)
+        num_tokens = micro_batches[0]["global_num_tokens"]
+        loss = sums[0].item() / num_tokens
+        aux_loss = sums[1].item() / (len(micro_batches) * self.dims.world_size)
+        lr = self.optimizer.param_groups[0]["lr"]
+        healthy = self._check_finite(loss, grad_norm)  # the same verdict on every rank
+        if healthy:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        loads = self._update_gate_biases() if healthy else self._discard_moe_statistics()
+        step_time = time.perf_counter() - start
+        return {
+            "step": self.step,
+            "loss": loss,
+            "aux_loss": aux_loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": num_tokens,
+            "tokens_per_s": num_tokens / step_time,
+            "step_time_s": step_time,
+            "skipped": not healthy,
+            "moe": {
+                name: expert_load_stats(load_E, dropped=sums[2 + i].item())
+                for i, (name, load_E) in enumerate(loads.items())
+            },
+        }
 
     def forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor]:
         """Accumulate the gradients of one step; -> (CE sum, aux-loss sum, dropped slots per MoE layer) here.

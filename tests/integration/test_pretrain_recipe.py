@@ -18,10 +18,14 @@ LOOP_KEYS = ("loss", "aux_loss", "grad_norm", "lr")
 
 @pytest.fixture(scope="module")
 def ep2_runs(tmp_path_factory):
-    """An uninterrupted 6-step EP=2 run, and the same run stopped after step 3 with a checkpoint."""
+    """An uninterrupted 6-step EP=2 run, and the same run stopped after step 3 with an (async) checkpoint."""
     root = tmp_path_factory.mktemp("ep2")
     check_ok(run_recipe(2, root / "full"))
-    check_ok(run_recipe(2, root / "part", "train.stop_at_step=3", "checkpoint.interval=3"))
+    check_ok(
+        run_recipe(
+            2, root / "part", "train.stop_at_step=3", "checkpoint.interval=3", "checkpoint.async_save=true"
+        )
+    )
     return root
 
 
@@ -74,10 +78,11 @@ def test_resume_equals_uninterrupted_bitwise_ep2(ep2_runs, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_reshard_resume_ep2_to_ep1(ep2_runs, tmp_path):
+@pytest.mark.parametrize("nproc,ep", [(1, 1), (4, 4)], ids=["ep2-to-ep1", "ep2-to-ep4"])
+def test_reshard_resume_to_another_ep_size(ep2_runs, tmp_path, nproc, ep):
     part = tmp_path / "part"
     shutil.copytree(ep2_runs / "part", part)
-    check_ok(run_recipe(1, part, "parallel=single", "checkpoint.resume=latest"))
+    check_ok(run_recipe(nproc, part, f"parallel.ep={ep}", "checkpoint.resume=latest"))
     full = read_metrics(ep2_runs / "full" / "metrics.jsonl")
     resumed = read_metrics(part / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 7))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 
 import numpy as np
@@ -147,3 +148,58 @@ def test_checkpointer_rewrites_an_unfinished_step(tmp_path, env):
         loader=trainer.loader,
     )
     assert (path / MARKER).is_file() and not (path / "junk").exists()
+
+
+def test_async_save_snapshots_the_state_then_marks_complete(tmp_path, env):
+    trainer = build_trainer(make_job(tmp_path, "train.val_interval=0", "checkpoint.async_save=true"), env)
+    train_steps(trainer, 1)  # no checkpoint yet: interval=0
+    saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    ckpt = trainer.checkpointer
+    path = ckpt.save(
+        1,
+        model=trainer.model,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler,
+        loader=trainer.loader,
+    )
+    with torch.no_grad():  # training goes on while the write runs: the checkpoint must not see this
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    ckpt.wait()
+    assert (path / MARKER).is_file()
+    fresh = build_trainer(make_job(tmp_path / "b", f"checkpoint.resume={path}"), env)
+    for key, value in saved.items():
+        assert torch.equal(fresh.model.state_dict()[key], value), key
+
+
+class Hostile:
+    """Unpickling this runs code: a safe loader must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path, env):
+    train_steps(
+        build_trainer(make_job(tmp_path / "a", "checkpoint.interval=1", "train.val_interval=0"), env), 1
+    )
+    ckpt = tmp_path / "a" / "checkpoints" / "step_1"
+    marker = tmp_path / "pwned"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Hostile(marker)))
+    with pytest.raises(ValueError, match=r"\.metadata is corrupt.*refusing to load builtins.exec"):
+        build_trainer(make_job(tmp_path / "b", f"checkpoint.resume={ckpt}"), env)
+    assert not marker.exists()
+
+
+def test_truncated_metadata_is_named(tmp_path, env):
+    train_steps(
+        build_trainer(make_job(tmp_path / "a", "checkpoint.interval=1", "train.val_interval=0"), env), 1
+    )
+    ckpt = tmp_path / "a" / "checkpoints" / "step_1"
+    data = (ckpt / ".metadata").read_bytes()
+    (ckpt / ".metadata").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"step_1/\.metadata is corrupt"):
+        build_trainer(make_job(tmp_path / "b", f"checkpoint.resume={ckpt}"), env)

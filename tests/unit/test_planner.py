@@ -1,0 +1,160 @@
+"""The layout planner: routing expectation vs Monte-Carlo, memory vs hand counts, layout filtering, fit decisions."""
+
+import math
+
+import pytest
+import torch
+
+from automoe import planner
+from automoe.config.model import ModelConfig
+from automoe.config.moe import MoEConfig
+from automoe.models import Transformer
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(("E", "K", "P"), [(8, 2, 2), (8, 2, 4), (64, 8, 8), (128, 8, 16), (256, 8, 8), (16, 4, 16)])
+def test_expected_distinct_ranks_matches_monte_carlo(E, K, P):
+    g = torch.Generator().manual_seed(E * 1000 + K * 10 + P)
+    n = 20000
+    experts_NK = torch.rand(n, E, generator=g).argsort(dim=1)[:, :K]  # K distinct experts, uniform
+    hit_NP = torch.zeros(n, P, dtype=torch.bool)
+    hit_NP.scatter_(1, experts_NK // (E // P), True)
+    distinct_N = hit_NP.sum(1).double()
+    stderr = distinct_N.std().item() / math.sqrt(n)
+    assert abs(planner.expected_distinct_ranks(E, K, P) - distinct_N.mean().item()) < 4 * stderr + 1e-9
+
+
+def test_expected_distinct_ranks_limits():
+    assert planner.expected_distinct_ranks(8, 2, 1) == 1.0  # one rank holds everything
+    assert planner.expected_distinct_ranks(8, 2, 8) == pytest.approx(2.0)  # one expert per rank: K ranks
+    assert planner.expected_distinct_ranks(8, 2, 2) == pytest.approx(2 * (1 - 6 / 28))  # C(4,2)/C(8,2) = 6/28
+    with pytest.raises(ValueError, match="num_experts % ep = 8 % 3"):
+        planner.expected_distinct_ranks(8, 2, 3)
+
+
+def test_shard_numel_follows_torch_chunk():
+    for shape, n in [((3, 5), 2), ((1, 4), 4), ((10,), 4), ((7, 2, 3), 3)]:
+        chunks = torch.empty(shape).chunk(n, dim=0)
+        want = [c.numel() for c in chunks] + [0] * (n - len(chunks))
+        assert [planner.shard_numel(shape, n, i) for i in range(n)] == want
+
+
+def _small_cfg() -> ModelConfig:
+    moe = MoEConfig(num_experts=4, num_activated_experts=2, moe_inter_dim=16, num_shared_experts=1)
+    return ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_inter_dim=48,
+                       num_dense_layers=1, max_seq_len=64, moe=moe)
+
+
+def test_state_bytes_match_hand_count_ep2_fsdp():
+    cfg = _small_cfg()
+    V, D, H, G, d, Fd, E, F = 64, 32, 4, 2, 8, 48, 4, 16
+    attention = D * H * d + 2 * D * G * d + H * d * D  # q, k, v, o (no biases)
+    dense_block = attention + 2 * D + 3 * D * Fd  # + 2 norms + SwiGLU
+    moe_block = attention + 2 * D + E * D + 3 * D * F  # + router + one shared expert of width F
+    experts = E * D * 2 * F + E * F * D  # w_up [E, D, 2F], w_down [E, F, D]
+    dense = V * D + dense_block + moe_block + D + V * D  # + embedding, final norm, output head
+    tensors = 1 + (2 + 4 + 3) + (2 + 4 + 1 + 3 + 2) + 1 + 1
+    layout = planner.Layout(dp_replicate=1, dp_shard=2, cp=1, ep=2)  # every dim 0 here is even
+    shape = planner.TrainingShape(global_batch=2, micro_batch=1, seq_len=64)
+    for rank in (0, 1):
+        got = planner.state_bytes(cfg, shape, layout, rank=rank)
+        local = dense // 2 + experts // 2  # dense over dp_shard=2; experts over ep=2 x ep_shard=1
+        assert got == {"params": 4 * local, "grads": 4 * local, "optimizer": 8 * local + 4 * tensors}
+
+
+def test_state_bytes_world1_equal_a_real_model():
+    cfg = planner.load_model_config("tiny")
+    model = Transformer(cfg)
+    elems = sum(p.numel() for p in model.parameters())
+    shape = planner.TrainingShape(global_batch=1, seq_len=64)
+    got = planner.state_bytes(cfg, shape, planner.Layout(1, 1, 1, 1))
+    assert got["params"] == 4 * elems
+    assert got["optimizer"] == 8 * elems + 4 * len(list(model.parameters()))
+
+
+def test_moe_activation_formula_hand_computed():
+    cfg = planner.load_model_config("mixtral_8x7b")
+    D, K, F, E = 4096, 2, 14336, 8
+    want = 2 * 2 * D + (4 * D + 4 * 2 * E + K * (8 + 2)) + K * 2 * (2 * D + 3 * F)
+    assert planner.ffn_bytes_per_token(cfg, 0, 2) == want
+
+
+def test_activation_checkpointing_and_cp_shrink_activations():
+    cfg = planner.load_model_config("qwen3_30b_a3b")
+    shape = planner.TrainingShape(global_batch=8, seq_len=4096)
+    full = planner.TrainingShape(global_batch=8, seq_len=4096, activation_checkpointing="full")
+    one, two = planner.Layout(1, 8, 1, 8), planner.Layout(1, 4, 2, 8)
+    act = {k: planner.activation_bytes(cfg, s, lay)["blocks"] for k, s, lay in
+           [("none", shape, one), ("full", full, one), ("cp2", shape, two)]}
+    assert act["full"] < act["none"] / 10
+    assert act["none"] / 2 < act["cp2"] < act["none"] * 0.6  # half the tokens, plus gathered K/V and mask
+
+
+def test_invalid_layouts_are_rejected_with_reason():
+    cfg = ModelConfig(**{**_small_cfg().__dict__, "moe": MoEConfig(num_experts=6, num_activated_experts=2)})
+    cluster = planner.ClusterSpec(gpus_per_node=4, memory_gib=10)
+    shape = planner.TrainingShape(global_batch=4, seq_len=64)
+    plans, rejected = planner.plan(cfg, shape, cluster)
+    for p in plans:
+        L = p.layout
+        assert L.world_size == 4 and 6 % L.ep == 0 and (L.dp_shard * L.cp) % L.ep == 0
+    reasons = {r.name(): why for r, why in rejected}
+    assert "num_experts % ep = 6 % 4" in reasons["rep1-shard4-cp1-ep4"]
+    assert {p.layout.name() for p in plans} >= {"rep1-shard4-cp1-ep2", "rep2-shard2-cp1-ep2", "rep4-shard1-cp1-ep1"}
+    with pytest.raises(ValueError, match=r"parallel.ep=4 must divide dp_shard\*cp = 2\*1"):
+        planner.plan_layout(cfg, shape, planner.Layout(2, 2, 1, 4), cluster)
+    odd = planner.TrainingShape(global_batch=3, seq_len=64)
+    with pytest.raises(ValueError, match="global_batch=3 is not divisible"):
+        planner.plan_layout(cfg, odd, planner.Layout(1, 4, 1, 2), cluster)
+
+
+def _by_name(plans):
+    return {p.layout.name(): p for p in plans}
+
+
+MIXTRAL_SHAPE = planner.TrainingShape(global_batch=64, seq_len=4096, activation_checkpointing="full")
+
+
+@pytest.mark.parametrize("nodes", [1, 4])
+def test_mixtral_fp32_adamw_never_fits_80gb(nodes):
+    # 16 bytes per parameter (fp32 param + grad + 2 AdamW states). FSDP shards experts on dim 0, so the finest
+    # split is one whole expert per rank: 45.1B expert params / 8 * 16 B = 84 GiB > 80 GiB whatever the layout.
+    cfg = planner.load_model_config("mixtral_8x7b")
+    plans, _ = planner.plan(cfg, MIXTRAL_SHAPE, planner.load_cluster("h100x8", num_nodes=nodes))
+    assert plans and not any(p.fits for p in plans)
+    expert_floor = 16 * planner.fsdp_unit_numel(cfg)["expert_total"] / 8
+    assert expert_floor > 80 * GIB
+    assert min(sum(planner.state_bytes(cfg, MIXTRAL_SHAPE, p.layout).values()) for p in plans) > expert_floor
+
+
+def test_mixtral_on_h200x8():
+    cfg = planner.load_model_config("mixtral_8x7b")
+    plans = _by_name(planner.plan(cfg, MIXTRAL_SHAPE, planner.load_cluster("h200x8"))[0])
+    ep8, fsdp8, pure_dp = plans["rep1-shard8-cp1-ep8"], plans["rep1-shard8-cp1-ep1"], plans["rep8-shard1-cp1-ep1"]
+    # 46.7B params x 16 B / 8 ranks = 87 GiB of state + a few GiB: fits 141 GiB; replicated 696 GiB does not
+    assert ep8.fits and fsdp8.fits and not pure_dp.fits
+    assert pure_dp.memory["params"] == 4 * 46_702_792_704
+    # EP=8 replaces the expert all-gathers/reduce-scatters (every micro-batch) with a much smaller all-to-all
+    assert ep8.comm_bytes < fsdp8.comm_bytes / 5
+    assert "expert_a2a" in ep8.comm and "expert_a2a" not in fsdp8.comm
+
+
+def test_qwen3_on_one_h100_node():
+    cfg = planner.load_model_config("qwen3_30b_a3b")
+    plans = _by_name(planner.plan(cfg, MIXTRAL_SHAPE, planner.load_cluster("h100x8"))[0])
+    # 30.5B x 16 B / 8 = 57 GiB of state per rank; 128 experts shard evenly at ep=8
+    assert plans["rep1-shard8-cp1-ep8"].fits
+    assert not plans["rep8-shard1-cp1-ep1"].fits
+    assert not plans["rep2-shard4-cp1-ep4"].fits  # state replicated twice: 114 GiB
+
+
+def test_a2a_time_uses_intra_or_inter_node_links():
+    moe = MoEConfig(num_experts=64, num_activated_experts=8, moe_inter_dim=64)
+    cfg = ModelConfig(vocab_size=64, dim=64, num_layers=2, num_heads=4, num_kv_heads=4, num_dense_layers=0, moe=moe)
+    cluster = planner.ClusterSpec(gpus_per_node=8, num_nodes=2, intra_node_gbps=400, inter_node_gbps=40)
+    shape = planner.TrainingShape(global_batch=16, seq_len=64)
+    within = planner.comm_per_step(cfg, shape, planner.Layout(1, 16, 1, 8), cluster)["expert_a2a"]
+    assert within["seconds"] == pytest.approx(within["bytes"] / 400e9)
+    across = planner.comm_per_step(cfg, shape, planner.Layout(1, 16, 1, 16), cluster)["expert_a2a"]
+    assert across["seconds"] == pytest.approx(across["bytes"] * 8 / 15 / 40e9)  # 8 of 15 peers off-node
