@@ -37,10 +37,16 @@ class TrainingShape:
     micro_batch: int = 1  # sequences per rank per forward/backward
     seq_len: int = 4096  # tokens per sequence (split over cp ranks)
     param_dtype: str = "float32"  # master parameters and gradients
-    compute_dtype: str = "bfloat16"  # activations, FSDP all-gathers and all-to-all rows (FSDP reduces in fp32)
+    compute_dtype: str = (
+        "bfloat16"  # activations, FSDP all-gathers and all-to-all rows (FSDP reduces in fp32)
+    )
     activation_checkpointing: str = "none"  # none | full (every block recomputed in backward)
-    fsdp: bool = True  # FSDP2 on dense (dp_shard*cp) and expert (ep_shard) axes; False = replicate + all-reduce
-    routing_imbalance: float = 1.0  # max/mean expert-slot load per rank: scales routed activations (1 = uniform)
+    fsdp: bool = (
+        True  # FSDP2 on dense (dp_shard*cp) and expert (ep_shard) axes; False = replicate + all-reduce
+    )
+    routing_imbalance: float = (
+        1.0  # max/mean expert-slot load per rank: scales routed activations (1 = uniform)
+    )
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "micro_batch", "seq_len"):
@@ -48,7 +54,9 @@ class TrainingShape:
                 raise ValueError(f"TrainingShape.{name}={getattr(self, name)} must be >= 1")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPE_BYTES:
-                raise ValueError(f"TrainingShape.{name}={getattr(self, name)!r} is not one of {list(DTYPE_BYTES)}")
+                raise ValueError(
+                    f"TrainingShape.{name}={getattr(self, name)!r} is not one of {list(DTYPE_BYTES)}"
+                )
         if self.activation_checkpointing not in AC_MODES:
             raise ValueError(
                 f"TrainingShape.activation_checkpointing={self.activation_checkpointing!r} is not one of "
@@ -105,7 +113,9 @@ def load_cluster(name_or_path: str | None = None, **overrides) -> ClusterSpec:
             path = REPO / "configs" / "cluster" / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ValueError(f"cluster={name_or_path!r}: no such preset or file ({path})")
-        values = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(ClusterSpec), OmegaConf.load(path)))
+        values = OmegaConf.to_container(
+            OmegaConf.merge(OmegaConf.structured(ClusterSpec), OmegaConf.load(path))
+        )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ClusterSpec(**values)
 
@@ -193,7 +203,9 @@ class Layout:
         return f"rep{self.dp_replicate}-shard{self.dp_shard}-cp{self.cp}-ep{self.ep}"
 
 
-def local_param_numel(cfg: ModelConfig, layout: Layout, *, rank: int = 0, fsdp: bool = True) -> dict[str, int]:
+def local_param_numel(
+    cfg: ModelConfig, layout: Layout, *, rank: int = 0, fsdp: bool = True
+) -> dict[str, int]:
     """Parameter elements held by `rank`: dense ones sharded over dp_shard*cp (FSDP), experts over ep x ep_shard.
 
     Rank coordinates follow the row-major meshes of `ParallelDims`: dense (dp_replicate, dp_shard*cp) and
@@ -201,7 +213,6 @@ def local_param_numel(cfg: ModelConfig, layout: Layout, *, rank: int = 0, fsdp: 
     """
     dense_shards = layout.dp_shard * layout.cp if fsdp else 1
     dense_index = rank % (layout.dp_shard * layout.cp) if fsdp else 0
-    ep_index = rank % layout.ep
     ep_shard_index = (rank // layout.ep) % layout.ep_shard
     out = {"dense": 0, "expert": 0, "tensors": 0}
     for spec in param_inventory(cfg):
@@ -274,7 +285,9 @@ def attention_bytes_per_token(cfg: ModelConfig, a: int) -> int:
     if cfg.attention == "mla":
         N, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         ql = 2 * cfg.q_lora_rank if cfg.q_lora_rank else 0
-        elems = 2 * D + ql + H * (N + R) + (C + R) + 2 * C + H * (N + V) + 2 * H * (N + R) + H * R + R + 2 * H * V
+        elems = (
+            2 * D + ql + H * (N + R) + (C + R) + 2 * C + H * (N + V) + 2 * H * (N + R) + H * R + R + 2 * H * V
+        )
         return a * elems + 4 * H
     q, kv = H * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     elems = 2 * D + 4 * q + 3 * kv + (q + kv if cfg.qk_norm else 0)
@@ -313,7 +326,9 @@ def activation_bytes(cfg: ModelConfig, shape: TrainingShape, layout: Layout) -> 
     T = shape.micro_batch * shape.seq_len / layout.cp
     per_layer = []
     for i in range(cfg.num_layers):
-        layer = attention_bytes_per_token(cfg, a) + ffn_bytes_per_token(cfg, i, a, imbalance=shape.routing_imbalance)
+        layer = attention_bytes_per_token(cfg, a) + ffn_bytes_per_token(
+            cfg, i, a, imbalance=shape.routing_imbalance
+        )
         per_layer.append(T * layer + _cp_extra_bytes(cfg, shape, layout, a))
     if shape.activation_checkpointing == "full":
         blocks = cfg.num_layers * T * a * cfg.dim + max(per_layer)
@@ -435,7 +450,9 @@ def _data_parallel_comm(cfg, shape, layout, cluster, M, groups) -> dict[str, dic
     dense = units["blocks_dense_total"] + units["root"]
     # FSDP2 pads dim 0 to a multiple of the shard count: E/ep = 1 expert over es ranks moves es padded rows
     expert_local = sum(
-        shard_numel((s.shape[0] // layout.ep, *s.shape[1:]), es, 0) * es for s in param_inventory(cfg) if s.expert
+        shard_numel((s.shape[0] // layout.ep, *s.shape[1:]), es, 0) * es
+        for s in param_inventory(cfg)
+        if s.expert
     )
     out = {}
 

@@ -20,8 +20,12 @@ from automoe import planner  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="preset in configs/model (tiny, mixtral_8x7b, ...) or a YAML path")
-    p.add_argument("--cluster", default=None, help="preset in configs/cluster (h100x8, h200x8, cpu2) or a YAML path")
+    p.add_argument(
+        "--model", required=True, help="preset in configs/model (tiny, mixtral_8x7b, ...) or a YAML path"
+    )
+    p.add_argument(
+        "--cluster", default=None, help="preset in configs/cluster (h100x8, h200x8, cpu2) or a YAML path"
+    )
     cl = p.add_argument_group("cluster overrides")
     cl.add_argument("--gpus-per-node", type=int)
     cl.add_argument("--nodes", type=int, dest="num_nodes")
@@ -38,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tr.add_argument("--param-dtype", default="float32")
     tr.add_argument("--compute-dtype", default="bfloat16")
     tr.add_argument("--ac", default="none", choices=planner.AC_MODES, help="activation checkpointing")
-    tr.add_argument("--no-fsdp", action="store_true", help="replicate dense params (all-reduce) instead of FSDP2")
+    tr.add_argument(
+        "--no-fsdp", action="store_true", help="replicate dense params (all-reduce) instead of FSDP2"
+    )
     tr.add_argument("--routing-imbalance", type=float, default=1.0, help="max/mean expert load on a rank")
     p.add_argument("--max-cp", type=int, default=8)
     p.add_argument("--sort", default="step", choices=sorted(planner.SORT_KEYS))
@@ -50,19 +56,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = planner.load_model_config(args.model)
-    overrides = {k: getattr(args, k) for k in (
-        "gpus_per_node", "num_nodes", "memory_gib", "intra_node_gbps", "inter_node_gbps", "peak_tflops", "mfu",
-        "overhead_gib")}
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "gpus_per_node",
+            "num_nodes",
+            "memory_gib",
+            "intra_node_gbps",
+            "inter_node_gbps",
+            "peak_tflops",
+            "mfu",
+            "overhead_gib",
+        )
+    }
     cluster = planner.load_cluster(args.cluster, **overrides)
     shape = planner.TrainingShape(
-        global_batch=args.global_batch, micro_batch=args.micro_batch, seq_len=args.seq_len,
-        param_dtype=args.param_dtype, compute_dtype=args.compute_dtype, activation_checkpointing=args.ac,
-        fsdp=not args.no_fsdp, routing_imbalance=args.routing_imbalance,
+        global_batch=args.global_batch,
+        micro_batch=args.micro_batch,
+        seq_len=args.seq_len,
+        param_dtype=args.param_dtype,
+        compute_dtype=args.compute_dtype,
+        activation_checkpointing=args.ac,
+        fsdp=not args.no_fsdp,
+        routing_imbalance=args.routing_imbalance,
     )
     plans, rejected = planner.plan(cfg, shape, cluster, max_cp=args.max_cp, sort_by=args.sort)
-    counts = planner.num_params(cfg)
-    print(f"model {args.model}: {counts.total / 1e9:.2f}B params ({counts.active / 1e9:.2f}B active); "
-          f"cluster {cluster.name}: {cluster.num_nodes} x {cluster.gpus_per_node} ranks, {cluster.memory_gib} GiB each")
+    counts = planner.param_counts(cfg)
+    print(
+        f"model {args.model}: {counts.total / 1e6:,.1f}M params ({counts.active / 1e6:,.1f}M active); "
+        f"cluster {cluster.name}: {cluster.num_nodes} x {cluster.gpus_per_node} ranks, {cluster.memory_gib} GiB each"
+    )
     print(f"shape: {shape}")
     shown = plans[: args.top] if args.top else plans
     print(planner.format_table(shown))

@@ -83,8 +83,9 @@ def _worker(rank: int, world: int, store: str, out_dir: str, job: dict) -> None:
 def _measure(rank: int, world: int, job: dict) -> dict:
     R, dp_shard, cp, ep = job["layout"]
     cfg = job["cfg"]
-    dims = ParallelDims(world_size=world, dp_replicate=R, dp_shard=dp_shard, cp=cp, ep=ep,
-                        num_experts=cfg.moe.num_experts)
+    dims = ParallelDims(
+        world_size=world, dp_replicate=R, dp_shard=dp_shard, cp=cp, ep=ep, num_experts=cfg.moe.num_experts
+    )
     if world > 1:
         dims.build_meshes()
     with torch.device("meta"):
@@ -138,16 +139,24 @@ def run_layout(job: dict) -> list[dict]:
 
 
 def _row(name: str, measured: float, predicted: float) -> dict:
-    return {"quantity": name, "measured": measured, "predicted": predicted,
-            "ratio": measured / predicted if predicted else float("nan")}
+    return {
+        "quantity": name,
+        "measured": measured,
+        "predicted": predicted,
+        "ratio": measured / predicted if predicted else float("nan"),
+    }
 
 
 def compare(job: dict, results: list[dict]) -> list[dict]:
     """Planner prediction vs measurement per quantity: state bytes summed and checked on every rank."""
     layout, cfg = planner.Layout(*job["layout"]), job["cfg"]
-    shape = planner.TrainingShape(global_batch=job["micro_batch"] * layout.data_parallel,
-                                  micro_batch=job["micro_batch"], seq_len=job["seq_len"],
-                                  param_dtype="float32", compute_dtype="float32")
+    shape = planner.TrainingShape(
+        global_batch=job["micro_batch"] * layout.data_parallel,
+        micro_batch=job["micro_batch"],
+        seq_len=job["seq_len"],
+        param_dtype="float32",
+        compute_dtype="float32",
+    )
     rows = []
     for key in ("params", "grads", "optimizer"):
         predicted = [planner.state_bytes(cfg, shape, layout, rank=r)[key] for r in range(layout.world_size)]
@@ -162,13 +171,21 @@ def compare(job: dict, results: list[dict]) -> list[dict]:
             measured = sum(res[f"rows_{key}"] for res in results) / len(results)
             rows.append(_row(f"a2a rows {key}/layer/rank", measured / L, expect[key]))
         pair = planner.a2a_bytes_per_pair(cfg, 4)
-        measured_bytes = sum(res["rows_remote"] for res in results) / len(results) * (
-            pair["forward"] + pair["backward"])
-        rows.append(_row("a2a bytes fwd+bwd/rank", measured_bytes, expect["remote"] * L * (
-            pair["forward"] + pair["backward"])))
+        measured_bytes = (
+            sum(res["rows_remote"] for res in results) / len(results) * (pair["forward"] + pair["backward"])
+        )
+        rows.append(
+            _row(
+                "a2a bytes fwd+bwd/rank",
+                measured_bytes,
+                expect["remote"] * L * (pair["forward"] + pair["backward"]),
+            )
+        )
     if layout.world_size == 1:
         act = planner.activation_bytes(cfg, shape, layout)
-        rows.append(_row("saved activation bytes", results[0]["saved_activations"], act["blocks"] + act["head"]))
+        rows.append(
+            _row("saved activation bytes", results[0]["saved_activations"], act["blocks"] + act["head"])
+        )
     return rows
 
 
@@ -184,7 +201,8 @@ def main() -> None:
     gates = {
         "topk": base,
         "uniform": dataclasses.replace(
-            base, moe=dataclasses.replace(base.moe, gate="fake_balanced", fake_gate_noise=1.0, aux_loss_coeff=0.0)
+            base,
+            moe=dataclasses.replace(base.moe, gate="fake_balanced", fake_gate_noise=1.0, aux_loss_coeff=0.0),
         ),
     }
     report = []
@@ -203,8 +221,11 @@ def main() -> None:
                 r.update(layout=name, gate=gate)
                 report.append(r)
                 flag = f" all ranks exact={r['all_ranks_equal']}" if "all_ranks_equal" in r else ""
-                print(f"{name:<24} {gate:<8} {r['quantity']:<28} measured {r['measured']:>12.1f} "
-                      f"predicted {r['predicted']:>12.1f} ratio {r['ratio']:.4f}{flag}", flush=True)
+                print(
+                    f"{name:<24} {gate:<8} {r['quantity']:<28} measured {r['measured']:>12.1f} "
+                    f"predicted {r['predicted']:>12.1f} ratio {r['ratio']:.4f}{flag}",
+                    flush=True,
+                )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

@@ -7,6 +7,7 @@ import logging
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from automoe.parallel.dims import ParallelDims
 
@@ -27,8 +28,22 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "floa
         moe = getattr(block, "moe", None)
         if moe is not None and dims.ep_enabled:
             # expert weights are already Shard(0) over ep: FSDP adds sharding over the expert-data axis
-            fully_shard(moe.experts, mesh=dims.expert_fsdp_mesh, mp_policy=mp, reshard_after_forward=True)
+            fully_shard(moe.experts, mesh=dims.expert_fsdp_mesh, mp_policy=mp, reshard_after_forward=True,
+                        shard_placement_fn=_expert_placement(dims.ep_shard))
         fully_shard(block, mesh=dense_mesh, mp_policy=mp)
     fully_shard(model, mesh=dense_mesh, mp_policy=mp)
     dims.fsdp_applied = True
     logger.info("applied FSDP2 over %s (params gathered in %s)", dense_mesh.mesh_dim_names, param_dtype)
+
+
+def _expert_placement(num_shards: int):
+    """Shard experts along dim 0 while each rank keeps >= 1 whole expert; otherwise along dim 1.
+
+    With fewer local experts than expert-data ranks, dim-0 sharding would leave ranks holding padding only.
+    """
+
+    def placement(param: nn.Parameter):
+        local = param.to_local() if hasattr(param, "to_local") else param
+        return Shard(1) if local.shape[0] < num_shards and local.dim() > 1 else None
+
+    return placement

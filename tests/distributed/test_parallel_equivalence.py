@@ -33,8 +33,8 @@ from tests.distributed.spawn import run_distributed
 SEQ, MICRO, STEPS, VOCAB = 8, 1, 3, 64
 
 
-def _model_cfg(aux_type: str) -> ModelConfig:
-    moe = MoEConfig(num_experts=4, num_activated_experts=2, moe_inter_dim=16, num_shared_experts=1,
+def _model_cfg(aux_type: str, num_experts: int = 4) -> ModelConfig:
+    moe = MoEConfig(num_experts=num_experts, num_activated_experts=min(2, num_experts - 1), moe_inter_dim=16, num_shared_experts=1,
                     aux_loss_coeff=0.01, aux_loss_type=aux_type, z_loss_coeff=0.001, gate_bias_update_factor=0.01,
                     score_func="sigmoid", norm_topk_prob=True)
     return ModelConfig(vocab_size=VOCAB, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_inter_dim=48,
@@ -96,11 +96,13 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
     pcfg = ParallelConfig(ep=layout["ep"], cp=layout["cp"], dp_replicate=layout.get("dp_replicate", 1),
                           fsdp=layout["fsdp"], activation_checkpointing=layout.get("ac", "none"),
                           cp_load_balance=True)
-    cfg = _model_cfg(layout.get("aux", "micro_batch"))
+    cfg = _model_cfg(layout.get("aux", "micro_batch"), layout.get("experts", 4))
     dims = ParallelDims(world_size=world, dp_replicate=pcfg.dp_replicate, cp=pcfg.cp, ep=pcfg.ep,
                         num_experts=cfg.moe.num_experts)
     dims.build_meshes()
     model = _build(cfg, dims, pcfg)
+    if dims.ep_enabled and pcfg.fsdp and cfg.moe.num_experts // dims.ep < dims.ep_shard:
+        assert any(getattr(pl, "dim", None) == 1 for pl in model.layers["1"].moe.experts.w_up.placements)
     single = ParallelDims(world_size=1)
     reference = _build(cfg, single, ParallelConfig())
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (model, reference)]
@@ -146,6 +148,8 @@ LAYOUTS = [
     pytest.param(4, {"ep": 2, "cp": 2, "fsdp": True}, id="ep2-cp2-fsdp"),
     pytest.param(4, {"ep": 2, "cp": 2, "fsdp": False, "aux": "sequence"}, id="ep2-cp2-seqaux"),
     pytest.param(4, {"ep": 2, "cp": 1, "fsdp": True, "dp_replicate": 2}, id="hsdp2-ep2"),
+    # 2 experts over ep=2 x ep_shard=2: one expert per rank, so FSDP shards experts along dim 1
+    pytest.param(4, {"ep": 2, "cp": 1, "fsdp": True, "experts": 2}, id="ep2-epshard2-dim1"),
 ]
 
 

@@ -13,7 +13,9 @@ from automoe.models import Transformer
 GIB = 2**30
 
 
-@pytest.mark.parametrize(("E", "K", "P"), [(8, 2, 2), (8, 2, 4), (64, 8, 8), (128, 8, 16), (256, 8, 8), (16, 4, 16)])
+@pytest.mark.parametrize(
+    ("E", "K", "P"), [(8, 2, 2), (8, 2, 4), (64, 8, 8), (128, 8, 16), (256, 8, 8), (16, 4, 16)]
+)
 def test_expected_distinct_ranks_matches_monte_carlo(E, K, P):
     g = torch.Generator().manual_seed(E * 1000 + K * 10 + P)
     n = 20000
@@ -42,8 +44,17 @@ def test_shard_numel_follows_torch_chunk():
 
 def _small_cfg() -> ModelConfig:
     moe = MoEConfig(num_experts=4, num_activated_experts=2, moe_inter_dim=16, num_shared_experts=1)
-    return ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_inter_dim=48,
-                       num_dense_layers=1, max_seq_len=64, moe=moe)
+    return ModelConfig(
+        vocab_size=64,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_inter_dim=48,
+        num_dense_layers=1,
+        max_seq_len=64,
+        moe=moe,
+    )
 
 
 def test_state_bytes_match_hand_count_ep2_fsdp():
@@ -85,8 +96,10 @@ def test_activation_checkpointing_and_cp_shrink_activations():
     shape = planner.TrainingShape(global_batch=8, seq_len=4096)
     full = planner.TrainingShape(global_batch=8, seq_len=4096, activation_checkpointing="full")
     one, two = planner.Layout(1, 8, 1, 8), planner.Layout(1, 4, 2, 8)
-    act = {k: planner.activation_bytes(cfg, s, lay)["blocks"] for k, s, lay in
-           [("none", shape, one), ("full", full, one), ("cp2", shape, two)]}
+    act = {
+        k: planner.activation_bytes(cfg, s, lay)["blocks"]
+        for k, s, lay in [("none", shape, one), ("full", full, one), ("cp2", shape, two)]
+    }
     assert act["full"] < act["none"] / 10
     assert act["none"] / 2 < act["cp2"] < act["none"] * 0.6  # half the tokens, plus gathered K/V and mask
 
@@ -101,7 +114,11 @@ def test_invalid_layouts_are_rejected_with_reason():
         assert L.world_size == 4 and 6 % L.ep == 0 and (L.dp_shard * L.cp) % L.ep == 0
     reasons = {r.name(): why for r, why in rejected}
     assert "num_experts % ep = 6 % 4" in reasons["rep1-shard4-cp1-ep4"]
-    assert {p.layout.name() for p in plans} >= {"rep1-shard4-cp1-ep2", "rep2-shard2-cp1-ep2", "rep4-shard1-cp1-ep1"}
+    assert {p.layout.name() for p in plans} >= {
+        "rep1-shard4-cp1-ep2",
+        "rep2-shard2-cp1-ep2",
+        "rep4-shard1-cp1-ep1",
+    }
     with pytest.raises(ValueError, match=r"parallel.ep=4 must divide dp_shard\*cp = 2\*1"):
         planner.plan_layout(cfg, shape, planner.Layout(2, 2, 1, 4), cluster)
     odd = planner.TrainingShape(global_batch=3, seq_len=64)
@@ -131,7 +148,11 @@ def test_mixtral_fp32_adamw_never_fits_80gb(nodes):
 def test_mixtral_on_h200x8():
     cfg = planner.load_model_config("mixtral_8x7b")
     plans = _by_name(planner.plan(cfg, MIXTRAL_SHAPE, planner.load_cluster("h200x8"))[0])
-    ep8, fsdp8, pure_dp = plans["rep1-shard8-cp1-ep8"], plans["rep1-shard8-cp1-ep1"], plans["rep8-shard1-cp1-ep1"]
+    ep8, fsdp8, pure_dp = (
+        plans["rep1-shard8-cp1-ep8"],
+        plans["rep1-shard8-cp1-ep1"],
+        plans["rep8-shard1-cp1-ep1"],
+    )
     # 46.7B params x 16 B / 8 ranks = 87 GiB of state + a few GiB: fits 141 GiB; replicated 696 GiB does not
     assert ep8.fits and fsdp8.fits and not pure_dp.fits
     assert pure_dp.memory["params"] == 4 * 46_702_792_704
@@ -151,7 +172,9 @@ def test_qwen3_on_one_h100_node():
 
 def test_a2a_time_uses_intra_or_inter_node_links():
     moe = MoEConfig(num_experts=64, num_activated_experts=8, moe_inter_dim=64)
-    cfg = ModelConfig(vocab_size=64, dim=64, num_layers=2, num_heads=4, num_kv_heads=4, num_dense_layers=0, moe=moe)
+    cfg = ModelConfig(
+        vocab_size=64, dim=64, num_layers=2, num_heads=4, num_kv_heads=4, num_dense_layers=0, moe=moe
+    )
     cluster = planner.ClusterSpec(gpus_per_node=8, num_nodes=2, intra_node_gbps=400, inter_node_gbps=40)
     shape = planner.TrainingShape(global_batch=16, seq_len=64)
     within = planner.comm_per_step(cfg, shape, planner.Layout(1, 16, 1, 8), cluster)["expert_a2a"]
