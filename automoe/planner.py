@@ -218,6 +218,9 @@ def local_param_numel(
     for spec in param_inventory(cfg):
         if spec.expert:
             ep_local = (spec.shape[0] // layout.ep, *spec.shape[1:])
+            if fsdp and ep_local[0] < layout.ep_shard and len(ep_local) > 1:
+                # fewer local experts than expert-data ranks: FSDP shards dim 1 (automoe.parallel.fsdp)
+                ep_local = (ep_local[1], ep_local[0], *ep_local[2:])
             n = shard_numel(ep_local, layout.ep_shard, ep_shard_index) if fsdp else math.prod(ep_local)
             out["expert"] += n
         else:

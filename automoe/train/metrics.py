@@ -92,7 +92,7 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.start_step = start_step
         self.path = self.output_dir / METRICS_FILE
-        self._t0 = time.perf_counter()
+        self._first: tuple[int, float] | None = None  # (step, time) of the first record: ETA skips warm-up
         self._bar = self._wandb = None
         if not is_main:
             return
@@ -121,6 +121,8 @@ class MetricsLogger:
         """Write one step record (keys `STEP_KEYS`, plus `val_loss` on validation steps)."""
         if not self.is_main:
             return
+        if self._first is None:
+            self._first = (record["step"], time.perf_counter())
         if self._file is None:
             self._file = self.path.open("a")
         self._file.write(json.dumps(record) + "\n")
@@ -141,8 +143,8 @@ class MetricsLogger:
     def summary(self, record: dict[str, Any]) -> str:
         """One console line: step, losses, lr, grad norm, throughput, mean MaxVio, ETA."""
         step = record["step"]
-        done = step - self.start_step
-        eta = (time.perf_counter() - self._t0) / max(done, 1) * (self.total_steps - step)
+        first_step, first_time = self._first or (step, time.perf_counter())
+        rate = (time.perf_counter() - first_time) / (step - first_step) if step > first_step else None
         vios = [layer["max_vio"] for layer in record["moe"].values()]
         parts = [
             f"step {step}/{self.total_steps}",
@@ -158,7 +160,7 @@ class MetricsLogger:
             parts.append(f"val_loss {record['val_loss']:.4f}")
         if record["skipped"]:
             parts.append("SKIPPED (non-finite)")
-        parts.append(f"eta {_format_seconds(eta)}")
+        parts.append(f"eta {_format_seconds(rate * (self.total_steps - step))}" if rate else "eta ?")
         return " | ".join(parts)
 
     def console(self):

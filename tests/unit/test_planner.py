@@ -133,16 +133,23 @@ def _by_name(plans):
 MIXTRAL_SHAPE = planner.TrainingShape(global_batch=64, seq_len=4096, activation_checkpointing="full")
 
 
-@pytest.mark.parametrize("nodes", [1, 4])
-def test_mixtral_fp32_adamw_never_fits_80gb(nodes):
-    # 16 bytes per parameter (fp32 param + grad + 2 AdamW states). FSDP shards experts on dim 0, so the finest
-    # split is one whole expert per rank: 45.1B expert params / 8 * 16 B = 84 GiB > 80 GiB whatever the layout.
+def test_mixtral_fp32_adamw_needs_more_than_one_80gb_node():
+    # 16 bytes per parameter (fp32 param + grad + 2 AdamW states): 46.7B x 16 B = 696 GiB > 8 x 80 GiB
     cfg = planner.load_model_config("mixtral_8x7b")
-    plans, _ = planner.plan(cfg, MIXTRAL_SHAPE, planner.load_cluster("h100x8", num_nodes=nodes))
+    plans, _ = planner.plan(cfg, MIXTRAL_SHAPE, planner.load_cluster("h100x8", num_nodes=1))
     assert plans and not any(p.fits for p in plans)
-    expert_floor = 16 * planner.fsdp_unit_numel(cfg)["expert_total"] / 8
-    assert expert_floor > 80 * GIB
-    assert min(sum(planner.state_bytes(cfg, MIXTRAL_SHAPE, p.layout).values()) for p in plans) > expert_floor
+    assert min(sum(planner.state_bytes(cfg, MIXTRAL_SHAPE, p.layout).values()) for p in plans) > 80 * GIB
+
+
+def test_mixtral_on_four_80gb_nodes_fits_with_ep8_and_dim1_expert_sharding():
+    # ep=8 leaves one expert per rank and ep_shard=4: FSDP shards that expert along dim 1, so the expert state
+    # per rank is 45.1B x 16 B / 32 = 21 GiB instead of the 84 GiB a whole expert would cost
+    cfg = planner.load_model_config("mixtral_8x7b")
+    plans = _by_name(planner.plan(cfg, MIXTRAL_SHAPE, planner.load_cluster("h100x8", num_nodes=4))[0])
+    ep8 = plans["rep1-shard32-cp1-ep8"]
+    assert ep8.fits
+    expert_state = 16 * planner.fsdp_unit_numel(cfg)["expert_total"] / 32
+    assert sum(planner.state_bytes(cfg, MIXTRAL_SHAPE, ep8.layout).values()) < expert_state + 16 * 2e9 / 32 + GIB
 
 
 def test_mixtral_on_h200x8():
