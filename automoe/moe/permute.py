@@ -17,13 +17,14 @@ class _ExpandRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD: Tensor, slot_N: Tensor, K: int) -> Tensor:
         ctx.save_for_backward(slot_N)
-        ctx.K, ctx.num_rows = K, x_RD.shape[0]
+        ctx.K, ctx.num_rows, ctx.x_dtype = K, x_RD.shape[0], x_RD.dtype
         return x_RD.index_select(0, torch.div(slot_N, K, rounding_mode="floor"))
 
     @staticmethod
     def backward(ctx, grad_ND: Tensor):
         (slot_N,) = ctx.saved_tensors
         R, K = ctx.num_rows, ctx.K
+        grad_ND = grad_ND.to(ctx.x_dtype)
         grad_slots = grad_ND.new_zeros(R * K, grad_ND.shape[-1]).index_copy_(0, slot_N, grad_ND)
         return grad_slots.view(R, K, grad_ND.shape[-1]).sum(1), None, None
 
@@ -36,6 +37,7 @@ class _WeightedCollapse(torch.autograd.Function):
         R, K = w_RK.shape
         D = y_ND.shape[-1]
         y_RKD = y_ND.new_zeros(R * K, D).index_copy_(0, slot_N, y_ND).view(R, K, D)
+        ctx.w_dtype = w_RK.dtype
         w_RK = w_RK.to(y_ND.dtype)
         ctx.save_for_backward(slot_N, w_RK, y_RKD)
         return torch.bmm(w_RK.unsqueeze(1), y_RKD).squeeze(1)
@@ -43,12 +45,13 @@ class _WeightedCollapse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RD: Tensor):
         slot_N, w_RK, y_RKD = ctx.saved_tensors
+        grad_RD = grad_RD.to(y_RKD.dtype)  # under autocast the incoming gradient may be fp32
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_RKD = grad_RD.unsqueeze(1) * w_RK.unsqueeze(-1)
             grad_y = grad_RKD.view(-1, grad_RD.shape[-1]).index_select(0, slot_N)
         if ctx.needs_input_grad[2]:
-            grad_w = torch.bmm(y_RKD, grad_RD.unsqueeze(-1)).squeeze(-1)
+            grad_w = torch.bmm(y_RKD, grad_RD.unsqueeze(-1)).squeeze(-1).to(ctx.w_dtype)
         return grad_y, None, grad_w
 
 

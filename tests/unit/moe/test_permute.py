@@ -35,3 +35,15 @@ def test_empty_inputs():
     assert out.shape == (0, 4)
     y = weighted_collapse(torch.randn(0, 4), torch.zeros(0, dtype=torch.long), torch.rand(3, 2))
     assert torch.equal(y, torch.zeros(3, 4))
+
+
+def test_mixed_precision_gradients_keep_input_dtypes():
+    slot_N = torch.tensor([3, 0, 2])
+    y = torch.randn(3, 4, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(2, 2, requires_grad=True)  # fp32 weights, bf16 rows (the layer under autocast)
+    out = weighted_collapse(y, slot_N, w)
+    out.float().sum().backward()
+    assert y.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    x = torch.randn(2, 4, dtype=torch.bfloat16, requires_grad=True)
+    expand_rows(x, slot_N, slots_per_row=2).float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16
