@@ -30,6 +30,9 @@ from automoe.config.moe import MoEConfig  # noqa: E402
 from automoe.moe.layer import MoE  # noqa: E402
 from automoe.parallel.expert_parallel import apply_ep  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe_layer import MachineLoadMeter, machine_info  # noqa: E402
+
 
 class _Identity(torch.nn.Module):
     def forward(self, x_ND, counts_E):
@@ -54,15 +57,18 @@ def _fwd_bwd(layer, x):
     def run():
         x.grad = None
         layer(x).sum().backward()
+
     return run
 
 
 def _worker(rank: int, world: int, store: str, args, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    cfg = MoEConfig(dim=args.dim, moe_inter_dim=args.inter_dim, num_experts=args.experts,
-                    num_activated_experts=args.topk)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
+    cfg = MoEConfig(
+        dim=args.dim, moe_inter_dim=args.inter_dim, num_experts=args.experts, num_activated_experts=args.topk
+    )
     torch.manual_seed(0)
     local, ep_layer = MoE(cfg), MoE(cfg)
     local.init_weights(std=0.5)
@@ -84,7 +90,9 @@ def _worker(rank: int, world: int, store: str, args, out: str) -> None:
     minimum = sum(int((dest == r).any(dim=1).sum()) for r in range(world) if r != rank)
     slots = int((dest != rank).sum())
     row = {
-        "rows_sent_remote": wire.rows_remote, "rows_minimum": minimum, "rows_per_expert_copy": slots,
+        "rows_sent_remote": wire.rows_remote,
+        "rows_minimum": minimum,
+        "rows_per_expert_copy": slots,
         "dispatch_combine_ms": _median_ms(_fwd_bwd(ep_id, x), args.repeats),
         "local_dispatch_combine_ms": _median_ms(_fwd_bwd(local_id, x), args.repeats),
         "ep_layer_ms": _median_ms(_fwd_bwd(ep_layer, x), args.repeats),
@@ -112,27 +120,51 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for ep in args.ep:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, MachineLoadMeter() as load:
             out = os.path.join(tmp, "row.json")
             mp.spawn(_worker, args=(ep, os.path.join(tmp, "store"), args, out), nprocs=ep, join=True)
             row = {"ep": ep, **json.loads(Path(out).read_text())}
+        row["machine_busy"] = round(load.busy, 3)
+        row["loadavg_before_after"] = [load.loadavg_before, load.loadavg_after]
         bytes_per_row = args.dim * 4
         row["wire_bytes_mib"] = row["rows_sent_remote"] * bytes_per_row / 2**20
         row["ratio_to_minimum"] = row["rows_sent_remote"] / max(row["rows_minimum"], 1)
         row["ratio_per_expert_copy"] = row["rows_per_expert_copy"] / max(row["rows_minimum"], 1)
         rows.append(row)
-    print(f"tokens/rank={args.tokens} d={args.dim} F={args.inter_dim} E={args.experts} k={args.topk} fp32, "
-          f"fwd+bwd medians of {args.repeats}, 1 thread per rank")
-    header = ("ep", "wire MiB", "sent/min", "per-expert/min", "a2a d+c ms", "local d+c ms", "EP layer ms",
-              "local layer ms")
+    print(
+        f"tokens/rank={args.tokens} d={args.dim} F={args.inter_dim} E={args.experts} k={args.topk} fp32, "
+        f"fwd+bwd medians of {args.repeats}, 1 thread per rank"
+    )
+    header = (
+        "ep",
+        "wire MiB",
+        "sent/min",
+        "per-expert/min",
+        "a2a d+c ms",
+        "local d+c ms",
+        "EP layer ms",
+        "local layer ms",
+    )
     print(" | ".join(f"{h:>14}" for h in header))
     for r in rows:
-        vals = (r["ep"], r["wire_bytes_mib"], r["ratio_to_minimum"], r["ratio_per_expert_copy"],
-                r["dispatch_combine_ms"], r["local_dispatch_combine_ms"], r["ep_layer_ms"], r["local_layer_ms"])
+        vals = (
+            r["ep"],
+            r["wire_bytes_mib"],
+            r["ratio_to_minimum"],
+            r["ratio_per_expert_copy"],
+            r["dispatch_combine_ms"],
+            r["local_dispatch_combine_ms"],
+            r["ep_layer_ms"],
+            r["local_layer_ms"],
+        )
         print(" | ".join(f"{v:>14.2f}" if isinstance(v, float) else f"{v:>14}" for v in vals))
+    for r in rows:
+        lo, hi = r["loadavg_before_after"]
+        print(f"ep {r['ep']}: machine busy {r['machine_busy']:.0%}, loadavg {lo:.2f} -> {hi:.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        report = {"machine": machine_info(), "args": vars(args), "rows": rows}
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

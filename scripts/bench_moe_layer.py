@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_moe_layer.py                     # T=4096, d=512, F=1024, E=8, k=2; fp32 + bf16
     .venv/bin/python scripts/bench_moe_layer.py --dtype bf16 --noise 0.5 --json /tmp/moe.json
+    .venv/bin/python scripts/bench_moe_layer.py --sweep --json bench_results/moe_layer_sweep.json  # E x k x noise
 
 Rows, timed interleaved in one run so their ratio is fair on a shared machine:
   ideal  a dense SwiGLU MLP on [T*k, d] (same active FLOPs, no routing), plain autograd
@@ -11,6 +12,8 @@ Columns: median and min ms over --repeats after warm-up, tokens/s (from the medi
 rounds of ideal_ms / row_ms within the round, eff(min) = min ideal_ms / min row_ms, and the bytes autograd saves for
 backward (storages deduplicated, parameters excluded). A stage breakdown of the fast layer follows
 (letters: T tokens, N = T*k routed rows, D model dim, F expert hidden width).
+`--sweep` times only the ideal and fast rows (`--rows` to change) for every E in --sweep-experts, k in
+--sweep-topk and noise in --sweep-noise, and reports the routed load's max/mean over experts.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import argparse
 import datetime
 import json
 import os
+import platform
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +74,25 @@ def _busy_ticks() -> int:
     return sum(fields) - fields[3] - fields[4]  # everything but idle and iowait
 
 
+def machine_info() -> dict:
+    """CPU model and core count (from /proc/cpuinfo), torch version and threads, and the 1-minute load average."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "loadavg_1m": os.getloadavg()[0],
+    }
+
+
 class LoadMeter:
     """Fraction of the machine's CPU time used by other processes (or stolen) while the benchmark ran."""
 
@@ -83,10 +107,25 @@ class LoadMeter:
         own = (r.ru_utime + r.ru_stime) - (self.self0.ru_utime + self.self0.ru_stime)
         busy = (_busy_ticks() - self.busy0) / os.sysconf("SC_CLK_TCK")
         self.other_load = max(0.0, (busy - own) / (wall * os.cpu_count()))
+        self.total_load = busy / (wall * os.cpu_count())
 
 
-def build_rows(args, dtype: torch.dtype) -> dict:
-    """name -> (module, input, grad of output) for the ideal MLP and the two MoE layers."""
+class MachineLoadMeter:
+    """Fraction of all CPU time that was busy (every process, ours included) while the block ran, and loadavg."""
+
+    def __enter__(self) -> MachineLoadMeter:
+        self.t0, self.busy0, self.loadavg_before = time.perf_counter(), _busy_ticks(), os.getloadavg()[0]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.t0
+        busy = (_busy_ticks() - self.busy0) / os.sysconf("SC_CLK_TCK")
+        self.busy = busy / (wall * os.cpu_count())
+        self.loadavg_after = os.getloadavg()[0]
+
+
+def build_rows(args, dtype: torch.dtype, *, names: tuple[str, ...] = ("ideal", "loop", "fast")) -> dict:
+    """name -> (module, input, grad of output) for the ideal MLP and the MoE layers named in `names`."""
     T, D, Fd, E, K = args.tokens, args.dim, args.inter_dim, args.experts, args.topk
     g = torch.Generator().manual_seed(0)
     x_BSD = torch.randn(1, T, D, generator=g).to(dtype)
@@ -95,6 +134,8 @@ def build_rows(args, dtype: torch.dtype) -> dict:
     dy_ND = torch.randn(T * K, D, generator=g).to(dtype)
     rows = {"ideal": (DenseSwiGLU(D, Fd, dtype), x_ND, dy_ND)}
     for name, backend in (("loop", "loop"), ("fast", args.backend)):
+        if name not in names:
+            continue
         cfg = MoEConfig(
             dim=D,
             moe_inter_dim=Fd,
@@ -167,13 +208,30 @@ def stage_times(layer: MoE, x_BSD: Tensor, dy_BSD: Tensor, *, repeats: int) -> d
     return {name: statistics.median(v[1:]) for name, v in acc.items()}
 
 
-def run_dtype(args, dtype_name: str) -> dict:
+def routed_load_skew(layer: MoE, x_BSD: Tensor, *, seed: int = 0) -> float:
+    """max / mean of the per-expert routed load for one draw of the gate (1.0 = perfectly balanced)."""
+    torch.manual_seed(seed)
+    idx_TK = layer.gate(x_BSD.reshape(-1, x_BSD.shape[-1]), None).indices_TK
+    load_E = torch.bincount(idx_TK.flatten(), minlength=layer.cfg.num_experts).float()
+    return float(load_E.max() / load_E.mean())
+
+
+def run_dtype(args, dtype_name: str, *, names: tuple[str, ...] = ("ideal", "loop", "fast")) -> dict:
     dtype = DTYPES[dtype_name]
-    rows = build_rows(args, dtype)
+    rows = build_rows(args, dtype, names=names)
     with LoadMeter() as load:
         times = time_rows(rows, repeats=args.repeats, warmup=args.warmup)
     ideal = times["ideal"]
-    result = {"dtype": dtype_name, "other_cpu_load": round(load.other_load, 3), "rows": {}}
+    result = {
+        "dtype": dtype_name,
+        "experts": args.experts,
+        "topk": args.topk,
+        "noise": args.noise,
+        "other_cpu_load": round(load.other_load, 3),
+        "total_cpu_load": round(load.total_load, 3),
+        "load_max_over_mean": round(routed_load_skew(rows["fast"][0], rows["fast"][1]), 3),
+        "rows": {},
+    }
     for name, (module, x, _dy) in rows.items():
         med = statistics.median(times[name])
         # efficiency: median over rounds of ideal/row within the round (load bursts hit both), and min/min
@@ -189,7 +247,7 @@ def run_dtype(args, dtype_name: str) -> dict:
             "efficiency_min": round(min(ideal) / min(times[name]), 3),
             "saved_MB": round(saved / 2**20, 1),
         }
-    if not args.no_stages:
+    if not args.no_stages and not args.sweep:
         fast, x, dy = rows["fast"]
         result["fast_stages_ms"] = {k: round(v, 2) for k, v in stage_times(fast, x, dy, repeats=3).items()}
     return result
@@ -213,6 +271,20 @@ def print_result(args, res: dict) -> None:
         print("fast stages (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in res["fast_stages_ms"].items()))
 
 
+def print_sweep(results: list[dict]) -> None:
+    print(
+        f"\n{'dtype':<5} {'E':>3} {'k':>2} {'noise':>5} {'max/mean':>8} {'ideal ms':>9} {'fast ms':>8} "
+        f"{'efficiency':>10} {'eff(min)':>9} {'saved MB':>9} {'other load':>10}"
+    )
+    for r in results:
+        ideal, fast = r["rows"]["ideal"], r["rows"]["fast"]
+        print(
+            f"{r['dtype']:<5} {r['experts']:>3} {r['topk']:>2} {r['noise']:>5} {r['load_max_over_mean']:>8.2f} "
+            f"{ideal['median_ms']:>9.1f} {fast['median_ms']:>8.1f} {fast['efficiency']:>10.3f} "
+            f"{fast['efficiency_min']:>9.3f} {fast['saved_MB']:>9.1f} {r['other_cpu_load']:>10.0%}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096, help="tokens T per step")
@@ -228,10 +300,21 @@ def main() -> None:
     )
     p.add_argument("--backend", default="auto", help="experts_backend of the `fast` row")
     p.add_argument("--no-stages", action="store_true", help="skip the stage breakdown")
+    p.add_argument("--sweep", action="store_true", help="sweep E x k x noise (see --sweep-*)")
+    p.add_argument("--sweep-experts", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--sweep-topk", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--sweep-noise", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument(
+        "--rows", default=None, help="comma-separated rows: ideal,loop,fast (sweep default: ideal,fast)"
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
+    names = tuple((args.rows or ("ideal,fast" if args.sweep else "ideal,loop,fast")).split(","))
+    if "ideal" not in names or "fast" not in names:
+        raise ValueError(f"--rows {args.rows!r} must include ideal and fast")
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "args": vars(args),
@@ -240,10 +323,27 @@ def main() -> None:
     for name in args.dtype.split(","):
         if name not in DTYPES:
             raise ValueError(f"--dtype {name!r} is not one of {list(DTYPES)}")
-        res = run_dtype(args, name)
-        print_result(args, res)
-        report["results"].append(res)
+    configs = [(args.experts, args.topk, args.noise)]
+    if args.sweep:
+        configs = [(e, k, n) for e in args.sweep_experts for k in args.sweep_topk for n in args.sweep_noise]
+    with MachineLoadMeter() as machine:
+        for name in args.dtype.split(","):
+            for experts, topk, noise in configs:
+                args.experts, args.topk, args.noise = experts, topk, noise
+                res = run_dtype(args, name, names=names)
+                if not args.sweep:
+                    print_result(args, res)
+                report["results"].append(res)
+    if args.sweep:
+        print_sweep(report["results"])
+    report["machine_busy"] = round(machine.busy, 3)
+    report["loadavg_before_after"] = [machine.loadavg_before, machine.loadavg_after]
+    print(
+        f"machine busy {machine.busy:.0%} of 2 cores x wall (all processes); "
+        f"loadavg {machine.loadavg_before:.2f} -> {machine.loadavg_after:.2f}"
+    )
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")

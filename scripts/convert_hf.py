@@ -6,6 +6,13 @@
 An automoe checkpoint directory holds `model_config.yaml` (the resolved ModelConfig) and either a DCP
 checkpoint in `model/` (state dict `{"model": ...}`, loadable at any parallel layout) or `model.pt`
 (a plain `torch.save` of the state dict). Both directions run in one process and hold the whole model.
+
+To fine-tune, no conversion is needed: `recipes/finetune.py hf.init_from=HF_DIR` (or `hf.init_from` with
+pretrain.py) reads the HF directory directly, each rank only its own experts. A converted directory is not a
+`checkpoint.resume` target on purpose: resuming restores the optimizer moments, lr schedule, data position,
+RNG states and step of an interrupted run, none of which a converted checkpoint has (inventing them would
+override the new run's optim/train/data settings). Its DCP keys (`model.<name>`) are the ones the trainer's
+checkpoints use for the model; `read_automoe` below shows how to load them.
 """
 
 from __future__ import annotations

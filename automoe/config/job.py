@@ -146,6 +146,15 @@ def _model_schema_default() -> ModelConfig:
 
 
 @dataclass
+class HFConfig:
+    """Hugging Face interop of a run (docs/hf_interop.md): start from an HF checkpoint, export the result as one."""
+
+    init_from: Optional[str] = None  # HF dir (config.json + safetensors): its weights replace the random init
+    export_to: Optional[str] = None  # finetune recipe: write the final model here as an HF dir; null = don't
+    family: Optional[str] = None  # export layout: mixtral | qwen3_moe | deepseek_v3; null = init_from's
+
+
+@dataclass
 class JobConfig:
     """Everything one training run reads. Hydra fills it from `configs/`; overrides are `key=value`."""
 
@@ -157,6 +166,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hf: HFConfig = field(default_factory=HFConfig)
 
     def __post_init__(self) -> None:
         if not self.output_dir:

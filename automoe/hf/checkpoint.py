@@ -8,7 +8,6 @@ Expert tensors are read lazily per expert, so an EP rank reads only its own expe
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Union
@@ -29,8 +28,6 @@ from automoe.hf.adapters import (
 from automoe.hf.config_map import config_from_hf, config_to_hf, read_hf_config
 from automoe.hf.safetensors_io import SafetensorsReader, ShardedWriter, parse_size
 from automoe.models.transformer import Transformer
-
-logger = logging.getLogger(__name__)
 
 ExpertSelection = Union[range, Sequence[int], Callable[[int], bool], None]
 # Wrapper segments that torch.compile / activation checkpointing insert into parameter names.
@@ -177,32 +174,51 @@ def _clean_key(key: str) -> str:
     return key
 
 
-def _local_block(t: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """(local shape, global offset) of a DTensor's shard when it is one contiguous block, else None."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+def _local_indices(t: Tensor) -> list[Tensor]:
+    """Per dim of a DTensor, the global indices its local shard holds (int64 [local size of that dim]).
 
-    if not all(type(p) in (Shard, Replicate) for p in t.placements):
-        return None
-    return compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    Sharding acts on each tensor dim separately, so distributing `arange(size)` of one dim with only the
+    placements that shard that dim (moved to dim 0; every other placement made `Replicate`) yields exactly the
+    indices this rank holds, for `Shard`, FSDP's `_StridedShard` and any nesting of them. No communication
+    (`src_data_rank=None`: every rank slices its own piece).
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    def on_dim0(p, d: int):
+        if isinstance(p, _StridedShard):  # not a Shard subclass in every torch version
+            return _StridedShard(0, split_factor=p.split_factor) if p.dim == d else Replicate()
+        if isinstance(p, Shard):
+            return Shard(0) if p.dim == d else Replicate()
+        if isinstance(p, Replicate):
+            return p
+        raise ValueError(f"load_hf_into_model cannot fill a parameter with placements {t.placements}")
+
+    out = []
+    for d, size in enumerate(t.shape):
+        placements = [on_dim0(p, d) for p in t.placements]
+        ids = torch.arange(size, dtype=torch.int64, device=t.to_local().device)
+        out.append(distribute_tensor(ids, t.device_mesh, placements, src_data_rank=None).to_local().cpu())
+    return out
 
 
-def _crop(full: Tensor, shape: Sequence[int], offset: Sequence[int], *, from_dim: int) -> Tensor:
-    index = tuple(
-        slice(None) if d < from_dim else slice(o, o + s) for d, (o, s) in enumerate(zip(offset, shape))
-    )
-    return full[index]
+def _select(value: Tensor, indices: Sequence[Tensor], *, from_dim: int) -> Tensor:
+    """`value` restricted to `indices[d]` along every dim d >= from_dim (dims already selected are skipped)."""
+    for d in range(from_dim, value.dim()):
+        if not torch.equal(indices[d], torch.arange(value.shape[d])):
+            value = value.index_select(d, indices[d])
+    return value
 
 
 @torch.no_grad()
 def load_hf_into_model(model: nn.Module, path: str | Path) -> list[str]:
     """Copy an HF checkpoint into an already built automoe `Transformer` (after `to_empty`/`init_weights`).
 
-    Parameters may be DTensors (expert parallelism, FSDP): each rank reads only its shard's rows; for stacked
-    expert tensors that means only its own experts' safetensors entries. Placements other than plain
-    `Shard`/`Replicate` (e.g. FSDP's strided shards of expert tensors) fall back to reading the whole tensor
-    and slicing it locally (a warning says which). Raises ValueError when the checkpoint's shapes do not match
-    the model's config. Returns the HF keys this process read (in order).
+    Parameters may be DTensors (expert parallelism, FSDP2 on top of it, i.e. `Shard`, `_StridedShard` and
+    `Replicate` placements in any combination): each rank works out which global indices its shard holds and,
+    for stacked expert tensors, reads only the safetensors entries of those experts (dense tensors are read
+    whole and sliced). Raises ValueError when the checkpoint's shapes do not match the model's config.
+    Returns the HF keys this process read (in order).
     """
     cfg: ModelConfig = model.cfg
     ckpt = HFCheckpoint(path, max_seq_len=cfg.max_seq_len, dtype=cfg.dtype)
@@ -225,27 +241,21 @@ def load_hf_into_model(model: nn.Module, path: str | Path) -> list[str]:
 
 
 def _copy_into(ckpt: HFCheckpoint, key: str, target: Tensor) -> None:
-    is_experts = key not in ckpt.plan.direct
     if not hasattr(target, "to_local"):
         target.copy_(ckpt.read(key))
         return
     local = target.to_local()
-    block = _local_block(target)
-    if block is None:
-        from torch.distributed.tensor import distribute_tensor
-
-        logger.warning("load_hf_into_model: %s has placements %s; reading it whole", key, target.placements)
-        full = ckpt.read(key)
-        local.copy_(
-            distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
-        )
+    indices = _local_indices(target)
+    if key in ckpt.plan.direct:
+        local.copy_(_select(ckpt.read(key), indices, from_dim=0))
         return
-    shape, offset = block
-    if is_experts:  # read only the rows (experts) of this shard, then crop the other dims
-        value = ckpt.read(key, experts=range(offset[0], offset[0] + shape[0]))
-        local.copy_(_crop(value, shape, offset, from_dim=1))
-    else:
-        local.copy_(_crop(ckpt.read(key), shape, offset, from_dim=0))
+    # stacked expert tensor: read only the experts (rows) this shard holds, in their local order
+    rows = indices[0]
+    wanted = sorted(set(rows.tolist()))
+    value = ckpt.read(key, experts=wanted)
+    if rows.tolist() != wanted:
+        value = value[torch.searchsorted(torch.tensor(wanted, dtype=torch.int64), rows)]
+    local.copy_(_select(value, indices, from_dim=1))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -65,6 +65,10 @@ def init_distributed(*, timeout_s: float = 300.0) -> DistEnv:
         dist.init_process_group(
             pick_backend(device), store=store, rank=rank, world_size=world_size, timeout=timeout
         )
+        # Groups created later without an explicit timeout (DeviceMesh sub-groups, the async-checkpoint group)
+        # take c10d's module default (30 min for gloo), not the one above: make that default ours too.
+        dist.distributed_c10d.default_pg_timeout = timeout
+        dist.distributed_c10d.default_pg_nccl_timeout = timeout
         logger.info(
             "initialized %s process group: rank %d of %d (attempt %s)",
             pick_backend(device),

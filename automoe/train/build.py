@@ -30,6 +30,27 @@ def config_to_yaml(cfg: JobConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def _check_hf_init(cfg: JobConfig) -> str | None:
+    """`hf.init_from` validated against `cfg.model` (config.json and headers only); None when unset."""
+    if cfg.hf.init_from is None:
+        return None
+    from automoe.hf.finetune import check_hf_init
+
+    _, notes = check_hf_init(cfg.model, cfg.hf.init_from)
+    for note in notes:
+        logger.warning(
+            "hf.init_from: %s: the fine-tune starts from another function than the checkpoint's", note
+        )
+    return cfg.hf.init_from
+
+
+def _load_hf_init(model: torch.nn.Module, hf_dir: str) -> None:
+    from automoe.hf import load_hf_into_model
+
+    read = load_hf_into_model(model, hf_dir)
+    logger.info("initialized from HF checkpoint %s (%d tensors read on rank 0)", hf_dir, len(read))
+
+
 def build_trainer(cfg: JobConfig, env: parallel.DistEnv) -> Trainer:
     """Everything `Trainer.fit` needs, on every rank. Raises ValueError for bad settings before training starts."""
     pcfg, train = cfg.parallel, cfg.train
@@ -47,6 +68,7 @@ def build_trainer(cfg: JobConfig, env: parallel.DistEnv) -> Trainer:
     if cfg.data.seq_len % pcfg.cp:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.cp={pcfg.cp}")
     resume_path = resolve_resume(cfg.checkpoint.resume, ckpt_root)
+    hf_init = _check_hf_init(cfg) if resume_path is None else None
     # 2. data: the same datasets on every rank; the loader takes this rank's slice of each global batch
     train_ds, val_ds = build_datasets(cfg.data)
     if train_ds.vocab_size > cfg.model.vocab_size:
@@ -72,7 +94,9 @@ def build_trainer(cfg: JobConfig, env: parallel.DistEnv) -> Trainer:
     parallel.parallelize(model, dims, pcfg)
     model.to_empty(device=env.device)
     torch.manual_seed(train.seed)
-    model.init_weights()
+    model.init_weights()  # also fills the non-persistent buffers (RoPE tables, load counters)
+    if hf_init is not None:  # HF weights overwrite every parameter; each rank reads only its shard's experts
+        _load_hf_init(model, hf_init)
     model.train()
     counts = num_params(model)
     logger.info("model: %.2fM parameters, %.2fM active per token", counts.total / 1e6, counts.active / 1e6)
@@ -90,7 +114,7 @@ def build_trainer(cfg: JobConfig, env: parallel.DistEnv) -> Trainer:
         start_step = checkpointer.load(
             resume_path, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader
         )
-    elif cfg.checkpoint.resume == "latest":
+    elif cfg.checkpoint.resume == "latest":  # nothing to resume: a fresh run (from hf.init_from if set)
         logger.info(
             "checkpoint.resume=latest: no complete checkpoint under %s, starting from scratch", ckpt_root
         )

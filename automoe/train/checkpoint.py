@@ -31,6 +31,8 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from automoe.train import faults
+
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
@@ -91,19 +93,41 @@ def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
     """`checkpoint.resume` -> the directory to load, or None for a fresh start.
 
     null: fresh. `latest`: the newest complete checkpoint under `root`, fresh if there is none (so one command
-    line serves the first start and every restart). Otherwise a path that must be a complete checkpoint.
+    line serves the first start and every restart). Otherwise a path that must be a complete `step_<N>`
+    checkpoint. A run never writes next to complete checkpoints of another history: a fresh start where `root`
+    already holds some, or a resume from an older one while newer ones exist there, is refused (instead of
+    mixing the two or pruning the newer ones away).
     """
-    if resume is None:
-        return None
     if resume == "latest":
         return latest_checkpoint(root)
+    newest = latest_checkpoint(root)
+    if resume is None:
+        if newest is not None:
+            raise ValueError(
+                f"checkpoint.resume=None (fresh start) but {root} already holds complete checkpoints (newest "
+                f"{newest.name}); use checkpoint.resume=latest to continue them or choose another output_dir"
+            )
+        return None
     path = Path(resume)
     if not path.is_dir():
         raise ValueError(f"checkpoint.resume={resume!r} is not a directory")
+    if not _STEP_DIR.match(path.name):
+        inside = [p.name for _, p in step_dirs(path) if is_complete(p)]
+        hint = (
+            f"it holds {', '.join(inside)}: pick one" if inside else "it holds no complete step_<N> directory"
+        )
+        raise ValueError(f"checkpoint.resume={resume!r} is not a step_<N> checkpoint directory ({hint})")
     if not is_complete(path):
         raise ValueError(
             f"checkpoint.resume={resume!r} has no {MARKER} marker: the save did not finish (or it is not a "
             "step_<N> checkpoint directory); pick another or use checkpoint.resume=latest"
+        )
+    step = int(_STEP_DIR.match(path.name).group(1))
+    if newest is not None and int(_STEP_DIR.match(newest.name).group(1)) > step:
+        raise ValueError(
+            f"checkpoint.resume={resume!r} is older than {newest} in this run's checkpoint directory: continuing "
+            "from it would mix two histories there; resume from the newest, or copy the checkpoint into "
+            "another output_dir"
         )
     return path
 
@@ -133,10 +157,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write then rename, so a reader never sees half a file."""
+def _write_json(path: Path, obj: Any, *, fault_point: str | None = None, step: int = 0) -> None:
+    """Write, fsync, then rename, so a reader never sees half a file (even after the machine goes down)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
+    data = json.dumps(obj).encode()
+    if fault_point is not None and faults.wants_save_point(fault_point, step):
+        tmp.write_bytes(data[: len(data) // 2])
+        faults.save_point(fault_point, step)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -199,6 +230,56 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         return metadata
 
 
+class _FaultPointWriter(dcp.FileSystemWriter):
+    """`FileSystemWriter` that passes the DCP-internal points of `faults.SAVE_POINTS` (free when no fault is set)."""
+
+    def __init__(self, path: str, *, step: int) -> None:
+        super().__init__(path)
+        self.step = step
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        faults.save_point("dcp.before_data", self.step)
+        result = super().write_data(plan, planner)
+        if faults.wants_save_point("dcp.data_partial", self.step):
+            for shard in Path(self.path).glob(f"{plan.storage_data.prefix}*"):
+                with open(shard, "r+b") as f:
+                    f.truncate(shard.stat().st_size // 2)
+            faults.save_point("dcp.data_partial", self.step)
+        faults.save_point("dcp.after_data", self.step)
+        return result
+
+    def finish(self, metadata: Metadata, results: Any) -> None:
+        faults.save_point("dcp.before_metadata", self.step)
+        super().finish(metadata, results)
+        faults.save_point("dcp.after_metadata", self.step)
+
+
+def _check_shard_files(path: Path, metadata: Metadata) -> None:
+    """Every shard file the metadata points at exists and is long enough (a truncated file is named here)."""
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise ValueError(f"checkpoint file {shard} is missing (listed in {path / '.metadata'})")
+        actual = shard.stat().st_size
+        if actual < size:
+            raise ValueError(
+                f"checkpoint file {shard} is truncated: {actual} bytes, its metadata needs at least {size}"
+            )
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (the marker must not survive a power loss that its files did not)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -241,13 +322,18 @@ class Checkpointer:
         if is_complete(path):
             logger.info("checkpoint %s already exists; not rewritten", path)
             return path
+        faults.save_point("save.begin", step)
         if self.rank == 0:
             if path.exists():  # an unfinished earlier attempt at this step
                 shutil.rmtree(path)
             (path / "rng").mkdir(parents=True)
         _barrier()
+        faults.save_point("save.dir_created", step)
         start = time.perf_counter()
-        _write_json(path / "rng" / f"rank_{self.rank}.json", rng_state())
+        _write_json(
+            path / "rng" / f"rank_{self.rank}.json", rng_state(), fault_point="save.rng_partial", step=step
+        )
+        faults.save_point("save.rng_written", step)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if self.rank == 0:
@@ -258,17 +344,21 @@ class Checkpointer:
                 "scheduler": scheduler.state_dict(),
                 "loader": loader.state_dict(),
             }
-            _write_json(path / STATE_FILE, trainer_state)
+            _write_json(path / STATE_FILE, trainer_state, fault_point="save.state_partial", step=step)
+            faults.save_point("save.state_written", step)
             (path / CONFIG_FILE).write_text(self.config_yaml)
+            faults.save_point("save.config_written", step)
+        writer = _FaultPointWriter(str(path), step=step)
         if self.async_save:
             kwargs = {"process_group": self._async_group} if self._async_group is not None else {}
             with _single_process_ok():
-                future = dcp.async_save(state, checkpoint_id=str(path), **kwargs)
+                future = dcp.async_save(state, storage_writer=writer, **kwargs)
             self._pending = (future, step, path)
+            faults.save_point("save.async_started", step)
             logger.info("checkpoint step %d: async save started (%.2fs)", step, time.perf_counter() - start)
             return path
         with _single_process_ok():
-            dcp.save(state, checkpoint_id=str(path))
+            dcp.save(state, storage_writer=writer)
         self._finish(step, path)
         logger.info("checkpoint step %d saved to %s (%.2fs)", step, path, time.perf_counter() - start)
         return path
@@ -286,22 +376,37 @@ class Checkpointer:
     def _finish(self, step: int, path: Path) -> None:
         _barrier()  # every rank's shards and JSON files are on disk before the marker says so
         if self.rank == 0:
-            _write_json(path / MARKER, {"step": step, "world_size": self.world_size, "time": time.time()})
-            self._prune()
+            faults.save_point("save.before_marker", step)
+            marker = {"step": step, "world_size": self.world_size, "time": time.time()}
+            _write_json(path / MARKER, marker, fault_point="save.marker_partial", step=step)
+            _fsync_dir(path)
+            faults.save_point("save.marker_written", step)
+            self._prune(step)
+            faults.save_point("prune.done", step)
         _barrier()
 
-    def _prune(self) -> None:
-        """Keep the newest `keep_last_n` complete checkpoints; drop unfinished directories older than them."""
+    def _prune(self, step: int) -> None:
+        """Keep the newest `keep_last_n` complete checkpoints; drop unfinished directories older than them.
+
+        Runs only after the checkpoint of `step` is complete, and never deletes the newest complete one.
+        """
         dirs = step_dirs(self.root)
         complete = [(s, p) for s, p in dirs if is_complete(p)]
         if not complete:
             return
-        doomed = complete[: -self.keep_last_n] if self.keep_last_n > 0 else []
+        doomed = (
+            [(s, p) for s, p in complete[: -self.keep_last_n] if s != step] if self.keep_last_n > 0 else []
+        )
         newest = complete[-1][0]
         doomed += [(s, p) for s, p in dirs if not is_complete(p) and s < newest]
         for _, p in doomed:
             # Remove the marker first: a crash mid-delete must not leave a "complete" partial directory.
             (p / MARKER).unlink(missing_ok=True)
+            faults.save_point("prune.marker_removed", step)
+            if faults.wants_save_point("prune.files_half_removed", step):
+                for f in sorted(x for x in p.rglob("*") if x.is_file())[::2]:
+                    f.unlink()
+                faults.save_point("prune.files_half_removed", step)
             shutil.rmtree(p, ignore_errors=True)
 
     # ---- load ----
@@ -329,9 +434,12 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd}
         reader = SafeFileSystemReader(str(path))
         try:
-            reader.read_metadata()  # fail here, with the file named, rather than deep inside dcp.load
+            metadata = (
+                reader.read_metadata()
+            )  # fail here, with the file named, rather than deep inside dcp.load
         except FileNotFoundError:
             raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
+        _check_shard_files(path, metadata)
         try:
             with _single_process_ok():
                 dcp.load(state, storage_reader=reader)

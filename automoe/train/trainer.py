@@ -7,12 +7,14 @@ one process. Letters: B micro-batch rows, S positions (CP-local under context pa
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,8 +22,24 @@ from automoe import parallel
 from automoe.config.job import JobConfig
 from automoe.data import IGNORE_INDEX, StatefulLoader, TokenDataset, val_batches
 from automoe.moe import collect_aux_loss, moe_layers, step_expert_loads, update_gate_biases
+from automoe.train import faults
 from automoe.train.checkpoint import Checkpointer, latest_checkpoint
 from automoe.train.metrics import HEATMAP_FILE, MetricsLogger, expert_load_stats, save_expert_load_heatmap
+
+logger = logging.getLogger(__name__)
+# Fragments of the errors gloo/NCCL raise when a peer is stuck (timeout) or gone (closed connection).
+_PEER_FAILURE = (
+    "timed out",
+    "timeout",
+    "connection closed",
+    "connection reset",
+    "pair closure",
+    "broken pipe",
+)
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed because another rank hung past `parallel.collective_timeout_s` or died."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -58,6 +76,7 @@ class Trainer:
         self.step = start_step
         self.consecutive_skips = 0
         self.output_dir = Path(cfg.output_dir)
+        self.phase = "start-up"  # what the loop is doing (named if a collective fails)
 
     # ---- the loop ----
     def fit(self) -> dict[str, Any]:
@@ -66,14 +85,17 @@ class Trainer:
         last_step = train.stop_at_step or train.steps
         record: dict[str, Any] = {}
         try:
-            with self.metrics.console():
+            with self.metrics.console(), self._name_collective_failures():
                 while self.step < last_step:
                     record = self.train_step()
                     if self._due(train.val_interval, final=train.steps) and self.val_dataset is not None:
+                        self.phase = "validation (loss all-reduce)"
                         record["val_loss"] = self.validate()
                     self.metrics.log(record)
                     if self._due(ckpt.interval, final=last_step):
+                        self.phase = "checkpoint save (DCP plan/metadata collectives, barriers)"
                         self.save_checkpoint()
+                self.phase = "final checkpoint wait"
                 self.checkpointer.wait()
         finally:
             self.metrics.close()
@@ -84,12 +106,16 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step on the loader's next global batch; -> its metrics record (see `metrics.STEP_KEYS`)."""
         self.step += 1
+        faults.at_step(self.step)
         start = time.perf_counter()
         micro_batches = self.loader.next_step()
+        self.phase = "forward/backward (expert all-to-all, FSDP all-gather/reduce-scatter)"
         ce_sum, aux_sum, dropped_L = self.forward_backward(micro_batches)
+        self.phase = "gradient reduction and clipping (grad-norm all-reduce)"
         parallel.finalize_grads(self.model, self.dims)
         grad_norm = parallel.clip_grad_norm_(self.model, self.cfg.optim.max_grad_norm).item()
         # One all-reduce for every logged sum; the loss is the global mean CE of the step.
+        self.phase = "loss/metrics all-reduce"
         sums = parallel.sum_over_ranks(torch.cat([ce_sum.view(1), aux_sum.view(1), dropped_L]), self.dims)
         num_tokens = micro_batches[0]["global_num_tokens"]
         loss = sums[0].item() / num_tokens
@@ -100,6 +126,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.phase = "gate-bias load all-reduce"
         loads = self._update_gate_biases() if healthy else self._discard_moe_statistics()
         step_time = time.perf_counter() - start
         return {
@@ -129,8 +156,11 @@ class Trainer:
         share = 1.0 / (len(micro_batches) * self.dims.world_size)
         ce_total = torch.zeros((), device=self.device)
         aux_total = torch.zeros((), device=self.device)
+        poison = faults.poison_loss(self.step)
         for mb in micro_batches:
             ce_sum = self._ce_sum(mb)
+            if poison:
+                ce_sum = ce_sum * float("nan")
             loss = ce_sum / mb["global_num_tokens"]
             aux = collect_aux_loss(self.model)
             if aux is not None:
@@ -179,9 +209,10 @@ class Trainer:
         policy = self.cfg.train.nan_policy
         if policy == "skip" and self.consecutive_skips < self.cfg.train.nan_max_skips:
             self.consecutive_skips += 1
-            self.metrics.info(
-                f"{what}; update skipped (train.nan_policy=skip, {self.consecutive_skips} in a row)"
-            )
+            message = f"{what}; update skipped (train.nan_policy=skip, {self.consecutive_skips} in a row)"
+            self.metrics.info(message)
+            if not self.metrics.is_main:  # every rank says what it decided (they must agree)
+                logger.warning(message)
             return False
         self.checkpointer.wait()  # a pending save holds the last healthy state: let it complete
         latest = latest_checkpoint(self.checkpointer.root)
@@ -190,10 +221,28 @@ class Trainer:
             if policy == "stop"
             else f"train.nan_max_skips={self.cfg.train.nan_max_skips} consecutive steps skipped"
         )
-        raise NonFiniteError(
+        message = (
             f"{what}: stopping ({reason}). Nothing was saved from this state; the last complete checkpoint "
             f"is {latest or 'none'}. Lower optim.lr, use train.dtype=float32 or tighten optim.max_grad_norm."
         )
+        if not self.metrics.is_main:
+            logger.warning(message)
+        raise NonFiniteError(message)
+
+    @contextlib.contextmanager
+    def _name_collective_failures(self):
+        """Re-raise a peer's timeout or death as `CollectiveError` naming the step, phase and timeout setting."""
+        try:
+            yield
+        except RuntimeError as e:
+            text = str(e).lower()
+            if self.dims.world_size == 1 or not any(frag in text for frag in _PEER_FAILURE):
+                raise
+            timeout = self.cfg.parallel.collective_timeout_s
+            raise CollectiveError(
+                f"step {self.step}: a collective in {self.phase} failed on rank {dist.get_rank() if dist.is_initialized() else 0}: another "
+                f"rank hung longer than parallel.collective_timeout_s={timeout} or died. Original error: {e}"
+            ) from e
 
     def _due(self, interval: int, *, final: int) -> bool:
         return interval > 0 and (self.step % interval == 0 or self.step == final)

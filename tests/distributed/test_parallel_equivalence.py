@@ -95,7 +95,10 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _worker(rank: int, world: int, layout: dict) -> dict:
     pcfg = ParallelConfig(ep=layout["ep"], cp=layout["cp"], dp_replicate=layout.get("dp_replicate", 1),
                           fsdp=layout["fsdp"], activation_checkpointing=layout.get("ac", "none"),
-                          cp_load_balance=True)
+                          fsdp_param_dtype=layout.get("param_dtype", "float32"), cp_load_balance=True)
+    # bf16 mixed precision (params gathered and computed in bf16, fp32 master weights and reductions) is held to
+    # bf16 accuracy; fp32 layouts to 1e-5
+    tol = 1e-5 if pcfg.fsdp_param_dtype == "float32" else 2e-2
     cfg = _model_cfg(layout.get("aux", "micro_batch"), layout.get("experts", 4))
     dims = ParallelDims(world_size=world, dp_replicate=pcfg.dp_replicate, cp=pcfg.cp, ep=pcfg.ep,
                         num_experts=cfg.moe.num_experts)
@@ -119,20 +122,23 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
         want = _train_step(reference, opts[1], single, _micro_batches(tokens, slice(None)), num_tokens,
                            ref_grads if step == 0 else None)
         for name, g, w in zip(("loss", "aux", "grad_norm"), got, want):
-            assert abs(g - w) <= 1e-5 * max(1.0, abs(w)), f"step {step} {name}: {g} vs {w}"
+            assert abs(g - w) <= tol * max(1.0, abs(w)), f"step {step} {name}: {g} vs {w}"
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
-        assert _rel_err(g, ref_grads[name]) <= 1e-5, f"grad {name}: relative error {_rel_err(g, ref_grads[name])}"
-    ref_params = dict(reference.named_parameters())
+        assert _rel_err(g, ref_grads[name]) <= tol, f"grad {name}: relative error {_rel_err(g, ref_grads[name])}"
+    ref_params = dict(reference.named_parameters()) if tol == 1e-5 else {}  # bf16: routing flips diverge AdamW
     for name, p in model.named_parameters():
+        if name not in ref_params:
+            continue
         err = _rel_err(_full(p.detach()), ref_params[name].detach())
         # AdamW normalizes each element's update, so fp noise in a near-zero gradient element moves that element
         # by up to ~lr: hence a looser bound here than for the gradients above (measured: <= 1.2e-5).
-        assert err <= 5e-5, f"param {name} after {STEPS} steps: relative error {err}"
+        assert err <= 5 * tol, f"param {name} after {STEPS} steps: relative error {err}"
     biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("correction_bias")}
     ref_biases = dict(reference.named_buffers())
     for name, b in biases.items():
-        assert torch.equal(b, ref_biases[name]), name
+        if tol == 1e-5:  # bf16 routing may legitimately pick different experts near ties
+            assert torch.equal(b, ref_biases[name]), name
         assert b.abs().sum() > 0, "the bias update never ran"
         gathered = [torch.empty_like(b) for _ in range(world)]
         dist.all_gather(gathered, b)
@@ -141,6 +147,10 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
 
 
 LAYOUTS = [
+    pytest.param(2, {"ep": 1, "cp": 1, "fsdp": True}, id="dp2-fsdp"),
+    pytest.param(2, {"ep": 1, "cp": 2, "fsdp": True, "aux": "global"}, id="cp2-fsdp-globalaux"),
+    pytest.param(2, {"ep": 2, "cp": 1, "fsdp": True, "param_dtype": "bfloat16"}, id="ep2-fsdp-bf16"),
+    pytest.param(4, {"ep": 4, "cp": 1, "fsdp": False}, id="ep4"),
     pytest.param(2, {"ep": 2, "cp": 1, "fsdp": True}, id="ep2-fsdp"),
     pytest.param(2, {"ep": 2, "cp": 1, "fsdp": False}, id="ep2"),
     pytest.param(2, {"ep": 1, "cp": 2, "fsdp": True, "aux": "sequence"}, id="cp2-fsdp-seqaux"),

@@ -97,7 +97,9 @@ def test_latest_ignores_incomplete_and_keep_last_n(tmp_path, env):
     with pytest.raises(ValueError, match="checkpoint.resume=.*is not a directory"):
         resolve_resume(str(root / "step_77"), root)
     assert resolve_resume("latest", tmp_path / "nothing_here") is None
-    assert resolve_resume(None, root) is None
+    assert resolve_resume(None, tmp_path / "nothing_here") is None
+    with pytest.raises(ValueError, match="checkpoint.resume=None .*already holds complete checkpoints"):
+        resolve_resume(None, root)  # a fresh start would mix with (and prune) the checkpoints already there
 
 
 def test_keep_zero_keeps_all(tmp_path, env):

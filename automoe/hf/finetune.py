@@ -1,0 +1,95 @@
+"""Fine-tuning from an HF checkpoint: the model config a run gets from `config.json`, and the checks that the
+run's `model` section can hold the checkpoint (before any process group or tensor read)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from automoe.config.model import ModelConfig
+from automoe.hf.checkpoint import expected_tensors
+from automoe.hf.config_map import FAMILIES, config_from_hf, read_hf_config
+from automoe.hf.safetensors_io import SafetensorsReader
+
+# ModelConfig fields a fine-tune may set freely: they change no weight and not the function the weights compute
+# at init (RoPE table length, parameter dtype, init scale, balancing losses and bias updates, capacity, kernels).
+FREE_FIELDS = frozenset(
+    [
+        "max_seq_len",
+        "dtype",
+        "init_std",
+        "moe.dtype",
+        "moe.router_dtype",
+        "moe.train_gate",
+        "moe.gate_bias_update_factor",
+        "moe.bias_update_mean_center",
+        "moe.aux_loss_coeff",
+        "moe.aux_loss_type",
+        "moe.z_loss_coeff",
+        "moe.expert_dropout",
+        "moe.capacity_factor",
+        "moe.experts_backend",
+    ]
+)
+
+
+def hf_model_config(
+    hf_dir: str | Path, *, overrides: dict[str, Any] | None = None
+) -> tuple[ModelConfig, str]:
+    """-> (ModelConfig, family) read from `hf_dir/config.json`, with `overrides` (nested dict of `model.*` keys
+    the user gave, e.g. `{"max_seq_len": 512, "moe": {"aux_loss_coeff": 0.01}}`) merged on top."""
+    cfg, family = config_from_hf(read_hf_config(hf_dir))
+    if overrides:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), overrides)
+        cfg = OmegaConf.to_object(merged)
+    return cfg, family
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x):
+            out += _diff(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            out.append((f"{prefix}{f.name}", x, y))
+    return out
+
+
+def check_hf_init(model_cfg: ModelConfig, hf_dir: str | Path) -> tuple[str, list[str]]:
+    """Validate `hf.init_from=hf_dir` against the run's model config; -> (family, notes on changed fields).
+
+    Raises ValueError naming the fields when the checkpoint's tensors cannot fill this model (another shape),
+    or when the directory is not a readable HF checkpoint. Fields that keep the shapes but change what the
+    model computes (e.g. `moe.num_activated_experts`) come back as notes for the caller to log; `FREE_FIELDS`
+    are silent. Reads only `config.json` and the safetensors headers.
+    """
+    path = Path(hf_dir)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"hf.init_from={str(hf_dir)!r} has no config.json (is it a Hugging Face model dir?)")
+    hf_cfg, family = config_from_hf(
+        read_hf_config(path), max_seq_len=model_cfg.max_seq_len, dtype=model_cfg.dtype
+    )
+    SafetensorsReader(path)  # raises ValueError when there are no weights
+    diffs = [(k, x, y) for k, x, y in _diff(model_cfg, hf_cfg) if k not in FREE_FIELDS]
+    text = [f"model.{k}={x!r} (config.json gives {y!r})" for k, x, y in diffs]
+    mine = {k: v[0] for k, v in expected_tensors(model_cfg).items()}
+    theirs = {k: v[0] for k, v in expected_tensors(hf_cfg).items()}
+    if mine != theirs:
+        detail = "; ".join(text) or "tensor shapes differ"
+        raise ValueError(f"hf.init_from={str(hf_dir)!r} holds a model of another shape: {detail}")
+    return family, text
+
+
+def export_family(hf_init_from: str | None, family: str | None) -> str | None:
+    """The HF layout to export to: `hf.family`, else the `model_type` of `hf.init_from`, else None."""
+    if family is not None:
+        if family not in FAMILIES:
+            raise ValueError(f"hf.family={family!r} is not one of {list(FAMILIES)}")
+        return family
+    if hf_init_from is not None:
+        return read_hf_config(hf_init_from).get("model_type")
+    return None

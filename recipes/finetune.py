@@ -1,0 +1,94 @@
+"""Fine-tune a Hugging Face MoE checkpoint (Mixtral, Qwen3-MoE, DeepSeek-V3 layouts) with the pretraining stack.
+
+    torchrun --nproc-per-node 2 recipes/finetune.py hf.init_from=HF_DIR [key=value ...]
+
+The model section comes from `HF_DIR/config.json` (`automoe.hf.config_from_hf`), with any `model.*` override
+of the command line on top (e.g. `model.max_seq_len=4096 model.moe.aux_loss_coeff=0.01`; overrides that change
+a tensor shape fail before training). The weights are loaded into the already parallelized model, each rank
+reading only its own experts. Everything else is the pretraining recipe (`configs/finetune.yaml` defaults):
+
+    torchrun --nproc-per-node 2 recipes/finetune.py hf.init_from=ckpt/qwen3 data.source=tokens \\
+        data.token_file=data/ids.bin train.steps=200 hf.export_to=outputs/finetune/hf
+    torchrun --nproc-per-node 2 recipes/finetune.py hf.init_from=ckpt/qwen3 checkpoint.resume=latest
+
+`checkpoint.resume` continues an interrupted fine-tune from its own `step_<N>` checkpoint (the HF weights are
+then not read). `hf.export_to` writes the final model as an HF directory that `transformers` loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from pretrain import setup_logging  # recipes/ is on sys.path: the same logging setup as pretraining
+
+from automoe.config import JobConfig, register_configs
+from automoe.hf import save_hf_checkpoint
+from automoe.hf.finetune import export_family, hf_model_config
+from automoe.parallel import init_distributed, shutdown_distributed
+from automoe.train import build_trainer, config_to_yaml
+
+logger = logging.getLogger("automoe")
+
+register_configs()
+
+
+def model_overrides() -> dict[str, Any]:
+    """The `model.*` overrides of this command line as a nested dict (Hydra already checked them)."""
+    dotlist = []
+    for item in HydraConfig.get().overrides.task:
+        key = item.lstrip("+")
+        if key.startswith("model."):
+            dotlist.append(key[len("model.") :])
+    return OmegaConf.to_container(OmegaConf.from_dotlist(dotlist))
+
+
+def job_config(dict_cfg: DictConfig) -> JobConfig:
+    """The composed config with its `model` section replaced by `hf.init_from/config.json` (+ overrides)."""
+    model_cfg, _ = hf_model_config(dict_cfg.hf.init_from, overrides=model_overrides())
+    dict_cfg.model = OmegaConf.structured(model_cfg)
+    cfg: JobConfig = OmegaConf.to_object(dict_cfg)  # runs every __post_init__ check
+    if cfg.hf.export_to is not None:
+        export_family(cfg.hf.init_from, cfg.hf.family)  # a bad hf.family fails now, not after training
+    return cfg
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="finetune")
+def main(dict_cfg: DictConfig) -> None:
+    cfg = job_config(dict_cfg)
+    env = init_distributed(timeout_s=cfg.parallel.collective_timeout_s)
+    setup_logging(env.rank)
+    try:
+        if env.is_main:
+            resolved = config_to_yaml(cfg)
+            logger.info(
+                "world size %d, fine-tuning %s; resolved config:\n%s",
+                env.world_size,
+                cfg.hf.init_from,
+                resolved,
+            )
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / "config.yaml").write_text(resolved)
+        trainer = build_trainer(cfg, env)
+        last = trainer.fit()
+        if last:
+            logger.info(
+                "finished step %d: loss %.4f; outputs in %s", last["step"], last["loss"], cfg.output_dir
+            )
+        if (
+            cfg.hf.export_to is not None
+        ):  # every rank takes part (sharded tensors are gathered); rank 0 writes
+            family = export_family(cfg.hf.init_from, cfg.hf.family)
+            files = save_hf_checkpoint(trainer.model, cfg.model, cfg.hf.export_to, family=family)
+            if env.is_main:
+                logger.info("exported the model as %s: %s", family, ", ".join(files))
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

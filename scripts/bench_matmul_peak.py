@@ -1,0 +1,134 @@
+"""Measured matmul peak of this machine (GFLOP/s) per dtype and process x thread layout: the MFU denominator.
+
+    .venv/bin/python scripts/bench_matmul_peak.py --json bench_results/matmul_peak.json
+
+Layouts: `1x1` one process with one thread, `1x2` one process with two threads, `2x1` two processes with one
+thread each running at the same time (what `torchrun --nproc-per-node 2` gives the trainer; the aggregate is
+reported). For each (dtype, layout, shape): the median and the best of --repeats timed bursts of --iters
+products. `peak` per (dtype, layout) is the best burst over the shapes: the rate the CPU reached, so MFU against
+it is conservative on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe_layer import MachineLoadMeter, machine_info  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SHAPES = [(4096, 512, 1024), (2048, 2048, 2048), (8192, 512, 2048)]  # (M, K, N) of (M x K) @ (K x N)
+
+
+def _rates(
+    dtype_name: str, shape: tuple[int, int, int], *, threads: int, repeats: int, iters: int
+) -> list[float]:
+    """GFLOP/s of `repeats` bursts of `iters` products `a @ b` (into a preallocated output)."""
+    torch.set_num_threads(threads)
+    M, K, N = shape
+    dtype = DTYPES[dtype_name]
+    a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
+    out = torch.empty(M, N, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b, out=out)
+        rates.append(2 * M * K * N * iters / (time.perf_counter() - t0) / 1e9)
+    return rates
+
+
+def _child(barrier, queue, dtype_name, shape, repeats, iters) -> None:
+    barrier.wait()
+    queue.put(_rates(dtype_name, shape, threads=1, repeats=repeats, iters=iters))
+
+
+def measure(
+    dtype_name: str, shape: tuple[int, int, int], layout: str, *, repeats: int, iters: int
+) -> list[float]:
+    """Aggregate GFLOP/s per burst for one layout (bursts of the 2 processes are paired by index)."""
+    if layout == "1x1":
+        return _rates(dtype_name, shape, threads=1, repeats=repeats, iters=iters)
+    if layout == "1x2":
+        return _rates(dtype_name, shape, threads=2, repeats=repeats, iters=iters)
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_child, args=(barrier, queue, dtype_name, shape, repeats, iters)) for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    per_proc = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return [a + b for a, b in zip(*per_proc)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--layouts", default="1x1,1x2,2x1", help="processes x threads, comma-separated")
+    p.add_argument("--repeats", type=int, default=5, help="timed bursts per (dtype, layout, shape)")
+    p.add_argument("--iters", type=int, default=4, help="products per burst")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args()
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "args": vars(args),
+        "rows": [],
+        "peak_gflops": {},
+    }
+    print(f"{'dtype':<5} {'layout':<6} {'shape (MxK @ KxN)':<22} {'median GFLOP/s':>14} {'best':>8}")
+    with MachineLoadMeter() as machine:
+        for dtype_name in args.dtype.split(","):
+            if dtype_name not in DTYPES:
+                raise ValueError(f"--dtype {dtype_name!r} is not one of {list(DTYPES)}")
+            for layout in args.layouts.split(","):
+                if layout not in ("1x1", "1x2", "2x1"):
+                    raise ValueError(f"--layouts entry {layout!r} is not one of 1x1, 1x2, 2x1")
+                best = 0.0
+                for shape in SHAPES:
+                    rates = measure(dtype_name, shape, layout, repeats=args.repeats, iters=args.iters)
+                    row = {
+                        "dtype": dtype_name,
+                        "layout": layout,
+                        "shape": list(shape),
+                        "median_gflops": round(statistics.median(rates), 1),
+                        "best_gflops": round(max(rates), 1),
+                    }
+                    report["rows"].append(row)
+                    best = max(best, row["best_gflops"])
+                    M, K, N = shape
+                    print(
+                        f"{dtype_name:<5} {layout:<6} {f'{M}x{K} @ {K}x{N}':<22} "
+                        f"{row['median_gflops']:>14.1f} {row['best_gflops']:>8.1f}"
+                    )
+                report["peak_gflops"][f"{dtype_name}/{layout}"] = best
+    report["machine_busy"] = round(machine.busy, 3)
+    report["loadavg_before_after"] = [machine.loadavg_before, machine.loadavg_after]
+    print(
+        "peak (best burst over shapes): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in report["peak_gflops"].items())
+    )
+    print(
+        f"machine busy {machine.busy:.0%}; loadavg {machine.loadavg_before:.2f} -> {machine.loadavg_after:.2f}"
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
