@@ -38,6 +38,18 @@ from automoe.moe.layer import MoE
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+class ExpertsOnly(nn.Module):
+    """The `experts` row: the fast layer's GroupedExperts on rows already sorted expert-major (no gate, dispatch
+    or combine), so ideal -> experts -> fast separates the GEMM engine's cost from the routing's."""
+
+    def __init__(self, layer: MoE, counts_E: Tensor) -> None:
+        super().__init__()
+        self.experts, self.counts_E = layer.experts, counts_E
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        return self.experts(x_ND, self.counts_E)
+
+
 class DenseSwiGLU(nn.Module):
     """The `ideal` row: one SwiGLU MLP over all T*k routed rows, fused [D, 2F] up weight like the experts."""
 
@@ -134,7 +146,7 @@ def build_rows(args, dtype: torch.dtype, *, names: tuple[str, ...] = ("ideal", "
     dy_ND = torch.randn(T * K, D, generator=g).to(dtype)
     rows = {"ideal": (DenseSwiGLU(D, Fd, dtype), x_ND, dy_ND)}
     for name, backend in (("loop", "loop"), ("fast", args.backend)):
-        if name not in names:
+        if name not in names and not (name == "fast" and "experts" in names):
             continue
         cfg = MoEConfig(
             dim=D,
@@ -151,6 +163,12 @@ def build_rows(args, dtype: torch.dtype, *, names: tuple[str, ...] = ("ideal", "
         torch.manual_seed(0)
         layer.init_weights(std=D**-0.5)
         rows[name] = (layer, x_BSD, dy_BSD)
+    if "experts" in names:
+        fast = rows["fast"][0]
+        torch.manual_seed(0)
+        idx_TK = fast.gate(x_BSD.reshape(-1, D), None).indices_TK
+        counts_E = torch.bincount(idx_TK.flatten(), minlength=E)
+        rows["experts"] = (ExpertsOnly(fast, counts_E), x_ND, dy_ND)
     return rows
 
 
@@ -260,11 +278,11 @@ def print_result(args, res: dict) -> None:
         f"(other CPU load during the run: {res['other_cpu_load']:.0%})"
     )
     print(
-        f"{'row':<6} {'median ms':>10} {'min ms':>8} {'tokens/s':>9} {'efficiency':>10} {'eff(min)':>9} {'saved MB':>9}"
+        f"{'row':<7} {'median ms':>10} {'min ms':>8} {'tokens/s':>9} {'efficiency':>10} {'eff(min)':>9} {'saved MB':>9}"
     )
     for name, r in res["rows"].items():
         print(
-            f"{name:<6} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {r['tokens_per_s']:>9} "
+            f"{name:<7} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {r['tokens_per_s']:>9} "
             f"{r['efficiency']:>10.3f} {r['efficiency_min']:>9.3f} {r['saved_MB']:>9.1f}"
         )
     if "fast_stages_ms" in res:
@@ -305,7 +323,9 @@ def main() -> None:
     p.add_argument("--sweep-topk", type=int, nargs="+", default=[2, 8])
     p.add_argument("--sweep-noise", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument(
-        "--rows", default=None, help="comma-separated rows: ideal,loop,fast (sweep default: ideal,fast)"
+        "--rows",
+        default=None,
+        help="comma-separated rows: ideal,loop,experts,fast (sweep default: ideal,fast)",
     )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()

@@ -1,7 +1,7 @@
 """Load-balancing study: the same tiny MoE trained on the stdlib corpus with no balancing, the aux loss, the
 aux-loss-free gate-bias update (Wang et al. 2024) and both; validation loss and MaxVio_global per run.
 
-    .venv/bin/python scripts/study_load_balance.py [--steps 200] [--nproc 1] [--gamma 0.001] [--aux 0.01]
+    .venv/bin/python scripts/study_load_balance.py [--steps 200] [--nproc 1] [--gamma 0.003] [--aux 0.01] [--seed 0]
 
 Each run is the real recipe (`torchrun recipes/pretrain.py` with overrides, its own output_dir, only the final
 checkpoint saved). Afterwards the final checkpoint is loaded into one process and run over the whole validation
@@ -48,7 +48,7 @@ LABELS = {
 COLORS = {"none": "tab:red", "aux": "tab:blue", "bias": "tab:green", "both": "tab:purple"}
 
 
-def run_overrides(name: str, args: argparse.Namespace) -> list[str]:
+def run_overrides(name: str, *, args: argparse.Namespace) -> list[str]:
     """Hydra overrides of one run: balancing settings plus the shared model, data, steps and outputs."""
     aux = args.aux if name in ("aux", "both") else 0.0
     gamma = args.gamma if name in ("bias", "both") else 0.0
@@ -57,6 +57,7 @@ def run_overrides(name: str, args: argparse.Namespace) -> list[str]:
         f"model.moe.aux_loss_coeff={aux}",
         f"model.moe.gate_bias_update_factor={gamma}",
         f"train.steps={args.steps}",
+        f"train.seed={args.seed}",
         f"train.micro_batch_size={args.micro_batch_size}",
         f"train.val_interval={args.val_interval}",
         f"checkpoint.interval={args.steps}",  # only the final checkpoint: the evaluation below loads it
@@ -69,7 +70,7 @@ def run_overrides(name: str, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def train(name: str, args: argparse.Namespace) -> float:
+def train(name: str, *, args: argparse.Namespace) -> float:
     """One fresh recipe run in a subprocess (its old output_dir is deleted first); -> wall seconds."""
     shutil.rmtree(args.out / name, ignore_errors=True)
     cmd = [
@@ -77,7 +78,7 @@ def train(name: str, args: argparse.Namespace) -> float:
         "--standalone",
         f"--nproc-per-node={args.nproc}",
         str(ROOT / "recipes/pretrain.py"),
-        *run_overrides(name, args),
+        *run_overrides(name, args=args),
     ]
     print("$", " ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -156,17 +157,18 @@ def training_curves(run_dir: Path) -> dict:
         "loss": [r["loss"] for r in records],
         "val_curve": val,
         "final_train_loss": last.get("loss"),
+        "train_loop_s": sum(r["step_time_s"] for r in records),
         "dead_experts_last_step": sum(m["dead_experts"] for m in last.get("moe", {}).values()),
     }
 
 
-def smooth(values: list[float], window: int) -> np.ndarray:
+def smooth(values: list[float], *, window: int) -> np.ndarray:
     values = np.asarray(values, dtype=float)
     kernel = np.ones(window) / window
     return np.convolve(values, kernel, mode="valid")
 
 
-def plot(results: dict, img_dir: Path) -> list[Path]:
+def plot(results: dict, *, img_dir: Path) -> list[Path]:
     """Three PNGs: training MaxVio per run, validation loss per run, final per-expert validation load."""
     import matplotlib
 
@@ -181,7 +183,12 @@ def plot(results: dict, img_dir: Path) -> list[Path]:
     window = min(10, *(len(r["curves"]["steps"]) for r in runs.values()))
     for name, r in runs.items():
         c = r["curves"]
-        ax.plot(c["steps"][window - 1 :], smooth(c["max_vio_batch"], window), label=LABELS[name], color=COLORS[name])
+        ax.plot(
+            c["steps"][window - 1 :],
+            smooth(c["max_vio_batch"], window=window),
+            label=LABELS[name],
+            color=COLORS[name],
+        )
     ax.axhline(0.10, color="gray", ls="--", lw=1, label="MaxVio = 0.10")
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -207,8 +214,14 @@ def plot(results: dict, img_dir: Path) -> list[Path]:
     bx.bar(range(len(names)), [runs[n]["eval"]["val_loss"] for n in names], color=[COLORS[n] for n in names])
     for i, n in enumerate(names):
         e = runs[n]["eval"]
-        bx.text(i, e["val_loss"], f"{e['val_loss']:.3f}\nMaxVio {e['max_vio_global_mean']:.2f}", ha="center",
-                va="bottom", fontsize=8)
+        bx.text(
+            i,
+            e["val_loss"],
+            f"{e['val_loss']:.3f}\nMaxVio {e['max_vio_global_mean']:.2f}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     bx.set_xticks(range(len(names)), [LABELS[n].replace(" + ", "\n+ ") for n in names], fontsize=8)
     lows = [runs[n]["eval"]["val_loss"] for n in names]
     bx.set_ylim(min(lows) - 0.05, max(lows) + 0.06)
@@ -226,8 +239,12 @@ def plot(results: dict, img_dir: Path) -> list[Path]:
     for ax, (name, r) in zip(axes, runs.items()):
         for j, layer in enumerate(layer_names):
             load_E = np.asarray(r["eval"]["layers"][layer]["load"], dtype=float)
-            ax.bar(np.arange(len(load_E)) + (j - (len(layer_names) - 1) / 2) * width, load_E / load_E.mean(),
-                   width=width, label=layer.replace("layers.", "layer ").replace(".moe", ""))
+            ax.bar(
+                np.arange(len(load_E)) + (j - (len(layer_names) - 1) / 2) * width,
+                load_E / load_E.mean(),
+                width=width,
+                label=layer.replace("layers.", "layer ").replace(".moe", ""),
+            )
         ax.axhline(1.0, color="gray", ls="--", lw=1)
         ax.set_title(f"{LABELS[name]}\nMaxVio_global {r['eval']['max_vio_global_mean']:.2f}", fontsize=9)
         ax.set_xlabel("expert")
@@ -243,13 +260,13 @@ def plot(results: dict, img_dir: Path) -> list[Path]:
 def summary_table(results: dict) -> str:
     lines = [
         "| run | aux_loss_coeff | gamma | final val loss | MaxVio_global (mean / max over layers) | "
-        "MaxVio_batch (last 20 steps) | train time |",
+        "MaxVio_batch (last 20 steps) | time in train steps |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results["runs"].items():
         e, c = r["eval"], r["curves"]
         tail = float(np.mean(c["max_vio_batch"][-20:]))
-        wall = f"{r['train_wall_s']:.0f} s" if r.get("train_wall_s") else "-"
+        wall = f"{c['train_loop_s']:.0f} s"
         lines.append(
             f"| {LABELS[name]} | {r['aux_loss_coeff']} | {r['gamma']} | {e['val_loss']:.4f} | "
             f"{e['max_vio_global_mean']:.3f} / {e['max_vio_global_max']:.3f} | {tail:.3f} | {wall} |"
@@ -262,7 +279,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     parser.add_argument("--nproc", type=int, default=1, choices=(1, 2), help="1: parallel=single, 2: EP=2")
     parser.add_argument("--aux", type=float, default=0.01, help="aux_loss_coeff of the aux-loss runs")
-    parser.add_argument("--gamma", type=float, default=0.001, help="gate_bias_update_factor of the bias runs")
+    parser.add_argument("--gamma", type=float, default=0.003, help="gate_bias_update_factor of the bias runs")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="train.seed (weight init); data order stays fixed"
+    )
     parser.add_argument("--micro-batch-size", type=int, default=16, help="per rank; 16 = no accumulation")
     parser.add_argument("--val-interval", type=int, default=25, help="trainer validation every n steps")
     parser.add_argument("--eval-batch-size", type=int, default=32)
@@ -279,24 +299,30 @@ def main() -> None:
 
     results_path = args.out / "results.json"
     previous = json.loads(results_path.read_text())["runs"] if results_path.is_file() else {}
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    # Runs not named in --runs keep their earlier results, so a subset can be redone (e.g. another gamma).
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": dict(previous)}
     for name in names:
-        wall = None if args.skip_train else train(name, args)
+        wall = None if args.skip_train else train(name, args=args)
         run_dir = args.out / name
         start = time.perf_counter()
         ev = evaluate(run_dir, batch_size=args.eval_batch_size)
-        print(f"{name}: val loss {ev['val_loss']:.4f}, MaxVio_global {ev['max_vio_global_mean']:.3f} "
-              f"(eval {time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+            f"{name}: val loss {ev['val_loss']:.4f}, MaxVio_global {ev['max_vio_global_mean']:.3f} "
+            f"(eval {time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
         results["runs"][name] = {
             "aux_loss_coeff": args.aux if name in ("aux", "both") else 0.0,
             "gamma": args.gamma if name in ("bias", "both") else 0.0,
+            "overrides": run_overrides(name, args=args),
             "train_wall_s": wall if wall is not None else previous.get(name, {}).get("train_wall_s"),
             "eval": ev,
             "curves": training_curves(run_dir),
         }
+    results["runs"] = {n: results["runs"][n] for n in RUNS if n in results["runs"]}
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1))
-    paths = plot(results, args.img_dir)
+    paths = plot(results, img_dir=args.img_dir)
     print(summary_table(results))
     print("wrote", results_path, *paths)
 

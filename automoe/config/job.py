@@ -6,7 +6,9 @@ YAML value is merged onto these dataclasses and a misspelt key or a wrong type f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from automoe.config.data import DataConfig
@@ -175,6 +177,27 @@ class JobConfig:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        # Layout checks that need no world size (the rest fail in ParallelDims, still before any collective).
+        if self.model.num_moe_layers and self.model.moe.num_experts % self.parallel.ep:
+            raise ValueError(
+                f"model.moe.num_experts={self.model.moe.num_experts} is not divisible by "
+                f"parallel.ep={self.parallel.ep}: experts cannot be split evenly over the EP ranks"
+            )
+        if self.data.seq_len % self.parallel.cp:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} is not divisible by parallel.cp={self.parallel.cp}"
+            )
+        _check_writable("output_dir", self.output_dir)
+
+
+def _check_writable(name: str, directory: str) -> None:
+    """`directory` exists as a writable directory, or can be created: its nearest existing ancestor is one."""
+    path = Path(directory).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{name}={directory!r} cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}={directory!r} is not writable: no write permission on {existing}")
 
 
 def register_configs() -> None:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -434,17 +435,20 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd}
         reader = SafeFileSystemReader(str(path))
         try:
-            metadata = (
-                reader.read_metadata()
-            )  # fail here, with the file named, rather than deep inside dcp.load
+            # fail here, with the file named, rather than deep inside dcp.load
+            metadata = reader.read_metadata()
         except FileNotFoundError:
             raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
         _check_shard_files(path, metadata)
         try:
             with _single_process_ok():
                 dcp.load(state, storage_reader=reader)
-        except Exception as e:
-            raise RuntimeError(f"could not read the tensors of checkpoint {path}: {e}") from e
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps ranks' failures (a BaseException)
+            shards = ", ".join(sorted({info.relative_path for info in metadata.storage_data.values()}))
+            cause = (str(e).strip() or type(e).__name__).splitlines()[-1]
+            raise ValueError(
+                f"could not read the tensors of checkpoint {path} (files {shards}): corrupt? {cause}"
+            ) from e
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(trainer_state["scheduler"])
         loader.load_state_dict(trainer_state["loader"])

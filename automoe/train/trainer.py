@@ -225,8 +225,7 @@ class Trainer:
             f"{what}: stopping ({reason}). Nothing was saved from this state; the last complete checkpoint "
             f"is {latest or 'none'}. Lower optim.lr, use train.dtype=float32 or tighten optim.max_grad_norm."
         )
-        if not self.metrics.is_main:
-            logger.warning(message)
+        logger.error(message)  # on every rank, before the first one to exit gets the others terminated
         raise NonFiniteError(message)
 
     @contextlib.contextmanager

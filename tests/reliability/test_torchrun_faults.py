@@ -38,7 +38,7 @@ def test_kill9_then_crash_in_async_save_restart_to_identical_end(tmp_path):
     context = f"kill_at_step={kill_step}\n{tail(run)}"
     assert run.returncode == 0, context
     assert run.output.count("exitcode: -9") == 2, context  # two real deaths, two restarts
-    assert "(attempt 2)" in run.output, context
+    assert run.output.count("world size 2, resolved config") == 3, context  # attempts 0, 1, 2
     expected = loop_values(read_metrics(tmp_path / "ref" / "metrics.jsonl"))
     assert loop_values(read_metrics(tmp_path / "job" / "metrics.jsonl")) == expected, context
     root = tmp_path / "job" / "checkpoints"
@@ -76,11 +76,10 @@ def test_nan_on_one_rank_skipped_by_both_then_stops_without_poisoned_checkpoint(
         fault="nan_at_step:3:1;nan_at_step:4:1",  # rank 1's loss only: the global loss is what both ranks see
     )
     assert run.returncode != 0, tail(run)
-    for rank in (0, 1):
-        assert f"rank{rank}] step 3: non-finite loss=nan" in run.output and "update skipped" in run.output, (
-            tail(run)
-        )
-        assert f"rank{rank}] step 4: non-finite loss=nan" in run.output, tail(run)
+    for rank in (0, 1):  # each rank logs its own verdict: they agree
+        skipped = f"rank{rank}] step 3: non-finite loss=nan or grad_norm=nan; update skipped"
+        stopped = f"rank{rank}] step 4: non-finite loss=nan or grad_norm=nan: stopping"
+        assert skipped in run.output and stopped in run.output, tail(run)
     assert "NonFiniteError" in run.output and "train.nan_max_skips=1 consecutive steps skipped" in run.output
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
