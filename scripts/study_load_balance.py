@@ -320,6 +320,9 @@ def main() -> None:
             "curves": training_curves(run_dir),
         }
     results["runs"] = {n: results["runs"][n] for n in RUNS if n in results["runs"]}
+    # Kept runs: re-read their metrics too (curves written by an older version of this script lack fields).
+    for name, run in results["runs"].items():
+        run["curves"] = training_curves(args.out / name)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1))
     paths = plot(results, img_dir=args.img_dir)
