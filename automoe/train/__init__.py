@@ -4,10 +4,11 @@ from automoe.train.build import build_trainer, config_to_yaml
 from automoe.train.checkpoint import Checkpointer, latest_checkpoint, resolve_resume
 from automoe.train.metrics import MetricsLogger, expert_load_stats, read_metrics, save_expert_load_heatmap
 from automoe.train.optim import WarmupDecay, build_optimizer, build_scheduler
-from automoe.train.trainer import NonFiniteError, Trainer
+from automoe.train.trainer import CollectiveError, NonFiniteError, Trainer
 
 __all__ = [
     "Checkpointer",
+    "CollectiveError",
     "MetricsLogger",
     "NonFiniteError",
     "Trainer",

@@ -112,3 +112,16 @@ def test_bad_values_fail_before_training(tmp_path):
 def test_resume_from_missing_path_names_it(tmp_path):
     run = run_recipe(1, tmp_path, "parallel=single", f"checkpoint.resume={tmp_path}/nope/step_3", timeout=50)
     assert run.returncode != 0 and "checkpoint.resume=" in run.output and "nope/step_3" in run.output
+
+
+@pytest.mark.timeout(240)
+def test_reshard_resume_from_ep4_to_ep2(ep2_runs, tmp_path):
+    """Train 3 steps at EP=4 on 4 ranks, resume at EP=2 on 2: every step matches the EP=2 run within 1e-5."""
+    part = tmp_path / "part"
+    check_ok(run_recipe(4, part, "parallel.ep=4", "train.stop_at_step=3", "checkpoint.interval=3"))
+    check_ok(run_recipe(2, part, "parallel.ep=2", "checkpoint.resume=latest"))
+    full = read_metrics(ep2_runs / "full" / "metrics.jsonl")
+    resumed = read_metrics(part / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(full, resumed):  # steps 1-3 at EP=4 (layout invariance), 4-6 after the reshard
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), f"step {a['step']}"
