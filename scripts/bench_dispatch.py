@@ -104,6 +104,7 @@ def _worker(rank: int, world: int, store: str, args, out: str) -> None:
         row[k] = t.item()
     if rank == 0:
         Path(out).write_text(json.dumps(row))
+    dist.barrier()  # no rank tears down gloo while a peer is still in a collective
     dist.destroy_process_group()
 
 
