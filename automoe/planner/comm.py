@@ -1,0 +1,147 @@
+"""Planner communication model: expected all-to-all pairs and bytes/time of every collective per step."""
+
+from __future__ import annotations
+
+import math
+
+from automoe.config.model import ModelConfig
+from automoe.planner.inputs import DTYPE_BYTES, ClusterSpec, TrainingShape
+from automoe.planner.memory import Layout, fsdp_unit_numel, kv_width, param_inventory, shard_numel
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routing: expected distinct destination ranks per token
+# ---------------------------------------------------------------------------------------------------------------
+def expected_distinct_ranks(num_experts: int, top_k: int, num_ranks: int) -> float:
+    """E[#ranks hit] when a token picks `top_k` distinct experts uniformly from `num_experts`, E/P per rank.
+
+    A given rank owns n = E/P experts and is missed only if all K picks fall among the other E - n:
+    P(miss) = C(E-n, K) / C(E, K). By linearity, E[ranks hit] = P * (1 - C(E-n, K) / C(E, K)).
+    """
+    if num_experts % num_ranks:
+        raise ValueError(f"num_experts % ep = {num_experts} % {num_ranks} != 0")
+    n = num_experts // num_ranks
+    miss = math.comb(num_experts - n, top_k) / math.comb(num_experts, top_k)
+    return num_ranks * (1.0 - miss)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Communication per optimizer step (bytes each rank receives; ring collectives; time from the slowest link)
+# ---------------------------------------------------------------------------------------------------------------
+def _groups(layout: Layout) -> dict[str, list[int]]:
+    """The groups containing rank 0 on the row-major meshes of `ParallelDims`."""
+    nd, R = layout.dp_shard * layout.cp, layout.dp_replicate
+    return {
+        "dense_shard": list(range(nd)),
+        "replicate": [i * nd for i in range(R)],
+        "cp": list(range(layout.cp)),
+        "ep": list(range(layout.ep)),
+        "ep_shard": [i * layout.ep for i in range(layout.ep_shard)],
+        "expert_data": [i * layout.ep for i in range(R * layout.ep_shard)],
+        "world": list(range(layout.world_size)),
+    }
+
+
+def _ring_seconds(num_bytes: float, group: list[int], cluster: ClusterSpec) -> float:
+    """A ring collective runs at the slowest link it crosses: inter-node when the group spans nodes."""
+    spans = len({r // cluster.gpus_per_node for r in group}) > 1
+    return num_bytes / (1e9 * (cluster.inter_node_gbps if spans else cluster.intra_node_gbps))
+
+
+def _a2a_seconds(num_bytes: float, group: list[int], cluster: ClusterSpec) -> float:
+    """Equal bytes to every peer; same-node and off-node peers are served in parallel by different links."""
+    peers = len(group) - 1
+    if peers == 0:
+        return 0.0
+    same_node = sum(1 for r in group if r // cluster.gpus_per_node == 0) - 1
+    per_peer = num_bytes / peers
+    intra = same_node * per_peer / (1e9 * cluster.intra_node_gbps)
+    inter = (peers - same_node) * per_peer / (1e9 * cluster.inter_node_gbps)
+    return max(intra, inter)
+
+
+def micro_batches_per_step(shape: TrainingShape, layout: Layout) -> int:
+    per_step = shape.micro_batch * layout.data_parallel
+    if shape.global_batch % per_step:
+        raise ValueError(
+            f"global_batch={shape.global_batch} is not divisible by micro_batch*dp_replicate*dp_shard = "
+            f"{shape.micro_batch}*{layout.dp_replicate}*{layout.dp_shard} = {per_step}"
+        )
+    return shape.global_batch // per_step
+
+
+def a2a_rows(cfg: ModelConfig, tokens: float, ep: int) -> dict[str, float]:
+    """Expected rows one rank sends per MoE layer forward for `tokens` local tokens under uniform routing.
+
+    `sent` counts every (token, destination rank) pair (the dispatcher's WireStats.rows_sent, self included);
+    `remote` the pairs that leave the rank (a token's pairs are spread evenly over the ep ranks by symmetry).
+    """
+    if ep == 1:
+        return {"sent": 0.0, "remote": 0.0}
+    u = expected_distinct_ranks(cfg.moe.num_experts, cfg.moe.num_activated_experts, ep)
+    return {"sent": tokens * u, "remote": tokens * u * (ep - 1) / ep}
+
+
+def a2a_bytes_per_pair(cfg: ModelConfig, a: int) -> dict[str, int]:
+    """Bytes per remote (token, rank) pair. Forward: token row (a*D), K local expert ids (int64), K routing
+    weights (compute dtype) and the returned row (a*D). Backward: the returned row's gradient, the token row's
+    gradient (a*D each) and the K weight gradients. Expert ids travel without autograd."""
+    D, K = cfg.dim, cfg.moe.num_activated_experts
+    return {"forward": 2 * a * D + K * (8 + a), "backward": 2 * a * D + K * a}
+
+
+def comm_per_step(
+    cfg: ModelConfig, shape: TrainingShape, layout: Layout, cluster: ClusterSpec
+) -> dict[str, dict[str, float]]:
+    """{collective: {"bytes", "seconds"}} per optimizer step for rank 0 (bytes that cross the wire)."""
+    a, ac = DTYPE_BYTES[shape.compute_dtype], int(shape.activation_checkpointing == "full")
+    M = micro_batches_per_step(shape, layout)
+    T = shape.micro_batch * shape.seq_len / layout.cp
+    groups, out = _groups(layout), {}
+    if layout.ep > 1:  # forward runs again in the recompute under full AC
+        pair = a2a_bytes_per_pair(cfg, a)
+        remote = a2a_rows(cfg, T, layout.ep)["remote"]
+        counts = (layout.ep - 1) * 8 * (2 + ac)
+        total = cfg.num_moe_layers * M * (remote * ((1 + ac) * pair["forward"] + pair["backward"]) + counts)
+        out["expert_a2a"] = {"bytes": total, "seconds": _a2a_seconds(total, groups["ep"], cluster)}
+    if layout.cp > 1:  # K/V (+ int64 positions) gathered per attention; backward reduce-scatters K/V grads
+        fwd, bwd = (layout.cp - 1) * T * (a * kv_width(cfg) + 8), (layout.cp - 1) * T * a * kv_width(cfg)
+        total = cfg.num_layers * M * ((1 + ac) * fwd + bwd)
+        out["cp_kv_allgather"] = {"bytes": total, "seconds": _ring_seconds(total, groups["cp"], cluster)}
+    out.update(_data_parallel_comm(cfg, shape, layout, cluster, M, groups))
+    return out
+
+
+def _data_parallel_comm(cfg, shape, layout, cluster, M, groups) -> dict[str, dict[str, float]]:
+    """FSDP2: all-gather each block in forward and again in backward (the root once: it is not resharded),
+    reduce-scatter fp32 gradients every micro-batch, HSDP all-reduce of the shards over replicas. Without FSDP:
+    one all-reduce per step of dense grads over every rank and of expert grads over the expert-data ranks."""
+    a, units = DTYPE_BYTES[shape.compute_dtype], fsdp_unit_numel(cfg)
+    nd, es, R = layout.dp_shard * layout.cp, layout.ep_shard, layout.dp_replicate
+    dense = units["blocks_dense_total"] + units["root"]
+    # FSDP2 pads dim 0 to a multiple of the shard count: E/ep = 1 expert over es ranks moves es padded rows
+    expert_local = sum(
+        shard_numel((s.shape[0] // layout.ep, *s.shape[1:]), es, 0) * es
+        for s in param_inventory(cfg)
+        if s.expert
+    )
+    out = {}
+
+    def add(name: str, num_bytes: float, group: list[int]) -> None:
+        if num_bytes > 0:
+            out[name] = {"bytes": num_bytes, "seconds": _ring_seconds(num_bytes, group, cluster)}
+
+    if not shape.fsdp:
+        W = layout.world_size
+        add("dense_allreduce", 2 * (W - 1) / W * 4 * dense, groups["world"])
+        G = R * es
+        add("expert_allreduce", 2 * (G - 1) / G * 4 * expert_local, groups["expert_data"])
+        return out
+    gathered = 2 * units["blocks_dense_total"] + units["root"]
+    add("fsdp_allgather", M * (nd - 1) / nd * a * gathered, groups["dense_shard"])
+    add("fsdp_reduce_scatter", M * (nd - 1) / nd * 4 * dense, groups["dense_shard"])
+    add("expert_allgather", M * (es - 1) / es * a * 2 * expert_local, groups["ep_shard"])
+    add("expert_reduce_scatter", M * (es - 1) / es * 4 * expert_local, groups["ep_shard"])
+    shard = dense / nd + expert_local / es
+    add("hsdp_allreduce", M * 2 * (R - 1) / R * 4 * shard, groups["replicate"])
+    return out
