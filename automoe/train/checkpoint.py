@@ -9,12 +9,7 @@ never unpickles anything.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import pickle
-import random
 import re
 import shutil
 import time
@@ -22,17 +17,26 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from automoe.train import faults
+from automoe.train.checkpoint_storage import (
+    FaultPointWriter,
+    SafeFileSystemReader,
+    check_shard_files,
+    fsync_dir,
+    read_json,
+    rng_state,
+    set_rng_state,
+    single_process_ok,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,154 +137,6 @@ def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
     return path
 
 
-# ---- RNG state as JSON ----
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and CUDA) RNG states as plain JSON values."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _write_json(path: Path, obj: Any, *, fault_point: str | None = None, step: int = 0) -> None:
-    """Write, fsync, then rename, so a reader never sees half a file (even after the machine goes down)."""
-    tmp = path.with_name(path.name + ".tmp")
-    data = json.dumps(obj).encode()
-    if fault_point is not None and faults.wants_save_point(fault_point, step):
-        tmp.write_bytes(data[: len(data) // 2])
-        faults.save_point(fault_point, step)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint file {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"checkpoint file {path} is corrupt: {e}") from None
-
-
-@contextlib.contextmanager
-def _single_process_ok():
-    """DCP warns on every call without a process group that it assumes one process: that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's `.metadata` allowing only the classes it is made of (no arbitrary callables)."""
-
-    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
-    ALLOWED = {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("torch.serialization", "_get_layout"),
-        ("torch", "Size"),
-        ("pathlib", "PosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("pathlib", "PurePosixPath"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module in self.ALLOWED_MODULES and "." not in name) or (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-class SafeFileSystemReader(dcp.FileSystemReader):
-    """`FileSystemReader` whose metadata is read by `_MetadataUnpickler` (tensors already use weights_only)."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self._get_metadata_path(kwargs.get("rank")))
-        try:
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # noqa: BLE001 - truncated, corrupt or hostile: all reported with the file
-            raise ValueError(f"checkpoint file {path} is corrupt or not a DCP metadata file: {e}") from None
-        if not isinstance(metadata, Metadata):
-            raise ValueError(f"checkpoint file {path} holds {type(metadata).__name__}, not DCP metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _FaultPointWriter(dcp.FileSystemWriter):
-    """`FileSystemWriter` that passes the DCP-internal points of `faults.SAVE_POINTS` (free when no fault is set)."""
-
-    def __init__(self, path: str, *, step: int) -> None:
-        super().__init__(path)
-        self.step = step
-
-    def write_data(self, plan: Any, planner: Any) -> Any:
-        faults.save_point("dcp.before_data", self.step)
-        result = super().write_data(plan, planner)
-        if faults.wants_save_point("dcp.data_partial", self.step):
-            for shard in Path(self.path).glob(f"{plan.storage_data.prefix}*"):
-                with open(shard, "r+b") as f:
-                    f.truncate(shard.stat().st_size // 2)
-            faults.save_point("dcp.data_partial", self.step)
-        faults.save_point("dcp.after_data", self.step)
-        return result
-
-    def finish(self, metadata: Metadata, results: Any) -> None:
-        faults.save_point("dcp.before_metadata", self.step)
-        super().finish(metadata, results)
-        faults.save_point("dcp.after_metadata", self.step)
-
-
-def _check_shard_files(path: Path, metadata: Metadata) -> None:
-    """Every shard file the metadata points at exists and is long enough (a truncated file is named here)."""
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        end = info.offset + info.length
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    for name, size in sorted(needed.items()):
-        shard = path / name
-        if not shard.is_file():
-            raise ValueError(f"checkpoint file {shard} is missing (listed in {path / '.metadata'})")
-        actual = shard.stat().st_size
-        if actual < size:
-            raise ValueError(
-                f"checkpoint file {shard} is truncated: {actual} bytes, its metadata needs at least {size}"
-            )
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (the marker must not survive a power loss that its files did not)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -331,7 +187,7 @@ class Checkpointer:
         _barrier()
         faults.save_point("save.dir_created", step)
         start = time.perf_counter()
-        _write_json(
+        write_json(
             path / "rng" / f"rank_{self.rank}.json", rng_state(), fault_point="save.rng_partial", step=step
         )
         faults.save_point("save.rng_written", step)
@@ -345,20 +201,20 @@ class Checkpointer:
                 "scheduler": scheduler.state_dict(),
                 "loader": loader.state_dict(),
             }
-            _write_json(path / STATE_FILE, trainer_state, fault_point="save.state_partial", step=step)
+            write_json(path / STATE_FILE, trainer_state, fault_point="save.state_partial", step=step)
             faults.save_point("save.state_written", step)
             (path / CONFIG_FILE).write_text(self.config_yaml)
             faults.save_point("save.config_written", step)
-        writer = _FaultPointWriter(str(path), step=step)
+        writer = FaultPointWriter(str(path), step=step)
         if self.async_save:
             kwargs = {"process_group": self._async_group} if self._async_group is not None else {}
-            with _single_process_ok():
+            with single_process_ok():
                 future = dcp.async_save(state, storage_writer=writer, **kwargs)
             self._pending = (future, step, path)
             faults.save_point("save.async_started", step)
             logger.info("checkpoint step %d: async save started (%.2fs)", step, time.perf_counter() - start)
             return path
-        with _single_process_ok():
+        with single_process_ok():
             dcp.save(state, storage_writer=writer)
         self._finish(step, path)
         logger.info("checkpoint step %d saved to %s (%.2fs)", step, path, time.perf_counter() - start)
@@ -379,8 +235,8 @@ class Checkpointer:
         if self.rank == 0:
             faults.save_point("save.before_marker", step)
             marker = {"step": step, "world_size": self.world_size, "time": time.time()}
-            _write_json(path / MARKER, marker, fault_point="save.marker_partial", step=step)
-            _fsync_dir(path)
+            write_json(path / MARKER, marker, fault_point="save.marker_partial", step=step)
+            fsync_dir(path)
             faults.save_point("save.marker_written", step)
             self._prune(step)
             faults.save_point("prune.done", step)
@@ -425,7 +281,7 @@ class Checkpointer:
         if not is_complete(path):
             raise ValueError(f"checkpoint {path} has no {MARKER} marker: it is incomplete")
         self._check_model_config(path)
-        trainer_state = _read_json(path / STATE_FILE)
+        trainer_state = read_json(path / STATE_FILE)
         if trainer_state.get("format") != FORMAT_VERSION:
             raise ValueError(
                 f"checkpoint file {path / STATE_FILE} has format {trainer_state.get('format')!r}, "
@@ -439,9 +295,9 @@ class Checkpointer:
             metadata = reader.read_metadata()
         except FileNotFoundError:
             raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
-        _check_shard_files(path, metadata)
+        check_shard_files(path, metadata)
         try:
-            with _single_process_ok():
+            with single_process_ok():
                 dcp.load(state, storage_reader=reader)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps ranks' failures (a BaseException)
             shards = ", ".join(sorted({info.relative_path for info in metadata.storage_data.values()}))
@@ -461,7 +317,7 @@ class Checkpointer:
                 stacklevel=2,
             )
             rng_file = path / "rng" / "rank_0.json"
-        set_rng_state(_read_json(rng_file))
+        set_rng_state(read_json(rng_file))
         step = int(trainer_state["step"])
         logger.info("resumed from %s (step %d, saved by %d ranks)", path, step, trainer_state["world_size"])
         return step
