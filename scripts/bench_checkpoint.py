@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from bench_moe_layer import MachineLoadMeter, machine_info  # noqa: E402
+from bench_moe_layer import MachineLoadMeter, machine_info, report_and_save  # noqa: E402
 
 MODELS = {
     "tiny": [],  # configs/model/tiny.yaml: dim 128, 4 layers, 8 experts top-2 + 1 shared (~1.8M params)
@@ -195,13 +195,7 @@ def main() -> None:
             f"{r['model']:<7} {r['world']:>5} {r['mode']:<5} {r['checkpoint_MB']:>8.1f} {r['step_ms']:>8.0f} "
             f"{r['save_call_ms']:>9.0f} {r['next_step_ms']:>9.0f} {r['wait_ms']:>6.0f} {r['blocked_ms']:>10.0f}"
         )
-    print(
-        f"machine busy {machine.busy:.0%}; loadavg {machine.loadavg_before:.2f} -> {machine.loadavg_after:.2f}"
-    )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    report_and_save(report, machine, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe_layer import MachineLoadMeter, machine_info  # noqa: E402
+from bench_moe_layer import MachineLoadMeter, machine_info, report_and_save  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPES = [(4096, 512, 1024), (2048, 2048, 2048), (8192, 512, 2048)]  # (M, K, N) of (M x K) @ (K x N)
@@ -121,13 +120,7 @@ def main() -> None:
         "peak (best burst over shapes): "
         + ", ".join(f"{k} {v:.0f}" for k, v in report["peak_gflops"].items())
     )
-    print(
-        f"machine busy {machine.busy:.0%}; loadavg {machine.loadavg_before:.2f} -> {machine.loadavg_after:.2f}"
-    )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    report_and_save(report, machine, args.json)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,20 @@ class MachineLoadMeter:
         self.loadavg_after = os.getloadavg()[0]
 
 
+def report_and_save(report: dict, machine: MachineLoadMeter, json_path: str | None) -> None:
+    """Record and print the machine load seen during the run, then write `report` as JSON when a path is given."""
+    report["machine_busy"] = round(machine.busy, 3)
+    report["loadavg_before_after"] = [machine.loadavg_before, machine.loadavg_after]
+    print(
+        f"machine busy {machine.busy:.0%} of {os.cpu_count()} cores x wall (all processes); "
+        f"loadavg {machine.loadavg_before:.2f} -> {machine.loadavg_after:.2f}"
+    )
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2))
+        print(f"wrote {json_path}")
+
+
 def build_rows(args, dtype: torch.dtype, *, names: tuple[str, ...] = ("ideal", "loop", "fast")) -> dict:
     """name -> (module, input, grad of output) for the ideal MLP and the MoE layers named in `names`."""
     T, D, Fd, E, K = args.tokens, args.dim, args.inter_dim, args.experts, args.topk
@@ -356,17 +370,7 @@ def main() -> None:
                 report["results"].append(res)
     if args.sweep:
         print_sweep(report["results"])
-    report["machine_busy"] = round(machine.busy, 3)
-    report["loadavg_before_after"] = [machine.loadavg_before, machine.loadavg_after]
-    print(
-        f"machine busy {machine.busy:.0%} of 2 cores x wall (all processes); "
-        f"loadavg {machine.loadavg_before:.2f} -> {machine.loadavg_after:.2f}"
-    )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+    report_and_save(report, machine, args.json)
 
 
 if __name__ == "__main__":

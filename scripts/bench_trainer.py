@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from bench_matmul_peak import measure  # noqa: E402
-from bench_moe_layer import MachineLoadMeter, machine_info  # noqa: E402
+from bench_moe_layer import MachineLoadMeter, machine_info, report_and_save  # noqa: E402
 
 LAYOUTS = {"ep1": ["parallel=single"], "ep2": ["parallel=ep2"]}
 MODELS = {
@@ -227,13 +227,7 @@ def main() -> None:
                 f"{name:<6} {d:<9} {row['tokens_per_s']:>9.0f} {row['step_ms']:>8.0f} {ratio:>7} "
                 f"{gflops:>8.2f} {peak:>6.0f} {row['mfu']:>6.1%}"
             )
-    print(
-        f"machine busy {machine.busy:.0%}; loadavg {machine.loadavg_before:.2f} -> {machine.loadavg_after:.2f}"
-    )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    report_and_save(report, machine, args.json)
 
 
 if __name__ == "__main__":
