@@ -62,6 +62,7 @@ def main(dict_cfg: DictConfig) -> None:
     cfg = job_config(dict_cfg)
     env = init_distributed(timeout_s=cfg.parallel.collective_timeout_s)
     setup_logging(env.rank)
+    clean = False
     try:
         if env.is_main:
             resolved = config_to_yaml(cfg)
@@ -86,8 +87,9 @@ def main(dict_cfg: DictConfig) -> None:
             files = save_hf_checkpoint(trainer.model, cfg.model, cfg.hf.export_to, family=family)
             if env.is_main:
                 logger.info("exported the model as %s: %s", family, ", ".join(files))
+        clean = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(clean=clean)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def main(dict_cfg: DictConfig) -> None:
     cfg: JobConfig = OmegaConf.to_object(dict_cfg)  # runs every __post_init__ check
     env = init_distributed(timeout_s=cfg.parallel.collective_timeout_s)
     setup_logging(env.rank)
+    clean = False
     try:
         if env.is_main:
             resolved = config_to_yaml(cfg)
@@ -64,8 +65,9 @@ def main(dict_cfg: DictConfig) -> None:
                 val,
                 cfg.output_dir,
             )
+        clean = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(clean=clean)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,11 @@ def init_distributed(*, timeout_s: float = 300.0) -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, clean: bool = False) -> None:
+    """Destroy every process group. `clean=True` (the job succeeded on this rank) first waits at a barrier so no
+    rank tears gloo down while a peer is still finishing its last collective; after a failure there is no
+    barrier, since a dead peer would hold it until the collective timeout."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

@@ -40,7 +40,7 @@ class WireStats:
 
     rows_sent: int = 0
     rows_remote: int = 0
-    slots_remote: int = 0
+    slots_remote: Tensor | int = 0  # a 0-d tensor: reading it as int is left to the caller (no host sync here)
 
 
 def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> Tensor:
@@ -105,7 +105,7 @@ class AllToAllDispatcher:
         self.wire = WireStats(
             rows_sent=rows,
             rows_remote=rows - (hi - lo),
-            slots_remote=int(hit_MK.sum()) - int(hit_MK[lo:hi].sum()),
+            slots_remote=hit_MK.sum() - hit_MK[lo:hi].sum(),
         )
 
 

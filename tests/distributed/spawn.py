@@ -22,6 +22,7 @@ def _worker(rank: int, world_size: int, store_path: str, out_dir: str, fn, args:
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while a peer is still in its last collective
     except BaseException:
         traceback.print_exc()
         raise

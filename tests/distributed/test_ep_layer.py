@@ -111,7 +111,7 @@ def _check_case(rank: int, world: int, case: str, ep: int) -> dict:
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     wire = layer.dispatcher.wire
-    return {"rows_remote": wire.rows_remote, "slots_remote": wire.slots_remote, "load": layer.expert_load.clone(),
+    return {"rows_remote": wire.rows_remote, "slots_remote": int(wire.slots_remote), "load": layer.expert_load.clone(),
             "ref_load": reference.expert_load.clone()}
 
 
