@@ -18,19 +18,18 @@ then not read). `hf.export_to` writes the final model as an HF directory that `t
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pretrain import setup_logging  # recipes/ is on sys.path: the same logging setup as pretraining
 
 from automoe.config import JobConfig, register_configs
 from automoe.hf import save_hf_checkpoint
 from automoe.hf.finetune import export_family, hf_model_config
-from automoe.parallel import init_distributed, shutdown_distributed
-from automoe.train import build_trainer, config_to_yaml
+from automoe.parallel import DistEnv
+from automoe.train import Trainer
+from automoe.train.launch import run_job
 
 logger = logging.getLogger("automoe")
 
@@ -57,39 +56,22 @@ def job_config(dict_cfg: DictConfig) -> JobConfig:
     return cfg
 
 
+def export_to_hf(cfg: JobConfig):
+    """After training: write the model as an HF directory (every rank gathers its shards; rank 0 writes)."""
+
+    def export(trainer: Trainer, env: DistEnv) -> None:
+        family = export_family(cfg.hf.init_from, cfg.hf.family)
+        files = save_hf_checkpoint(trainer.model, cfg.model, cfg.hf.export_to, family=family)
+        if env.is_main:
+            logger.info("exported the model as %s: %s", family, ", ".join(files))
+
+    return export
+
+
 @hydra.main(version_base=None, config_path="../configs", config_name="finetune")
 def main(dict_cfg: DictConfig) -> None:
     cfg = job_config(dict_cfg)
-    env = init_distributed(timeout_s=cfg.parallel.collective_timeout_s)
-    setup_logging(env.rank)
-    clean = False
-    try:
-        if env.is_main:
-            resolved = config_to_yaml(cfg)
-            logger.info(
-                "world size %d, fine-tuning %s; resolved config:\n%s",
-                env.world_size,
-                cfg.hf.init_from,
-                resolved,
-            )
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output_dir) / "config.yaml").write_text(resolved)
-        trainer = build_trainer(cfg, env)
-        last = trainer.fit()
-        if last:
-            logger.info(
-                "finished step %d: loss %.4f; outputs in %s", last["step"], last["loss"], cfg.output_dir
-            )
-        if (
-            cfg.hf.export_to is not None
-        ):  # every rank takes part (sharded tensors are gathered); rank 0 writes
-            family = export_family(cfg.hf.init_from, cfg.hf.family)
-            files = save_hf_checkpoint(trainer.model, cfg.model, cfg.hf.export_to, family=family)
-            if env.is_main:
-                logger.info("exported the model as %s: %s", family, ", ".join(files))
-        clean = True
-    finally:
-        shutdown_distributed(clean=clean)
+    run_job(cfg, after_fit=export_to_hf(cfg) if cfg.hf.export_to is not None else None)
 
 
 if __name__ == "__main__":
