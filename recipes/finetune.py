@@ -8,7 +8,7 @@ a tensor shape fail before training). The weights are loaded into the already pa
 reading only its own experts. Everything else is the pretraining recipe (`configs/finetune.yaml` defaults):
 
     torchrun --nproc-per-node 2 recipes/finetune.py hf.init_from=ckpt/qwen3 data.source=tokens \\
-        data.token_file=data/ids.bin train.steps=200 hf.export_to=outputs/finetune/hf
+        data.path=data/ids.bin train.steps=200 hf.export_to=outputs/finetune/hf
     torchrun --nproc-per-node 2 recipes/finetune.py hf.init_from=ckpt/qwen3 checkpoint.resume=latest
 
 `checkpoint.resume` continues an interrupted fine-tune from its own `step_<N>` checkpoint (the HF weights are
