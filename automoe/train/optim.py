@@ -10,15 +10,22 @@ from torch import nn
 from automoe.config.job import OptimConfig
 
 
+def is_bias(name: str) -> bool:
+    """Whether parameter `name` is a bias: `bias`, or a stacked per-expert bias `b_*` (`b_up [E, H]`)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == "bias" or leaf.startswith("b_")
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over `model`'s trainable parameters: weight decay on matrices (>= 2-D), none on norms and biases.
 
-    Works on sharded (DTensor) parameters; call after `parallelize` and materialization.
+    Biases are told by name (`is_bias`), since per-expert biases are 2-D. Works on sharded (DTensor)
+    parameters; call after `parallelize` and materialization.
     """
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 and not is_bias(name) else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -9,6 +9,8 @@ import pytest
 from torch import nn
 
 from automoe.config.job import OptimConfig
+from automoe.config.moe import MoEConfig
+from automoe.moe.experts import GroupedExperts
 from automoe.train.optim import WarmupDecay, build_optimizer, build_scheduler
 
 
@@ -54,6 +56,17 @@ def test_weight_decay_only_on_matrices():
     by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
     assert by_decay[0.3] == {id(model[0].weight)}
     assert by_decay[0.0] == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
+
+
+def test_expert_biases_get_no_decay():
+    """`b_up [E, H]` and `b_down [E, D]` are 2-D but biases: no weight decay, like the router bias."""
+    cfg = MoEConfig(dim=8, moe_inter_dim=4, num_experts=2, num_activated_experts=1, expert_bias=True)
+    experts = GroupedExperts(cfg)
+    assert experts.b_up.ndim == experts.b_down.ndim == 2
+    opt = build_optimizer(experts, OptimConfig(weight_decay=0.3))
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert by_decay[0.3] == {id(experts.w_up), id(experts.w_down)}
+    assert by_decay[0.0] == {id(experts.b_up), id(experts.b_down)}
 
 
 def test_frozen_params_are_left_out():
