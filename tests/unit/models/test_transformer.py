@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from automoe.config.model import ModelConfig
 from automoe.config.moe import MoEConfig
 from automoe.models import Transformer
-from automoe.moe.layer import collect_aux_loss
+from automoe.moe.layer import collect_aux_loss, moe_layers
+from tests.tolerance import assert_close_rounding, assert_equal
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
@@ -62,9 +63,21 @@ def test_changing_a_future_token_never_changes_past_logits(qk_norm):
     t = 9
     changed = tokens.clone()
     changed[:, t] = (tokens[:, t] + 1) % cfg.vocab_size
+    routes = []  # each MoE gate's [B*S, K] expert choices, in call order
+    hooks = [m.gate.register_forward_hook(lambda mod, args, out: routes.append(out.indices_TK.view(2, 16, -1)))
+             for _, m in moe_layers(model)]
     with torch.no_grad():
         a, b = model(tokens), model(changed)
-    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=0)
+    for h in hooks:
+        h.remove()
+    # Past routing is invariant exactly. Past logits are invariant mathematically, but the changed token changes
+    # every expert's row count and so the GEMM blocking of past rows: they agree up to reordering error, a chain
+    # of 4 reductions per block (attention scores, values, FFN in, FFN out) over at most the FFN width, plus the head.
+    num_routes = len(routes) // 2
+    for layer_a, layer_b in zip(routes[:num_routes], routes[num_routes:]):
+        assert_equal(layer_a[:, :t], layer_b[:, :t])
+    assert_close_rounding(b[:, :t], a[:, :t], terms=max(cfg.dim, cfg.ffn_inter_dim, cfg.moe.moe_inter_dim),
+                          depth=4 * cfg.num_layers + 1)
     assert (a[:, t] - b[:, t]).abs().max() > 1e-4
 
 
