@@ -23,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from automoe.train import faults
@@ -44,33 +45,7 @@ MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 FORMAT_VERSION = 1
-# Model config fields that change parameter names or shapes (others, e.g. balancing coefficients, may change).
-SHAPE_KEYS = frozenset(
-    [
-        "vocab_size",
-        "dim",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "head_dim",
-        "ffn_inter_dim",
-        "num_dense_layers",
-        "moe_layer_freq",
-        "tie_embeddings",
-        "qk_norm",
-        "attention_bias",
-        "moe.moe_inter_dim",
-        "moe.num_experts",
-        "moe.num_shared_experts",
-        "moe.shared_expert_inter_dim",
-        "moe.shared_expert_gate",
-        "moe.router_bias",
-        "moe.expert_bias",
-        "moe.expert_activation",
-        "moe.gate",
-        "moe.correction_bias",
-    ]
-)
+_SHOW = 6  # mismatched tensors named in a shape error (then '+N more')
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -280,7 +255,7 @@ class Checkpointer:
         path = Path(path)
         if not is_complete(path):
             raise ValueError(f"checkpoint {path} has no {MARKER} marker: it is incomplete")
-        self._check_model_config(path)
+        saved_model_cfg = self._saved_model_config(path)
         trainer_state = read_json(path / STATE_FILE)
         if trainer_state.get("format") != FORMAT_VERSION:
             raise ValueError(
@@ -296,6 +271,7 @@ class Checkpointer:
         except FileNotFoundError:
             raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
         check_shard_files(path, metadata)
+        self._check_shapes(path, model_sd, metadata, saved_model_cfg)
         try:
             with single_process_ok():
                 dcp.load(state, storage_reader=reader)
@@ -322,26 +298,74 @@ class Checkpointer:
         logger.info("resumed from %s (step %d, saved by %d ranks)", path, step, trainer_state["world_size"])
         return step
 
-    def _check_model_config(self, path: Path) -> None:
-        """The checkpoint must hold the same model shape as this run (a clear message instead of a DCP error)."""
+    def _saved_model_config(self, path: Path) -> dict:
+        """The `model` section of the checkpoint's `config.yaml` (ValueError naming the file if unreadable)."""
         saved_file = path / CONFIG_FILE
         try:
-            saved = OmegaConf.to_container(OmegaConf.create(saved_file.read_text())).get("model", {})
+            return OmegaConf.to_container(OmegaConf.create(saved_file.read_text())).get("model", {})
         except Exception as e:  # noqa: BLE001 - any parse failure is reported with the file name
             raise ValueError(f"checkpoint file {saved_file} is missing or corrupt: {e}") from None
+
+    def _check_shapes(self, path: Path, model_sd: dict, metadata: Any, saved_model_cfg: dict) -> None:
+        """The checkpoint must hold exactly this model's tensors with the same global shapes: a message naming
+        the tensors and the model config fields that differ, instead of an error deep inside `dcp.load`."""
+        expected = {key: tuple(value.shape) for key, value in model_sd.items()}  # DTensor: the global shape
+        mismatches = tensor_shape_mismatches(expected, stored_tensor_shapes(metadata, prefix="model."))
         mine = OmegaConf.to_container(OmegaConf.create(self.config_yaml)).get("model", {})
-        diffs = [f"model.{k}={w!r} (checkpoint has {v!r})" for k, v, w in _diff(saved, mine)]
-        if diffs:
-            raise ValueError(f"checkpoint {path} was written for another model shape: " + "; ".join(diffs))
+        fields = [f"model.{k}={w!r} (checkpoint has {v!r})" for k, v, w in config_diff(saved_model_cfg, mine)]
+        if mismatches:
+            more = f" (+{len(mismatches) - _SHOW} more)" if len(mismatches) > _SHOW else ""
+            raise ValueError(
+                f"checkpoint {path} was written for another model shape: "
+                f"{'; '.join(fields) or 'the model config is unchanged'}; tensors: "
+                + "; ".join(mismatches[:_SHOW])
+                + more
+            )
+        if fields:
+            logger.warning(
+                "resuming %s with a changed model config (same tensor shapes): %s", path, "; ".join(fields)
+            )
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """Leaves of `SHAPE_KEYS` that differ between two model config dicts, as (dotted key, a value, b value)."""
+def stored_tensor_shapes(metadata: Any, *, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Global shape of every tensor a DCP checkpoint's `metadata` holds under `prefix` (prefix stripped)."""
+    return {
+        key[len(prefix) :]: tuple(meta.size)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+
+
+def tensor_shape_mismatches(
+    expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]]
+) -> list[str]:
+    """Why tensors `stored` (name -> global shape) cannot fill a model expecting `expected`, one line per
+    tensor: another shape, missing from the checkpoint, or not in the model. Empty when they match exactly."""
+
+    def fmt(shape: tuple[int, ...]) -> str:
+        return str(list(shape))
+
+    out = []
+    for key, shape in expected.items():
+        if key not in stored:
+            out.append(f"{key}: this model has shape {fmt(shape)}, not in the checkpoint")
+        elif tuple(stored[key]) != tuple(shape):
+            out.append(f"{key}: this model has shape {fmt(shape)}, checkpoint has shape {fmt(stored[key])}")
+    out += [
+        f"{key}: not in this model, checkpoint has shape {fmt(shape)}"
+        for key, shape in stored.items()
+        if key not in expected
+    ]
+    return out
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Leaves that differ between two nested config dicts, as (dotted key, value in a, value in b)."""
     out = []
     for key in sorted(set(a) | set(b)):
         x, y = a.get(key), b.get(key)
         if isinstance(x, dict) and isinstance(y, dict):
-            out += _diff(x, y, f"{prefix}{key}.")
-        elif f"{prefix}{key}" in SHAPE_KEYS and x != y:
+            out += config_diff(x, y, f"{prefix}{key}.")
+        elif x != y:
             out.append((f"{prefix}{key}", x, y))
     return out

@@ -12,7 +12,13 @@ import torch
 
 from automoe.moe import moe_layers
 from automoe.train import build_trainer
-from automoe.train.checkpoint import MARKER, Checkpointer, latest_checkpoint, resolve_resume
+from automoe.train.checkpoint import (
+    MARKER,
+    Checkpointer,
+    latest_checkpoint,
+    resolve_resume,
+    tensor_shape_mismatches,
+)
 from tests.unit.train.conftest import make_job
 
 
@@ -115,6 +121,48 @@ def test_other_model_shape_is_refused_by_name(tmp_path, env):
     ckpt = tmp_path / "a" / "checkpoints" / "step_1"
     with pytest.raises(ValueError, match=r"model.moe.num_experts=8 \(checkpoint has 4\)"):
         build_trainer(make_job(tmp_path / "b", f"checkpoint.resume={ckpt}", "model.moe.num_experts=8"), env)
+
+
+MLA = [
+    "model.attention=mla",
+    "model.q_lora_rank=16",
+    "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8",
+    "model.qk_rope_head_dim=8",
+    "model.v_head_dim=8",
+]
+
+
+@pytest.mark.parametrize(
+    "override,param,fragment",
+    [
+        ("model.kv_lora_rank=24", "attention.kv_a_proj.weight", "model.kv_lora_rank=24 (checkpoint has 16)"),
+        ("model.q_lora_rank=8", "attention.q_a_proj.weight", "model.q_lora_rank=8 (checkpoint has 16)"),
+        ("model.v_head_dim=16", "attention.o_proj.weight", "model.v_head_dim=16 (checkpoint has 8)"),
+        ("model.attention=gqa", "attention.q_proj.weight", "model.attention='gqa' (checkpoint has 'mla')"),
+    ],
+)
+def test_other_mla_shape_is_refused_naming_tensor_and_field(tmp_path, env, override, param, fragment):
+    """Any shape change fails before DCP reads a byte: the message names a tensor, both shapes, and the field."""
+    train_steps(
+        build_trainer(make_job(tmp_path / "a", *MLA, "checkpoint.interval=1", "train.val_interval=0"), env), 1
+    )
+    ckpt = tmp_path / "a" / "checkpoints" / "step_1"
+    with pytest.raises(ValueError, match="another model shape") as info:
+        build_trainer(make_job(tmp_path / "b", *MLA, override, f"checkpoint.resume={ckpt}"), env)
+    text = str(info.value)
+    assert fragment in text and param in text and "checkpoint has shape" in text, text
+
+
+def test_tensor_shape_mismatches_names_each_kind():
+    expected = {"a": (2, 3), "b": (4,), "c": (1,)}
+    stored = {"a": (2, 5), "b": (4,), "d": (7,)}
+    assert tensor_shape_mismatches(expected, stored) == [
+        "a: this model has shape [2, 3], checkpoint has shape [2, 5]",
+        "c: this model has shape [1], not in the checkpoint",
+        "d: not in this model, checkpoint has shape [7]",
+    ]
+    assert tensor_shape_mismatches(expected, dict(expected)) == []
 
 
 def test_corrupt_state_file_is_named(tmp_path, env):
