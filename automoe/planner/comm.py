@@ -95,14 +95,17 @@ def comm_per_step(
 ) -> dict[str, dict[str, float]]:
     """{collective: {"bytes", "seconds"}} per optimizer step for rank 0 (bytes that cross the wire)."""
     a, ac = DTYPE_BYTES[shape.compute_dtype], int(shape.activation_checkpointing == "full")
+    moe_ac = int(shape.activation_checkpointing in ("full", "moe"))  # the MoE forward runs again in backward
     M = micro_batches_per_step(shape, layout)
     T = shape.micro_batch * shape.seq_len / layout.cp
     groups, out = _groups(layout), {}
-    if layout.ep > 1:  # forward runs again in the recompute under full AC
+    if layout.ep > 1:  # forward runs again in the recompute under full or MoE AC
         pair = a2a_bytes_per_pair(cfg, a)
         remote = a2a_rows(cfg, T, layout.ep)["remote"]
-        counts = (layout.ep - 1) * 8 * (2 + ac)
-        total = cfg.num_moe_layers * M * (remote * ((1 + ac) * pair["forward"] + pair["backward"]) + counts)
+        counts = (layout.ep - 1) * 8 * (2 + moe_ac)
+        total = (
+            cfg.num_moe_layers * M * (remote * ((1 + moe_ac) * pair["forward"] + pair["backward"]) + counts)
+        )
         out["expert_a2a"] = {"bytes": total, "seconds": _a2a_seconds(total, groups["ep"], cluster)}
     if layout.cp > 1:  # K/V (+ int64 positions) gathered per attention; backward reduce-scatters K/V grads
         fwd, bwd = (layout.cp - 1) * T * (a * kv_width(cfg) + 8), (layout.cp - 1) * T * a * kv_width(cfg)

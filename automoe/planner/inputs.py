@@ -8,10 +8,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from automoe.config.model import ModelConfig
+from automoe.config.parallel import AC_MODES
 
-REPO = Path(__file__).resolve().parents[2]
+# The config tree inside the package (package data; in a checkout, a link to the repo's configs/)
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-AC_MODES = ("none", "full")
 GIB = 2**30
 OPTIMIZER_STATE_BYTES = 8  # AdamW exp_avg + exp_avg_sq, fp32, per parameter element
 STEP_BYTES = 4  # AdamW's fp32 `step` scalar, one per parameter tensor
@@ -31,7 +32,7 @@ class TrainingShape:
     compute_dtype: str = (
         "bfloat16"  # activations, FSDP all-gathers and all-to-all rows (FSDP reduces in fp32)
     )
-    activation_checkpointing: str = "none"  # none | full (every block recomputed in backward)
+    activation_checkpointing: str = "none"  # none | full (every block recomputed) | moe (only the MoE FFNs)
     fsdp: bool = (
         True  # FSDP2 on dense (dp_shard*cp) and expert (ep_shard) axes; False = replicate + all-reduce
     )
@@ -88,7 +89,7 @@ def load_model_config(name_or_path: str) -> ModelConfig:
     """A preset from configs/model (`tiny`, `mixtral_8x7b`, ...) or a YAML path, merged over the typed schema."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = REPO / "configs" / "model" / f"{name_or_path}.yaml"
+        path = PRESETS / "model" / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ValueError(f"model={name_or_path!r}: no such preset or file ({path})")
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
@@ -101,7 +102,7 @@ def load_cluster(name_or_path: str | None = None, **overrides) -> ClusterSpec:
     if name_or_path is not None:
         path = Path(name_or_path)
         if not path.suffix:
-            path = REPO / "configs" / "cluster" / f"{name_or_path}.yaml"
+            path = PRESETS / "cluster" / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ValueError(f"cluster={name_or_path!r}: no such preset or file ({path})")
         values = OmegaConf.to_container(

@@ -62,6 +62,14 @@ def param_inventory(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
     return _inventory(key)
 
 
+def moe_active_numel(cfg: ModelConfig) -> float:
+    """Parameters of the MoE layers one token uses: routers, shared experts, K/E of the routed experts."""
+    share = cfg.moe.num_activated_experts / cfg.moe.num_experts if cfg.num_moe_layers else 0.0
+    return sum(
+        math.prod(s.shape) * (share if s.expert else 1) for s in param_inventory(cfg) if ".moe." in s.name
+    )
+
+
 def shard_numel(shape: tuple[int, ...], num_shards: int, index: int) -> int:
     """Elements of shard `index` when dim 0 is split like `torch.chunk` (ceil-sized chunks, the last ones short)."""
     if not shape:
@@ -199,21 +207,25 @@ def activation_bytes(cfg: ModelConfig, shape: TrainingShape, layout: Layout) -> 
 
     T = micro_batch * seq_len / cp local tokens. No AC: every block's saved tensors, T * sum_l bytes_l.
     Full AC: only each block's input (T * D) plus one block recomputed during its backward (T * max_l bytes_l).
+    MoE AC: every block's saved tensors except its MoE layer's internals (the MoE input is the FFN norm's
+    output, already counted), plus one MoE layer's internals recomputed during its backward.
     Context parallel adds the gathered K/V of the other cp-1 ranks and a bool visibility mask per layer.
     The head holds the logits (a) and CE's fp32 log-softmax (4) over the vocabulary.
     """
     a = DTYPE_BYTES[shape.compute_dtype]
     T = shape.micro_batch * shape.seq_len / layout.cp
-    per_layer = []
+    per_layer, moe_internals = [], [0.0]
     for i in range(cfg.num_layers):
-        layer = attention_bytes_per_token(cfg, a) + ffn_bytes_per_token(
-            cfg, i, a, imbalance=shape.routing_imbalance
-        )
+        ffn = ffn_bytes_per_token(cfg, i, a, imbalance=shape.routing_imbalance)
+        if shape.activation_checkpointing == "moe" and cfg.is_moe_layer(i):
+            moe_internals.append(T * (ffn - a * 2 * cfg.dim))  # all but the FFN norm's input and output
+            ffn = a * 2 * cfg.dim
+        layer = attention_bytes_per_token(cfg, a) + ffn
         per_layer.append(T * layer + _cp_extra_bytes(cfg, shape, layout, a))
     if shape.activation_checkpointing == "full":
         blocks = cfg.num_layers * T * a * cfg.dim + max(per_layer)
     else:
-        blocks = sum(per_layer)
+        blocks = sum(per_layer) + max(moe_internals)
     head = T * (a * 2 * cfg.dim + (a + 4) * cfg.vocab_size)
     return {"blocks": blocks, "head": head}
 

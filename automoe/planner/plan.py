@@ -8,7 +8,14 @@ from automoe.config.model import ModelConfig
 from automoe.parallel.dims import ParallelDims
 from automoe.planner.comm import a2a_rows, comm_per_step, micro_batches_per_step
 from automoe.planner.inputs import DTYPE_BYTES, GIB, ClusterSpec, TrainingShape
-from automoe.planner.memory import Layout, activation_bytes, fsdp_unit_numel, param_counts, state_bytes
+from automoe.planner.memory import (
+    Layout,
+    activation_bytes,
+    fsdp_unit_numel,
+    moe_active_numel,
+    param_counts,
+    state_bytes,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,16 +63,18 @@ class Plan:
 
 def compute_seconds(cfg: ModelConfig, shape: TrainingShape, layout: Layout, cluster: ClusterSpec) -> float:
     """Matmul FLOPs of one step on one rank / (peak * mfu): (6 + 2 under full AC) x active matmul params per
-    token, plus causal attention (3 or 4 passes of 2 * (S/2) * H * (d_qk + d_v) per token and layer)."""
+    token (MoE AC: + 2 x the MoE layers' active params), plus causal attention (3 or 4 passes of
+    2 * (S/2) * H * (d_qk + d_v) per token and layer)."""
     counts = param_counts(cfg)
     matmul = counts.active - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
     passes = 4 if shape.activation_checkpointing == "full" else 3
+    recomputed = moe_active_numel(cfg) if shape.activation_checkpointing == "moe" else 0
     if cfg.attention == "mla":
         d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
     else:
         d_qk = d_v = cfg.head_dim
     attn = passes * 2 * (shape.seq_len / 2) * cfg.num_heads * (d_qk + d_v) * cfg.num_layers
-    per_token = 2 * passes * matmul + attn
+    per_token = 2 * passes * matmul + 2 * recomputed + attn
     tokens = micro_batches_per_step(shape, layout) * shape.micro_batch * shape.seq_len / layout.cp
     return tokens * per_token / (cluster.peak_tflops * 1e12 * cluster.mfu)
 

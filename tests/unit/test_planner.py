@@ -149,7 +149,9 @@ def test_mixtral_on_four_80gb_nodes_fits_with_ep8_and_dim1_expert_sharding():
     ep8 = plans["rep1-shard32-cp1-ep8"]
     assert ep8.fits
     expert_state = 16 * planner.fsdp_unit_numel(cfg)["expert_total"] / 32
-    assert sum(planner.state_bytes(cfg, MIXTRAL_SHAPE, ep8.layout).values()) < expert_state + 16 * 2e9 / 32 + GIB
+    assert (
+        sum(planner.state_bytes(cfg, MIXTRAL_SHAPE, ep8.layout).values()) < expert_state + 16 * 2e9 / 32 + GIB
+    )
 
 
 def test_mixtral_on_h200x8():
@@ -188,3 +190,42 @@ def test_a2a_time_uses_intra_or_inter_node_links():
     assert within["seconds"] == pytest.approx(within["bytes"] / 400e9)
     across = planner.comm_per_step(cfg, shape, planner.Layout(1, 16, 1, 16), cluster)["expert_a2a"]
     assert across["seconds"] == pytest.approx(across["bytes"] * 8 / 15 / 40e9)  # 8 of 15 peers off-node
+
+
+def test_ac_modes_are_the_trainers():
+    """Every `parallel.activation_checkpointing` the trainer accepts is plannable, "moe" included."""
+    from automoe.config.parallel import AC_MODES
+
+    assert set(planner.AC_MODES) == set(AC_MODES)
+    cfg = planner.load_model_config("qwen3_30b_a3b")
+    one = planner.Layout(1, 8, 1, 8)
+    cluster = planner.load_cluster("h100x8")
+    by_mode = {
+        mode: planner.TrainingShape(global_batch=8, seq_len=4096, activation_checkpointing=mode)
+        for mode in ("none", "moe", "full")
+    }
+    act = {m: planner.activation_bytes(cfg, s, one)["blocks"] for m, s in by_mode.items()}
+    assert act["full"] < act["moe"] < act["none"]  # MoE internals dominate qwen3's activations
+    secs = {m: planner.compute_seconds(cfg, s, one, cluster) for m, s in by_mode.items()}
+    assert secs["none"] < secs["moe"] < secs["full"]  # moe recomputes only the MoE matmuls
+    a2a = {m: planner.comm_per_step(cfg, s, one, cluster)["expert_a2a"]["bytes"] for m, s in by_mode.items()}
+    assert a2a["none"] < a2a["moe"] == a2a["full"]  # the MoE forward (and its all-to-all) runs again
+
+
+def test_presets_are_package_data():
+    """The planner reads presets from inside the `automoe` package (shipped as package data), not the repo."""
+    from importlib import resources
+    from pathlib import Path
+
+    from automoe.planner import inputs
+
+    tomllib = pytest.importorskip("tomllib")
+    package = Path(str(resources.files("automoe"))).resolve()
+    assert inputs.PRESETS.parent.resolve() == package
+    assert (inputs.PRESETS / "model" / "mixtral_8x7b.yaml").is_file()
+    assert (inputs.PRESETS / "cluster" / "h100x8.yaml").is_file()
+    repo = Path(__file__).resolve().parents[2]
+    package_data = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = package_data["automoe"]
+    rel = inputs.PRESETS.relative_to(package).as_posix()
+    assert any(Path(f"{rel}/model/tiny.yaml").match(p) or p == f"{rel}/**/*.yaml" for p in patterns), patterns
