@@ -46,6 +46,17 @@ class NonFiniteError(FloatingPointError):
     """The loss or gradient norm was NaN/inf and `train.nan_policy` says stop (or too many steps were skipped)."""
 
 
+def padding_rows_mask(labels_BS: Tensor) -> Tensor | None:
+    """[B, S] bool, True on the loader's padding rows (every label IGNORE_INDEX); None when there are none.
+
+    Passed to the model as `padding_mask_BS`, so padding is not routed and counts in no MoE statistic, loss or
+    bias update. None keeps the unmasked attention fast path. NOTE: `.any()` syncs if labels are on a device
+    (the loader yields host tensors).
+    """
+    pad_B = (labels_BS == IGNORE_INDEX).all(dim=1)
+    return pad_B[:, None].expand_as(labels_BS) if bool(pad_B.any()) else None
+
+
 class Trainer:
     """Runs steps `start_step + 1 ..` of a job whose pieces are already built (see `automoe.train.build`).
 
@@ -175,9 +186,12 @@ class Trainer:
     def _ce_sum(self, mb: dict[str, Any]) -> Tensor:
         """Cross-entropy summed over this rank's (CP-local) labels != IGNORE_INDEX, in fp32."""
         mb = parallel.cp_shard_batch(mb, self.dims, load_balance=self.cfg.parallel.cp_load_balance)
+        padding_mask_BS = padding_rows_mask(mb["labels"])
         with self._autocast():
             logits_BSV = self.model(
-                mb["input_ids"].to(self.device), positions_BS=mb["positions"].to(self.device)
+                mb["input_ids"].to(self.device),
+                positions_BS=mb["positions"].to(self.device),
+                padding_mask_BS=None if padding_mask_BS is None else padding_mask_BS.to(self.device),
             )
         labels = mb["labels"].to(self.device).flatten()
         return F.cross_entropy(

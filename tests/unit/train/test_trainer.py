@@ -109,3 +109,37 @@ def test_non_finite_weights_are_not_saved(tmp_path, env):
     with pytest.raises(NonFiniteError, match="parameters are not finite"):
         trainer.save_checkpoint()
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_padding_rows_are_left_out_of_moe_statistics(tmp_path, env):
+    """The loader's padding rows (labels all IGNORE_INDEX) route nowhere: a micro-batch with them gives the
+    same expert loads, token counts, aux loss and gradients as the micro-batch without them."""
+    from automoe.data import IGNORE_INDEX
+
+    trainer = build_trainer(make_job(tmp_path, "model.moe.aux_loss_type=micro_batch"), env)
+    mb = trainer.loader.next_step()[0]
+    B, S = mb["input_ids"].shape
+    padded = dict(mb)
+    padded["input_ids"] = torch.cat([mb["input_ids"], torch.zeros(2, S, dtype=torch.long)])
+    padded["labels"] = torch.cat([mb["labels"], torch.full((2, S), IGNORE_INDEX)])
+
+    def run(batch):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        for _, layer in moe_layers(trainer.model):
+            layer.reset_statistics()
+        ce, aux, _ = trainer.forward_backward([batch])
+        stats = [
+            (layer.expert_load.clone(), layer.step_tokens.clone()) for _, layer in moe_layers(trainer.model)
+        ]
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        return ce, aux, stats, grads
+
+    ce, aux, stats, grads = run(mb)
+    ce_pad, aux_pad, stats_pad, grads_pad = run(padded)
+    assert stats and all(tokens == B * S for _, tokens in stats)
+    for (load, tokens), (load_pad, tokens_pad) in zip(stats, stats_pad):
+        assert torch.equal(load, load_pad) and torch.equal(tokens, tokens_pad)
+    torch.testing.assert_close(ce_pad, ce)
+    torch.testing.assert_close(aux_pad, aux)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_pad[name], g, msg=name)
