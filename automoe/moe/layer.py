@@ -28,6 +28,52 @@ def in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class ReplayReducer:
+    """A `StatsReducer` over one training forward: `record(inner)` forwards to `inner` and keeps each result;
+    `replay()` returns them in the same order, for activation-checkpoint recomputation in backward.
+
+    The recomputed loss terms only refill the tensors their backward saved, so the forward's reduced values
+    are exact and no collective runs again; the backward of `sum_over_sequence` belongs to the forward's graph.
+    """
+
+    def __init__(self) -> None:
+        self._inner: StatsReducer | None = None  # None: nothing recorded since the last no-grad forward
+        self._results: list[tuple[Tensor, bool]] = []  # (value, requires_grad) of each reduction, in order
+        self._next: int | None = None  # replay position; None while recording
+
+    @property
+    def recorded(self) -> bool:
+        return self._inner is not None
+
+    def clear(self) -> None:
+        self._inner, self._results, self._next = None, [], None
+
+    def record(self, inner: StatsReducer) -> ReplayReducer:
+        self._inner, self._results, self._next = inner, [], None
+        return self
+
+    def replay(self) -> ReplayReducer:
+        self._next = 0
+        return self
+
+    def sum_over_sequence(self, t: Tensor) -> Tensor:
+        return self._call("sum_over_sequence", t)
+
+    def sum_over_batch(self, t: Tensor) -> Tensor:
+        return self._call("sum_over_batch", t)
+
+    def _call(self, name: str, t: Tensor) -> Tensor:
+        if self._next is None:
+            out = getattr(self._inner, name)(t)
+            self._results.append((out.detach(), out.requires_grad))
+            return out
+        assert self._next < len(self._results), "the recomputation reduces more than its forward did"
+        value, requires_grad = self._results[self._next]
+        self._next += 1
+        # a fresh leaf that needs grad as the forward's result did: the recompute saves the same tensors
+        return value.detach().requires_grad_(requires_grad)
+
+
 class MoE(nn.Module):
     """Mixture-of-Experts FFN. `forward(x_BSD, padding_mask_BS=None) -> y_BSD`.
 
@@ -54,6 +100,7 @@ class MoE(nn.Module):
         self.register_buffer("dropped_slots", torch.zeros(()), persistent=False)
         self.aux_loss: Tensor | None = None
         self.loss_values: dict[str, float] = {}
+        self._replay = ReplayReducer()
 
     # ---- forward ----
     def forward(self, x_BSD: Tensor, padding_mask_BS: Tensor | None = None) -> Tensor:
@@ -100,28 +147,34 @@ class MoE(nn.Module):
 
     def _record(self, route: RouterOutput, valid_T: Tensor | None, valid_TK: Tensor | None, *, batch: int) -> None:
         self._count(route, valid_T, valid_TK)
-        self.aux_loss, self.loss_values = None, {}
         if not (self.training and torch.is_grad_enabled()):
+            self.aux_loss, self.loss_values = None, {}
+            self._replay.clear()
             return
-        cfg, terms = self.cfg, []
+        # Activation-checkpoint recomputation rebuilds the loss terms only for the tensors their backward saved:
+        # the reduced statistics are the forward's (no collective repeats), the forward's losses are kept.
+        recompute = in_backward_recompute() and self._replay.recorded
+        reducer = self._replay.replay() if recompute else self._replay.record(self.reducer)
+        cfg, terms, values = self.cfg, [], {}
         if cfg.aux_loss_coeff > 0 and route.probs_TE is not None and cfg.gate != "noisy_topk":
             global_load = global_tokens = None
             if cfg.aux_loss_type == "global":
-                global_load = self.reducer.sum_over_batch(self.expert_load.clone())
-                global_tokens = self.reducer.sum_over_batch(self.step_tokens.clone())
+                global_load = reducer.sum_over_batch(self.expert_load.clone())
+                global_tokens = reducer.sum_over_batch(self.step_tokens.clone())
             aux = losses.aux_loss(route.probs_TE, route.indices_TK, valid_T, batch=batch, scope=cfg.aux_loss_type,
-                                  reducer=self.reducer, global_load_E=global_load, global_tokens=global_tokens)
+                                  reducer=reducer, global_load_E=global_load, global_tokens=global_tokens)
             terms.append(cfg.aux_loss_coeff * aux)
-            self.loss_values["aux_loss"] = aux.detach()
+            values["aux_loss"] = aux.detach()
         if cfg.z_loss_coeff > 0 and route.logits_TE is not None:
-            z = losses.z_loss(route.logits_TE, valid_T, reducer=self.reducer)
+            z = losses.z_loss(route.logits_TE, valid_T, reducer=reducer)
             terms.append(cfg.z_loss_coeff * z)
-            self.loss_values["z_loss"] = z.detach()
+            values["z_loss"] = z.detach()
         if route.gate_loss is not None:
             terms.append(route.gate_loss)
-            self.loss_values["gate_loss"] = route.gate_loss.detach()
-        if terms:
-            self.aux_loss = torch.stack(terms).sum()
+            values["gate_loss"] = route.gate_loss.detach()
+        aux_loss = torch.stack(terms).sum() if terms else None
+        if not recompute:
+            self.aux_loss, self.loss_values = aux_loss, values
 
     def reset_statistics(self) -> None:
         """Zero the per-step training statistics (called after each optimizer step)."""
