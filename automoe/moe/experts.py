@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from automoe import init
 from automoe.config.moe import MoEConfig
 from automoe.moe.activations import FusedActivation, reference_activation
+from automoe.moe.index import expert_offsets
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -32,7 +33,7 @@ class _GroupedMMEngine:
     """torch grouped GEMM with int32 end offsets; no host sync."""
 
     def __init__(self, counts_E: Tensor) -> None:
-        self.offs_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+        self.offs_E = expert_offsets(counts_E)
 
     def mm(self, x_NK: Tensor, w_EKM: Tensor) -> Tensor:
         return _grouped_mm(x_NK, w_EKM, offs=self.offs_E)

@@ -67,7 +67,7 @@ def capacity_keep_mask(
 
 def rank_pairs(
     indices_TK: Tensor, valid_TK: Tensor | None, *, experts_per_rank: int, num_ranks: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Unique (token, destination rank) pairs for expert-parallel dispatch, sorted by rank then token.
 
     A token whose K experts include several on one rank yields ONE pair for that rank, so it crosses the wire
