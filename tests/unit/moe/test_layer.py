@@ -183,10 +183,11 @@ def test_activation_checkpointing_repeats_no_statistics_collective(scope):
         (y.sum() + ckpt.aux_loss).backward()
     assert plain.reducer.calls > 0
     assert ckpt.reducer.calls == plain.reducer.calls
-    torch.testing.assert_close(ckpt.aux_loss, plain.aux_loss)
+    # bitwise: the recompute is the same forward (same kernels, same shapes) fed the replayed statistics
+    assert_equal(ckpt.aux_loss, plain.aux_loss)
     assert ckpt.loss_values.keys() == plain.loss_values.keys()
     for (n, p1), p2 in zip(plain.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(p2.grad, p1.grad, msg=n)
+        assert_equal(p2.grad, p1.grad, msg=n)
 
 
 def test_load_accumulates_over_micro_batches_and_global_scope_uses_it():

@@ -3,6 +3,7 @@
 import torch
 
 from automoe.moe.permute import expand_rows, weighted_collapse
+from tests.tolerance import assert_close_rounding, assert_equal
 
 
 def _case(R=5, K=3, D=4, drop=(1, 7), seed=0):
@@ -17,7 +18,7 @@ def _case(R=5, K=3, D=4, drop=(1, 7), seed=0):
 
 def test_expand_rows_values_and_gradcheck():
     slot_N, x, _, _, K = _case()
-    torch.testing.assert_close(expand_rows(x, slot_N, slots_per_row=K), x[slot_N // K])
+    assert_equal(expand_rows(x, slot_N, slots_per_row=K), x[slot_N // K])  # row copies
     assert torch.autograd.gradcheck(lambda t: expand_rows(t, slot_N, slots_per_row=K), (x,))
 
 
@@ -25,7 +26,7 @@ def test_weighted_collapse_values_and_gradcheck():
     slot_N, _, y, w, K = _case()
     R = w.shape[0]
     ref = torch.zeros(R, y.shape[1], dtype=y.dtype).index_add(0, slot_N // K, y * w.reshape(-1)[slot_N, None])
-    torch.testing.assert_close(weighted_collapse(y, slot_N, w), ref)
+    assert_close_rounding(weighted_collapse(y, slot_N, w), ref, terms=K)  # a K-slot bmm vs index_add, fp64
     assert torch.autograd.gradcheck(lambda a, b: weighted_collapse(a, slot_N, b), (y, w))
 
 
@@ -34,7 +35,7 @@ def test_empty_inputs():
     out = expand_rows(x, torch.zeros(0, dtype=torch.long), slots_per_row=2)
     assert out.shape == (0, 4)
     y = weighted_collapse(torch.randn(0, 4), torch.zeros(0, dtype=torch.long), torch.rand(3, 2))
-    assert torch.equal(y, torch.zeros(3, 4))
+    assert_equal(y, torch.zeros(3, 4))  # no slots: exact zeros
 
 
 def test_mixed_precision_gradients_keep_input_dtypes():
