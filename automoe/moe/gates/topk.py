@@ -62,8 +62,9 @@ class TopKGate(nn.Module):
 
     Score functions (math in `cfg.router_dtype`, weights returned in the input dtype):
       - softmax, `softmax_before_topk=True`: softmax over E, top-k of the probabilities (Mixtral with
-        `norm_topk_prob`, Qwen3-MoE).
-      - softmax, `softmax_before_topk=False`: top-k of the logits, softmax over the K (GPT-OSS).
+        `norm_topk_prob`, HF's op order; Qwen3-MoE).
+      - softmax, `softmax_before_topk=False`: top-k of the logits, softmax over the K (GPT-OSS). The same
+        weights as softmax, top-k, renormalize up to rounding.
       - sigmoid: top-k of sigmoid scores (DeepSeek-V3); `probs_TE` are the scores normalized per token.
     Selection (bias, groups, top-k) runs on those scores, i.e. on the logits for top-k-then-softmax;
     slots come sorted by descending selection score. All router math, softmax included, runs in

@@ -54,3 +54,22 @@ def test_ineffective_setting_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MoEConfig()
+
+
+def test_softmax_before_topk_docs_agree_on_mixtral():
+    """The field comment and the gate docstring name the same setting for Mixtral (HF: softmax over E, top-k,
+    renormalize = `softmax_before_topk=True` + `norm_topk_prob`, bitwise in test_mixtral_bitwise) and GPT-OSS."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from automoe.moe.gates.topk import TopKGate
+
+    source = Path(inspect.getfile(MoEConfig)).read_text()
+    comment = re.search(r"softmax_before_topk: bool = True\s+#(.*)", source).group(1)
+    doc = " ".join(inspect.getdoc(TopKGate).split())
+    for text in (comment, doc):
+        when_true, when_false = text.split("False", 1)
+        when_false = when_false.split(")")[0]  # up to the end of the clause's (models)
+        assert "Mixtral" in when_true and "Qwen3" in when_true, text
+        assert "GPT-OSS" in when_false and "Mixtral" not in when_false, text
