@@ -36,6 +36,13 @@ def tiny_cfg(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
+def model_rounding(cfg: ModelConfig) -> dict:
+    """Two evaluations of the model that differ only in GEMM blocking / attention kernel (other row counts,
+    sequence lengths or masks): a chain of 4 reductions per block (attention scores, values, FFN in, FFN out)
+    over at most the widest contraction, plus the head."""
+    return dict(terms=max(cfg.dim, cfg.ffn_inter_dim, cfg.moe.moe_inter_dim), depth=4 * cfg.num_layers + 1)
+
+
 def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -95,8 +102,9 @@ def test_left_padded_sequence_matches_the_unpadded_one():
         got = model(padded, positions_BS=positions, padding_mask_BS=pad_mask)
         other_pad = model(padded.masked_fill(pad_mask, 3), positions_BS=positions, padding_mask_BS=pad_mask)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got[:, num_pad:], expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(other_pad[:, num_pad:], expected, rtol=1e-5, atol=1e-5)
+    # 11 vs 8 rows per GEMM and attention over 11 vs 8 keys (masked): reordering error only
+    assert_close_rounding(got[:, num_pad:], expected, **model_rounding(cfg))
+    assert_close_rounding(other_pad[:, num_pad:], expected, **model_rounding(cfg))
 
 
 def test_meta_build_and_init_are_deterministic_and_independent_of_construction():
@@ -104,20 +112,23 @@ def test_meta_build_and_init_are_deterministic_and_independent_of_construction()
     a, b, c = build(cfg, seed=0), build(cfg, seed=0), build(cfg, seed=1)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for k in sa:
+        assert_equal(sb[k], sa[k], msg=k)  # the same seed through the same init
     assert not torch.equal(sa["tok_embeddings.weight"], sc["tok_embeddings.weight"])
     eager = Transformer(cfg)  # built on CPU: constructors consume RNG, init_weights must overwrite it all
     torch.manual_seed(0)
     eager.init_weights()
     se = eager.state_dict()
-    assert all(torch.equal(sa[k], se[k]) for k in sa)
-    assert torch.equal(a.rope.cos_PD, eager.rope.cos_PD)
-    # init statistics: residual-writing projections are depth-scaled, norms are ones
+    for k in sa:
+        assert_equal(se[k], sa[k], msg=k)  # init_weights overwrites everything from the same seed
+    assert_equal(eager.rope.cos_PD, a.rope.cos_PD)  # the same table code
+    # init statistics: residual-writing projections are depth-scaled, norms are ones. Sampling, not rounding:
+    # the std of 32 x 32 = 1024 draws is off by ~1/sqrt(2 * 1024) = 2% (3-sigma truncation: -1.4%), so 15% ~ 7 sigma
     std = cfg.init_std
     assert sa["layers.0.attention.q_proj.weight"].std() == pytest.approx(std, rel=0.15)
     out_std = std / (2 * cfg.num_layers) ** 0.5
     assert sa["layers.0.attention.o_proj.weight"].std() == pytest.approx(out_std, rel=0.15)
-    assert torch.equal(sa["layers.1.ffn_norm.weight"], torch.ones(cfg.dim))
+    assert_equal(sa["layers.1.ffn_norm.weight"], torch.ones(cfg.dim))
 
 
 def test_tied_embeddings_share_storage_after_meta_build():
@@ -133,7 +144,8 @@ def test_tied_embeddings_share_storage_after_meta_build():
     untied = build(dataclasses.replace(cfg, tie_embeddings=False))
     untied.load_state_dict(model.state_dict())
     untied(tokens).sum().backward()
-    torch.testing.assert_close(grad_both, untied.tok_embeddings.weight.grad + untied.output.weight.grad)
+    # bitwise: each use's gradient comes from the same kernels on the same shapes, and a sum of two is commutative
+    assert_equal(grad_both, untied.tok_embeddings.weight.grad + untied.output.weight.grad)
 
 
 class RecordKV:
@@ -147,13 +159,14 @@ class RecordKV:
 class ReplayKV:
     """Fake CP gather for one rank: returns the full-sequence K/V in rank order (rank 0's chunks first)."""
 
-    def __init__(self, recorded: RecordKV, local_idx, rank_order_idx):
-        self.recorded, self.local_idx, self.order = recorded, local_idx, rank_order_idx
+    def __init__(self, recorded: RecordKV, local_idx, rank_order_idx, cfg: ModelConfig):
+        self.recorded, self.local_idx, self.order, self.cfg = recorded, local_idx, rank_order_idx, cfg
 
     def __call__(self, k, v, positions):
         rec = self.recorded
-        torch.testing.assert_close(k, rec.k[:, :, self.local_idx], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v, rec.v[:, :, self.local_idx], rtol=1e-5, atol=1e-5)
+        # half the rows per GEMM through the blocks below this one: bounded by the whole model's chain
+        assert_close_rounding(k, rec.k[:, :, self.local_idx], **model_rounding(self.cfg))
+        assert_close_rounding(v, rec.v[:, :, self.local_idx], **model_rounding(self.cfg))
         assert torch.equal(positions, rec.positions[:, self.local_idx])
         return rec.k[:, :, self.order], rec.v[:, :, self.order], rec.positions[:, self.order]
 
@@ -187,16 +200,16 @@ def test_context_parallel_pieces_match_full_sequence(layout, padded):
         for attn, rec in zip(attns, recorders):
             attn.kv_gather = rec
         full = model(tokens, positions_BS=pos, padding_mask_BS=pad)
-        torch.testing.assert_close(full, plain, rtol=1e-5, atol=1e-5)  # masked path == is_causal path
+        assert_close_rounding(full, plain, **model_rounding(cfg))  # masked path == is_causal path (other kernel)
 
         pieces = _cp_layout(S, layout)
         order = torch.cat(pieces)
         for idx in pieces:
             for attn, rec in zip(attns, recorders):
-                attn.kv_gather = ReplayKV(rec, idx, order)
+                attn.kv_gather = ReplayKV(rec, idx, order, cfg)
             local_pad = None if pad is None else pad[:, idx]
             got = model(tokens[:, idx], positions_BS=pos[:, idx], padding_mask_BS=local_pad)
-            torch.testing.assert_close(got, full[:, idx], rtol=1e-5, atol=1e-5)
+            assert_close_rounding(got, full[:, idx], **model_rounding(cfg))  # half the rows per GEMM
 
 
 def test_gradient_reaches_every_parameter():
