@@ -9,6 +9,8 @@ import torch
 
 from automoe.hf import HFCheckpoint, hf_tensors, load_hf_checkpoint, load_hf_into_model
 from automoe.hf.safetensors_io import ShardedWriter
+from tests.tolerance import assert_close_rounding, assert_equal
+from tests.unit.hf.conftest import hf_config
 
 pytest.importorskip("transformers")
 
@@ -61,7 +63,8 @@ def test_unchanged_rewrite_loads(saved, tmp_path):
     _, src = saved("mixtral")
     _, state = load_hf_checkpoint(_rewrite(src, tmp_path / "ok", lambda t: None))
     _, ref = load_hf_checkpoint(src)
-    assert all(torch.equal(state[k], ref[k]) for k in ref)
+    for k in ref:
+        assert_equal(state[k], ref[k], msg=k)  # the same bytes read back
 
 
 def test_mtp_layers_are_accounted_for_but_not_imported(saved, tmp_path):
@@ -99,10 +102,11 @@ def test_expert_selection_reads_only_those_experts(saved, experts):
     for layer in (1, 2):
         fused_up_EHD = hf_sd[f"model.layers.{layer}.mlp.experts.gate_up_proj"]  # HF in-memory: [E, 2F, D]
         fused_down_EDF = hf_sd[f"model.layers.{layer}.mlp.experts.down_proj"]
-        assert torch.equal(state[f"layers.{layer}.moe.experts.w_up"], fused_up_EHD[ids].transpose(1, 2))
-        assert torch.equal(state[f"layers.{layer}.moe.experts.w_down"], fused_down_EDF[ids].transpose(1, 2))
+        # copies (gathered, transposed): bitwise
+        assert_equal(state[f"layers.{layer}.moe.experts.w_up"], fused_up_EHD[ids].transpose(1, 2))
+        assert_equal(state[f"layers.{layer}.moe.experts.w_down"], fused_down_EDF[ids].transpose(1, 2))
         bias = state[f"layers.{layer}.moe.gate.correction_bias"]
-        assert torch.equal(bias, hf_sd[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"])
+        assert_equal(bias, hf_sd[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"])
 
 
 def _ep2_worker(rank, world_size, path, tokens):
@@ -139,5 +143,9 @@ def test_ep2_load_into_sharded_model_reads_own_experts_and_matches_transformers(
         own = set(range(4 * rank, 4 * rank + 4))
         read = {int(k.split(".experts.")[1].split(".")[0]) for k in res["read"] if ".experts." in k}
         assert read == own
-        assert torch.equal(res["w_up_local"], full["layers.1.moe.experts.w_up"][4 * rank : 4 * rank + 4])
-        torch.testing.assert_close(res["logits"], ref, atol=1e-5, rtol=0)
+        assert_equal(res["w_up_local"], full["layers.1.moe.experts.w_up"][4 * rank : 4 * rank + 4])  # a copy
+        # our EP model vs transformers: reordering error over 4 reductions per layer plus the head, each at most
+        # the widest contraction (as in test_parity)
+        c = hf_config("deepseek_v3")
+        assert_close_rounding(res["logits"], ref, terms=max(c.hidden_size, c.intermediate_size, 16),
+                              depth=4 * c.num_hidden_layers + 1)

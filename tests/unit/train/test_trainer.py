@@ -7,6 +7,7 @@ import torch
 
 from automoe.moe import moe_layers
 from automoe.train import NonFiniteError, build_trainer, read_metrics
+from tests.tolerance import assert_close_rounding, assert_equal
 from tests.unit.train.conftest import make_job
 
 LOOP_KEYS = ("loss", "aux_loss", "grad_norm", "lr")
@@ -59,7 +60,9 @@ def test_bfloat16_autocast_trains(tmp_path, env):
     build_trainer(fp32, env).fit()
     ref = read_metrics(tmp_path / "fp32" / "metrics.jsonl")
     assert records[0]["loss"] != ref[0]["loss"]  # autocast really changed the numerics ...
-    assert records[0]["loss"] == pytest.approx(ref[0]["loss"], rel=2e-2)  # ... but not the result
+    # ... but not the result. A dtype bound, not reordering: bf16 rounds each GEMM input by u = 2^-8 relative and
+    # the mean loss averages those errors over the tokens; 2e-2 ~ 5 u, while a wrong path is O(1) off
+    assert records[0]["loss"] == pytest.approx(ref[0]["loss"], rel=2e-2)
 
 
 def test_skip_policy_drops_the_update(tmp_path, env):
@@ -72,7 +75,7 @@ def test_skip_policy_drops_the_update(tmp_path, env):
     trainer.fit()
     after_step_2 = params(trainer)
     for key, value in after_step_1.items():
-        assert torch.equal(after_step_2[key], value), f"{key} changed on a skipped step"
+        assert_equal(after_step_2[key], value, msg=f"{key} changed on a skipped step")  # no update: untouched
     assert all(p.grad is None for p in trainer.model.parameters())
     assert all(layer.expert_load.sum() == 0 for _, layer in moe_layers(trainer.model))
     trainer.cfg.train.stop_at_step = 3
@@ -138,8 +141,14 @@ def test_padding_rows_are_left_out_of_moe_statistics(tmp_path, env):
     ce_pad, aux_pad, stats_pad, grads_pad = run(padded)
     assert stats and all(tokens == B * S for _, tokens in stats)
     for (load, tokens), (load_pad, tokens_pad) in zip(stats, stats_pad):
-        assert torch.equal(load, load_pad) and torch.equal(tokens, tokens_pad)
-    torch.testing.assert_close(ce_pad, ce)
-    torch.testing.assert_close(aux_pad, aux)
+        assert_equal(load, load_pad)  # integer-valued counts
+        assert torch.equal(tokens, tokens_pad)
+    # B + 2 vs B rows per dense/attention GEMM: reordering error only. Forward: 4 reductions per block plus the
+    # head and the loss's mean over the B*S tokens; gradients: that again backward, weight gradients summing B*S rows
+    m = trainer.cfg.model
+    terms = max(m.dim, m.ffn_inter_dim, m.moe.moe_inter_dim, m.vocab_size, B * S)
+    forward_depth = 4 * m.num_layers + 2
+    assert_close_rounding(ce_pad, ce, terms=terms, depth=forward_depth)
+    assert_close_rounding(aux_pad, aux, terms=terms, depth=forward_depth)
     for name, g in grads.items():
-        torch.testing.assert_close(grads_pad[name], g, msg=name)
+        assert_close_rounding(grads_pad[name], g, terms=terms, depth=2 * forward_depth, msg=name)
