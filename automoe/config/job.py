@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from automoe.config.checks import check_experts_split, check_sequence_split
 from automoe.config.data import DataConfig
 from automoe.config.model import ModelConfig
 from automoe.config.moe import MoEConfig
@@ -178,15 +179,9 @@ class JobConfig:
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
         # Layout checks that need no world size (the rest fail in ParallelDims, still before any collective).
-        if self.model.num_moe_layers and self.model.moe.num_experts % self.parallel.ep:
-            raise ValueError(
-                f"model.moe.num_experts={self.model.moe.num_experts} is not divisible by "
-                f"parallel.ep={self.parallel.ep}: experts cannot be split evenly over the EP ranks"
-            )
-        if self.data.seq_len % self.parallel.cp:
-            raise ValueError(
-                f"data.seq_len={self.data.seq_len} is not divisible by parallel.cp={self.parallel.cp}"
-            )
+        if self.model.num_moe_layers:
+            check_experts_split(self.model.moe.num_experts, self.parallel.ep)
+        check_sequence_split(self.data.seq_len, self.parallel.cp)
         _check_writable("output_dir", self.output_dir)
 
 

@@ -11,14 +11,13 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 from torch import Tensor
 
+from automoe.config.checks import check_sequence_split
+
 
 def cp_positions(seq_len: int, *, cp_rank: int, cp: int, load_balance: bool, device=None) -> Tensor:
     """Global positions [S/cp] this CP rank holds. Zigzag: chunks r and 2cp-1-r of 2cp equal chunks."""
+    check_sequence_split(seq_len, cp, zigzag=load_balance)
     if load_balance:
-        if seq_len % (2 * cp):
-            raise ValueError(
-                f"data.seq_len={seq_len} must be divisible by 2*cp = {2 * cp} (zigzag CP chunks)"
-            )
         chunk = seq_len // (2 * cp)
         first, second = cp_rank, 2 * cp - 1 - cp_rank
         return torch.cat(
@@ -27,8 +26,6 @@ def cp_positions(seq_len: int, *, cp_rank: int, cp: int, load_balance: bool, dev
                 torch.arange(second * chunk, (second + 1) * chunk, device=device),
             ]
         )
-    if seq_len % cp:
-        raise ValueError(f"data.seq_len={seq_len} must be divisible by parallel.cp={cp}")
     chunk = seq_len // cp
     return torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
 

@@ -12,6 +12,8 @@ from functools import cached_property
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from automoe.config.checks import check_experts_split
+
 DP_REPLICATE, DP_SHARD, CP = "dp_replicate", "dp_shard", "cp"
 EP_SHARD, EP = "ep_shard", "ep"
 DENSE_DATA = "dp_shard_cp"  # flattened (dp_shard, cp): where dense parameters are sharded
@@ -56,10 +58,8 @@ class ParallelDims:
                 f"parallel.ep={self.ep} must divide dp_shard*cp = {self.dp_shard}*{self.cp} = "
                 f"{self.dp_shard * self.cp} (expert parallelism borrows those ranks)"
             )
-        if self.num_experts is not None and self.num_experts % self.ep:
-            raise ValueError(
-                f"num_experts % ep = {self.num_experts} % {self.ep} != 0: experts cannot be split evenly"
-            )
+        if self.num_experts is not None:
+            check_experts_split(self.num_experts, self.ep)
 
     # ---- derived degrees ----
     @property

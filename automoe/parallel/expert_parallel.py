@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from automoe.config.checks import check_experts_split
 from automoe.moe.index import expand_received, rank_pairs
 from automoe.moe.layer import moe_layers
 from automoe.moe.permute import expand_rows, weighted_collapse
@@ -124,8 +125,7 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     """
     num_ranks = ep_mesh.size()
     for name, layer in moe_layers(model):
-        if layer.num_experts % num_ranks:
-            raise ValueError(f"{name}: num_experts % ep = {layer.num_experts} % {num_ranks} != 0")
+        check_experts_split(layer.num_experts, num_ranks, where=name)
         for pname, _ in list(layer.experts.named_parameters(recurse=False)):
             _shard_param(layer.experts, pname, ep_mesh)
         layer.dispatcher = AllToAllDispatcher(num_experts=layer.num_experts, group=ep_mesh.get_group())

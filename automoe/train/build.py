@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from automoe import parallel
+from automoe.config.checks import check_sequence_split
 from automoe.config.job import JobConfig
 from automoe.data import StatefulLoader, build_datasets
 from automoe.models import Transformer, num_params
@@ -65,8 +66,7 @@ def build_trainer(cfg: JobConfig, env: parallel.DistEnv) -> Trainer:
         ep=pcfg.ep,
         num_experts=cfg.model.moe.num_experts if cfg.model.num_moe_layers else None,
     )
-    if cfg.data.seq_len % pcfg.cp:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.cp={pcfg.cp}")
+    check_sequence_split(cfg.data.seq_len, pcfg.cp)
     resume_path = resolve_resume(cfg.checkpoint.resume, ckpt_root)
     hf_init = _check_hf_init(cfg) if resume_path is None else None
     # 2. data: the same datasets on every rank; the loader takes this rank's slice of each global batch
