@@ -18,6 +18,7 @@ from automoe.config.data import DataConfig
 from automoe.data import StatefulLoader, build_datasets
 from automoe.train.metrics import read_metrics
 from tests.integration.recipe import FAST, REPO, TORCHRUN, RecipeRun, check_ok
+from tests.tolerance import rounding_atol
 
 pytestmark = pytest.mark.integration
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,7 +114,12 @@ def check_run(run: RecipeRun, output_dir, hf_dir) -> list[dict]:
     reference = first_batch_loss(
         tf.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), output_dir
     )
-    assert records[0]["loss"] == pytest.approx(reference, abs=1e-5)
+    # our (EP/FSDP) model vs transformers on the same weights and batch: reordering error along 4 reductions per
+    # layer (2 layers), the head and the CE's log-sum-exp, the longest being the mean over the global batch's tokens
+    saved = yaml.safe_load((output_dir / "config.yaml").read_text())
+    tokens = saved["train"]["global_batch_size"] * saved["data"]["seq_len"]
+    atol = rounding_atol(torch.float32, terms=max(tokens, 97), depth=4 * 2 + 2, scale=reference)
+    assert records[0]["loss"] == pytest.approx(reference, abs=atol)
     assert all(r["grad_norm"] > 0 and not r["skipped"] for r in records)
     return records
 

@@ -87,6 +87,10 @@ def test_reshard_resume_to_another_ep_size(ep2_runs, tmp_path, nproc, ep):
     resumed = read_metrics(part / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(full[3:], resumed[3:]):
+        # a trajectory check, not a rounding bound: other EP layouts reorder the expert GEMMs and gradient
+        # reductions, and AdamW turns rounding noise in near-zero gradient elements into updates up to ~lr, which
+        # has no closed-form bound. 1e-5 on a loss of ~5.5 (2e-6 relative) is the agreement kept as the margin;
+        # a lost or misplaced expert shard moves the loss by orders of magnitude more
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), f"step {a['step']}"
         assert b["lr"] == a["lr"]
 
@@ -124,4 +128,5 @@ def test_reshard_resume_from_ep4_to_ep2(ep2_runs, tmp_path):
     resumed = read_metrics(part / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(full, resumed):  # steps 1-3 at EP=4 (layout invariance), 4-6 after the reshard
+        # a trajectory check across layouts (see test_reshard_resume_to_another_ep_size): empirical 1e-5 margin
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), f"step {a['step']}"
