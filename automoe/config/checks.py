@@ -1,9 +1,19 @@
-"""Checks the config dataclasses and the parallel code share, each written once: a layout's divisibility facts.
+"""Checks the config dataclasses and the parallel code share, each written once: a choice among names and a
+layout's divisibility facts.
 
 Every check raises `ValueError` naming the config fields and their values.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
+    """`value` is one of `choices`; `name` is the field as the user spells it (`train.dtype`, `MoEConfig.gate`)."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
 
 
 def check_experts_split(num_experts: int, ep: int, *, where: str = "") -> None:

@@ -6,6 +6,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from automoe.config.checks import check_choice
+
 SOURCES = ("synthetic", "stdlib", "text", "jsonl", "tokens")
 PATH_SOURCES = ("text", "jsonl", "tokens")
 
@@ -39,8 +41,7 @@ class DataConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"DataConfig.source={self.source!r} is not one of {list(SOURCES)}")
+        check_choice("DataConfig.source", self.source, SOURCES)
         if self.source in PATH_SOURCES and not self.path:
             raise ValueError(f"DataConfig.path={self.path!r} is required for source={self.source!r}")
         if self.seq_len < 1:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from automoe.config.checks import check_experts_split, check_sequence_split
+from automoe.config.checks import check_choice, check_experts_split, check_sequence_split
 from automoe.config.data import DataConfig
 from automoe.config.model import ModelConfig
 from automoe.config.moe import MoEConfig
@@ -21,11 +21,6 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("disabled", "offline", "online")
-
-
-def _choice(section: str, name: str, value: object, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{section}.{name}={value!r} is not one of {list(choices)}")
 
 
 def _at_least(section: str, obj: object, names: tuple[str, ...], low: float) -> None:
@@ -50,7 +45,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # clip the global gradient L2 norm to this; <= 0 only measures it
 
     def __post_init__(self) -> None:
-        _choice("optim", "schedule", self.schedule, SCHEDULES)
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr} must be > 0")
         for name in ("beta1", "beta2"):
@@ -77,8 +72,8 @@ class TrainConfig:
     nan_max_skips: int = 10  # skip policy: stop after this many consecutive skipped steps
 
     def __post_init__(self) -> None:
-        _choice("train", "dtype", self.dtype, COMPUTE_DTYPES)
-        _choice("train", "nan_policy", self.nan_policy, NAN_POLICIES)
+        check_choice("train.dtype", self.dtype, COMPUTE_DTYPES)
+        check_choice("train.nan_policy", self.nan_policy, NAN_POLICIES)
         _at_least("train", self, ("steps", "global_batch_size", "micro_batch_size", "nan_max_skips"), 1)
         _at_least("train", self, ("seed", "val_interval"), 0)
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.steps:
@@ -124,7 +119,7 @@ class WandbConfig:
     name: Optional[str] = None  # run name; None = the output_dir's last component
 
     def __post_init__(self) -> None:
-        _choice("logging.wandb", "mode", self.mode, WANDB_MODES)
+        check_choice("logging.wandb.mode", self.mode, WANDB_MODES)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from automoe.config.checks import check_choice
 from automoe.config.moe import DTYPES, MoEConfig
 
 ATTENTIONS = ("gqa", "mla")  # grouped-query attention | DeepSeek multi-head latent attention
@@ -119,8 +120,7 @@ class ModelConfig:
         )
         for name in (*sizes, "moe_layer_freq", "norm_eps", "rope_theta", "init_std"):
             positive(name)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"ModelConfig.dtype={self.dtype!r} is not one of {list(DTYPES)}")
+        check_choice("ModelConfig.dtype", self.dtype, DTYPES)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -139,12 +139,8 @@ class ModelConfig:
             )
 
     def _validate_attention(self) -> None:
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"ModelConfig.attention={self.attention!r} is not one of {list(ATTENTIONS)}")
-        if self.rope_scaling not in ROPE_SCALINGS:
-            raise ValueError(
-                f"ModelConfig.rope_scaling={self.rope_scaling!r} is not one of {list(ROPE_SCALINGS)}"
-            )
+        check_choice("ModelConfig.attention", self.attention, ATTENTIONS)
+        check_choice("ModelConfig.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         if self.attention != "mla":
             if self.rope_scaling is not None:
                 raise ValueError(

@@ -6,6 +6,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from automoe.config.checks import check_choice
+
 GATES = ("topk", "fake_balanced", "noisy_topk", "hybrid")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "geglu", "relu2", "gelu", "relu")
@@ -13,11 +15,6 @@ GATED_ACTIVATIONS = ("swiglu", "geglu")
 AUX_LOSS_TYPES = ("micro_batch", "sequence", "global")
 EXPERT_BACKENDS = ("auto", "loop", "grouped_mm", "bmm")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _check_choice(name: str, value: object, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"MoEConfig.{name}={value!r} is not one of {list(choices)}")
 
 
 @dataclass
@@ -83,14 +80,14 @@ class MoEConfig:
         return self.num_shared_experts * per_expert
 
     def validate(self) -> None:
-        _check_choice("gate", self.gate, GATES)
-        _check_choice("score_func", self.score_func, SCORE_FUNCS)
-        _check_choice("expert_activation", self.expert_activation, ACTIVATIONS)
-        _check_choice("aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
-        _check_choice("experts_backend", self.experts_backend, EXPERT_BACKENDS)
-        _check_choice("dtype", self.dtype, DTYPES)
+        check_choice("MoEConfig.gate", self.gate, GATES)
+        check_choice("MoEConfig.score_func", self.score_func, SCORE_FUNCS)
+        check_choice("MoEConfig.expert_activation", self.expert_activation, ACTIVATIONS)
+        check_choice("MoEConfig.aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
+        check_choice("MoEConfig.experts_backend", self.experts_backend, EXPERT_BACKENDS)
+        check_choice("MoEConfig.dtype", self.dtype, DTYPES)
         if self.router_dtype is not None:
-            _check_choice("router_dtype", self.router_dtype, DTYPES)
+            check_choice("MoEConfig.router_dtype", self.router_dtype, DTYPES)
         for name in ("dim", "moe_inter_dim", "num_experts", "num_activated_experts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoEConfig.{name}={getattr(self, name)} must be >= 1")

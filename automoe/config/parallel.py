@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from automoe.config.checks import check_choice
+
 AC_MODES = ("none", "full", "moe")
 PARAM_DTYPES = ("float32", "bfloat16")
 
@@ -24,11 +26,7 @@ class ParallelConfig:
     collective_timeout_s: float = 300.0  # process-group timeout: a dead peer fails the job after this long
 
     def __post_init__(self) -> None:
-        if self.activation_checkpointing not in AC_MODES:
-            raise ValueError(
-                f"parallel.activation_checkpointing={self.activation_checkpointing!r} is not one of {list(AC_MODES)}"
-            )
-        if self.fsdp_param_dtype not in PARAM_DTYPES:
-            raise ValueError(f"parallel.fsdp_param_dtype={self.fsdp_param_dtype!r} is not one of {list(PARAM_DTYPES)}")
+        check_choice("parallel.activation_checkpointing", self.activation_checkpointing, AC_MODES)
+        check_choice("parallel.fsdp_param_dtype", self.fsdp_param_dtype, PARAM_DTYPES)
         if self.collective_timeout_s <= 0:
             raise ValueError(f"parallel.collective_timeout_s={self.collective_timeout_s} must be > 0")

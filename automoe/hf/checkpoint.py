@@ -28,6 +28,7 @@ from automoe.hf.adapters import (
 from automoe.hf.config_map import config_from_hf, config_to_hf, read_hf_config
 from automoe.hf.safetensors_io import SafetensorsReader, ShardedWriter, parse_size
 from automoe.models.transformer import Transformer
+from automoe.tensors import torch_dtype
 
 ExpertSelection = Union[range, Sequence[int], Callable[[int], bool], None]
 # Wrapper segments that torch.compile / activation checkpointing insert into parameter names.
@@ -319,7 +320,7 @@ def save_hf_checkpoint(
     hf_config = config_to_hf(cfg, family=family)
     if dtype is not None:
         hf_config["torch_dtype"] = dtype
-    tensors = hf_tensors(state, cfg, family=family, dtype=None if dtype is None else getattr(torch, dtype))
+    tensors = hf_tensors(state, cfg, family=family, dtype=None if dtype is None else torch_dtype(dtype))
     if not _is_writer():
         for _ in tensors:  # take part in the gathers
             pass

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from automoe.config.checks import check_choice
 from automoe.config.model import ModelConfig
 from automoe.hf.checkpoint import expected_tensors
 from automoe.hf.config_map import FAMILIES, config_from_hf, read_hf_config
@@ -87,8 +88,7 @@ def check_hf_init(model_cfg: ModelConfig, hf_dir: str | Path) -> tuple[str, list
 def export_family(hf_init_from: str | None, family: str | None) -> str | None:
     """The HF layout to export to: `hf.family`, else the `model_type` of `hf.init_from`, else None."""
     if family is not None:
-        if family not in FAMILIES:
-            raise ValueError(f"hf.family={family!r} is not one of {list(FAMILIES)}")
+        check_choice("hf.family", family, FAMILIES)
         return family
     if hf_init_from is not None:
         return read_hf_config(hf_init_from).get("model_type")

@@ -7,7 +7,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -132,7 +131,3 @@ def parse_size(size: int | str) -> int:
         return int(text)
     except ValueError as err:
         raise ValueError(f"max_shard_size={size!r} is not a size like 5GB or 200KB") from err
-
-
-def torch_dtype(name: str | None) -> torch.dtype | None:
-    return None if name is None else getattr(torch, name)

@@ -16,6 +16,7 @@ from automoe import init
 from automoe.config.model import ModelConfig
 from automoe.models.norms import RMSNorm
 from automoe.models.rope import apply_rotary
+from automoe.tensors import torch_dtype
 
 # Mask key of a padding token: larger than every real position, so `key <= query` never admits it as a key,
 # while a padding query (also given this key) sees every key and its output stays finite.
@@ -51,7 +52,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        dtype, bias = getattr(torch, cfg.dtype), cfg.attention_bias
+        dtype, bias = torch_dtype(cfg.dtype), cfg.attention_bias
         self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=bias, dtype=dtype)
         self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=bias, dtype=dtype)
         self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=bias, dtype=dtype)

@@ -19,6 +19,7 @@ from automoe.config.model import ModelConfig
 from automoe.models.attention import PADDING_KEY, KVGather, visibility_mask
 from automoe.models.norms import RMSNorm
 from automoe.models.rope import apply_rotary
+from automoe.tensors import torch_dtype
 
 # RMSNorm epsilon of the two latent norms: DeepSeek's reference code and HF build them with the RMSNorm default
 # (1e-6), not with the config's rms_norm_eps.
@@ -148,7 +149,7 @@ class MultiHeadLatentAttention(nn.Module):
         H, Q, dtype, bias = (
             cfg.num_heads,
             self.nope_dim + self.rope_dim,
-            getattr(torch, cfg.dtype),
+            torch_dtype(cfg.dtype),
             cfg.attention_bias,
         )
         if cfg.q_lora_rank is None:

@@ -19,6 +19,7 @@ from automoe.models.mlp import FeedForward
 from automoe.models.norms import RMSNorm
 from automoe.models.rope import RotaryEmbedding
 from automoe.moe.layer import MoE, moe_layers
+from automoe.tensors import torch_dtype
 
 
 class Block(nn.Module):
@@ -26,7 +27,7 @@ class Block(nn.Module):
 
     def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
         super().__init__()
-        dtype = getattr(torch, cfg.dtype)
+        dtype = torch_dtype(cfg.dtype)
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype)
         self.attention = MultiHeadLatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
@@ -79,7 +80,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        dtype = getattr(torch, cfg.dtype)
+        dtype = torch_dtype(cfg.dtype)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, dtype=dtype)
         if cfg.attention == "mla":  # tables for the RoPE part of each head only, optionally YaRN-scaled
             self.rope = LatentRotaryEmbedding(cfg)

@@ -16,6 +16,7 @@ from automoe import init
 from automoe.config.moe import MoEConfig
 from automoe.moe.activations import FusedActivation, reference_activation
 from automoe.moe.index import expert_offsets
+from automoe.tensors import torch_dtype
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -195,7 +196,7 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"GroupedExperts num_experts={E} must be >= 0")
         D, Fd = cfg.dim, cfg.moe_inter_dim
         H = 2 * Fd if cfg.gated else Fd
-        dtype = getattr(torch, cfg.dtype)
+        dtype = torch_dtype(cfg.dtype)
         self.num_experts, self.dim, self.inter_dim = E, D, Fd
         self.backend = cfg.experts_backend
         self.activation = cfg.expert_activation

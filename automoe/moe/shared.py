@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from automoe import init
 from automoe.config.moe import MoEConfig
+from automoe.tensors import torch_dtype
 
 
 class SharedExperts(nn.Module):
@@ -15,7 +16,7 @@ class SharedExperts(nn.Module):
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
-        dtype = getattr(torch, cfg.dtype)
+        dtype = torch_dtype(cfg.dtype)
         hidden = cfg.shared_inter_dim
         self.gate_proj = nn.Linear(cfg.dim, hidden, bias=False, dtype=dtype)
         self.up_proj = nn.Linear(cfg.dim, hidden, bias=False, dtype=dtype)

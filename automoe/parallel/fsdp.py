@@ -10,6 +10,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
 from automoe.parallel.dims import ParallelDims
+from automoe.tensors import torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "floa
     """
     mp = MixedPrecisionPolicy()
     if param_dtype != "float32":
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype), reduce_dtype=torch.float32)
     dense_mesh = dims.fsdp_mesh
     for block in model.layers.values():
         moe = getattr(block, "moe", None)

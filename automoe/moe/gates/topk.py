@@ -13,18 +13,19 @@ from torch import Tensor, nn
 from automoe import init
 from automoe.config.moe import MoEConfig
 from automoe.moe.types import RouterOutput
+from automoe.tensors import torch_dtype
 
 NORM_EPS = 1e-20  # added to the sum of the K weights before renormalizing (DeepSeek-V3's constant)
 
 
 def param_dtype(cfg: MoEConfig) -> torch.dtype:
     """The torch dtype named by `cfg.dtype` (parameters of the layer)."""
-    return getattr(torch, cfg.dtype)
+    return torch_dtype(cfg.dtype)
 
 
 def router_compute_dtype(cfg: MoEConfig, x_TD: Tensor) -> torch.dtype:
     """dtype of the router math: `cfg.router_dtype`, or the input's dtype when it is None."""
-    return x_TD.dtype if cfg.router_dtype is None else getattr(torch, cfg.router_dtype)
+    return x_TD.dtype if cfg.router_dtype is None else torch_dtype(cfg.router_dtype)
 
 
 def router_linear(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor | None, dtype: torch.dtype) -> Tensor:

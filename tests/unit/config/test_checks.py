@@ -2,7 +2,7 @@
 
 import pytest
 
-from automoe.config.checks import check_experts_split, check_sequence_split
+from automoe.config.checks import check_choice, check_experts_split, check_sequence_split
 
 
 def test_experts_split_names_fields_and_layer():
@@ -29,3 +29,9 @@ def test_sequence_split_names_fields(seq_len, cp, zigzag, match):
 def test_sequence_split_accepts_even_splits():
     check_sequence_split(12, 3)
     check_sequence_split(16, 4, zigzag=True)
+
+
+def test_choice_names_the_field_and_the_options():
+    check_choice("train.dtype", "float32", ("float32", "bfloat16"))
+    with pytest.raises(ValueError, match=r"train\.dtype='float16' is not one of \['float32', 'bfloat16'\]"):
+        check_choice("train.dtype", "float16", ("float32", "bfloat16"))
