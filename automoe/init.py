@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from automoe.tensors import is_sharded
+
 Fill = Callable[[Tensor], object]
 _sharded_assign: Callable[[Tensor, Tensor], None] | None = None
 
@@ -28,7 +30,7 @@ def init_tensor_(t: Tensor, fill: Fill) -> Tensor:
     """Initialize `t` in place with `fill(full)` applied to a full-size CPU tensor (the same on every layout)."""
     full = torch.empty(t.shape, dtype=t.dtype, device="cpu")
     fill(full)
-    if hasattr(t, "device_mesh"):  # a DTensor: copy only the local shard
+    if is_sharded(t):  # copy only the local shard
         if _sharded_assign is None:
             raise RuntimeError(
                 "a sharded tensor needs automoe.parallel imported (it registers the assign hook)"

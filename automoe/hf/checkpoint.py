@@ -28,7 +28,7 @@ from automoe.hf.adapters import (
 from automoe.hf.config_map import config_from_hf, config_to_hf, read_hf_config
 from automoe.hf.safetensors_io import SafetensorsReader, ShardedWriter, parse_size
 from automoe.models.transformer import Transformer
-from automoe.tensors import torch_dtype
+from automoe.tensors import is_sharded, torch_dtype
 
 ExpertSelection = Union[range, Sequence[int], Callable[[int], bool], None]
 # Wrapper segments that torch.compile / activation checkpointing insert into parameter names.
@@ -242,7 +242,7 @@ def load_hf_into_model(model: nn.Module, path: str | Path) -> list[str]:
 
 
 def _copy_into(ckpt: HFCheckpoint, key: str, target: Tensor) -> None:
-    if not hasattr(target, "to_local"):
+    if not is_sharded(target):
         target.copy_(ckpt.read(key))
         return
     local = target.to_local()

@@ -16,14 +16,9 @@ from automoe import init
 from automoe.config.moe import MoEConfig
 from automoe.moe.activations import FusedActivation, reference_activation
 from automoe.moe.index import expert_offsets
-from automoe.tensors import torch_dtype
+from automoe.tensors import local_view, torch_dtype
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def _local(w: Tensor | None) -> Tensor | None:
-    """The local shard of a parameter that expert parallelism may have turned into a DTensor."""
-    return w.to_local() if hasattr(w, "to_local") else w
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,7 +220,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """x_ND: rows sorted expert-major (the first counts_E[0] rows go to local expert 0, ...);
         counts_E: int64 [E_local] on x's device with sum N. Returns y_ND in the same row order."""
-        w_up, w_down, b_up, b_down = (_local(w) for w in (self.w_up, self.w_down, self.b_up, self.b_down))
+        w_up, w_down, b_up, b_down = (local_view(w) for w in (self.w_up, self.w_down, self.b_up, self.b_down))
         if counts_E.shape[0] != w_up.shape[0]:
             raise ValueError(f"counts_E has {counts_E.shape[0]} entries for {w_up.shape[0]} local experts")
         if w_up.shape[0] == 0:  # an EP rank that owns no experts receives no rows

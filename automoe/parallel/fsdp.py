@@ -10,7 +10,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
 from automoe.parallel.dims import ParallelDims
-from automoe.tensors import torch_dtype
+from automoe.tensors import local_view, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _expert_placement(num_shards: int):
     """
 
     def placement(param: nn.Parameter):
-        local = param.to_local() if hasattr(param, "to_local") else param
+        local = local_view(param)
         return Shard(1) if local.shape[0] < num_shards and local.dim() > 1 else None
 
     return placement

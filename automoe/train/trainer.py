@@ -22,6 +22,7 @@ from automoe import parallel
 from automoe.config.job import JobConfig
 from automoe.data import IGNORE_INDEX, StatefulLoader, TokenDataset, val_batches
 from automoe.moe import collect_aux_loss, moe_layers, step_expert_loads, update_gate_biases
+from automoe.tensors import local_view
 from automoe.train import faults
 from automoe.train.checkpoint import Checkpointer, latest_checkpoint
 from automoe.train.metrics import HEATMAP_FILE, MetricsLogger, expert_load_stats, save_expert_load_heatmap
@@ -286,7 +287,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step, refusing to save weights that are no longer finite."""
         local_ok = all(
-            bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+            bool(torch.isfinite(local_view(p)).all())
             for p in self.model.parameters()
         )
         num_bad = parallel.sum_over_ranks(
