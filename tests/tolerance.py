@@ -28,7 +28,9 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 def rounding_atol(dtype: torch.dtype, *, terms: int, scale: float | Tensor, depth: int = 1) -> float:
     """Worst-case |a - b| between two orderings of `depth` chained sums of `terms` terms of magnitude `scale`."""
-    scale = float(scale.detach().abs().max()) if isinstance(scale, Tensor) else abs(float(scale))
+    if isinstance(scale, Tensor):  # an empty tensor (a rank with no rows) has nothing to bound: scale 0
+        scale = float(scale.detach().abs().max()) if scale.numel() else 0.0
+    scale = abs(float(scale))
     return 2.0 * depth * max(terms, 1) * unit_roundoff(dtype) * max(scale, torch.finfo(dtype).tiny)
 
 

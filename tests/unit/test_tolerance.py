@@ -34,3 +34,10 @@ def test_the_tolerance_grows_with_length_depth_and_scale():
     assert rounding_atol(torch.float32, terms=100, scale=1.0, depth=3) == pytest.approx(3 * base)
     assert rounding_atol(torch.float32, terms=100, scale=torch.tensor([-4.0, 2.0])) == pytest.approx(4 * base)
     assert rounding_atol(torch.bfloat16, terms=100, scale=1.0) == pytest.approx(base * 2**16)
+
+
+def test_empty_tensors_compare_and_have_no_scale():
+    """A rank that received no rows compares empty outputs: nothing to bound, no error."""
+    empty = torch.zeros(0, 4)
+    assert rounding_atol(torch.float32, terms=10, scale=empty) == rounding_atol(torch.float32, terms=10, scale=0.0)
+    assert_close_rounding(empty, empty.clone(), terms=10)
