@@ -14,27 +14,9 @@ from automoe.config.model import ModelConfig
 from automoe.hf.checkpoint import expected_tensors
 from automoe.hf.config_map import FAMILIES, config_from_hf, read_hf_config
 from automoe.hf.safetensors_io import SafetensorsReader
+from automoe.shapes import config_diff, tensor_shape_mismatches
 
-# ModelConfig fields a fine-tune may set freely: they change no weight and not the function the weights compute
-# at init (RoPE table length, parameter dtype, init scale, balancing losses and bias updates, capacity, kernels).
-FREE_FIELDS = frozenset(
-    [
-        "max_seq_len",
-        "dtype",
-        "init_std",
-        "moe.dtype",
-        "moe.router_dtype",
-        "moe.train_gate",
-        "moe.gate_bias_update_factor",
-        "moe.bias_update_mean_center",
-        "moe.aux_loss_coeff",
-        "moe.aux_loss_type",
-        "moe.z_loss_coeff",
-        "moe.expert_dropout",
-        "moe.capacity_factor",
-        "moe.experts_backend",
-    ]
-)
+_SHOW = 6  # mismatched tensors named in a shape error (then '+N more')
 
 
 def hf_model_config(
@@ -49,24 +31,14 @@ def hf_model_config(
     return cfg, family
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    out = []
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if dataclasses.is_dataclass(x):
-            out += _diff(x, y, f"{prefix}{f.name}.")
-        elif x != y:
-            out.append((f"{prefix}{f.name}", x, y))
-    return out
-
-
 def check_hf_init(model_cfg: ModelConfig, hf_dir: str | Path) -> tuple[str, list[str]]:
     """Validate `hf.init_from=hf_dir` against the run's model config; -> (family, notes on changed fields).
 
-    Raises ValueError naming the fields when the checkpoint's tensors cannot fill this model (another shape),
-    or when the directory is not a readable HF checkpoint. Fields that keep the shapes but change what the
-    model computes (e.g. `moe.num_activated_experts`) come back as notes for the caller to log; `FREE_FIELDS`
-    are silent. Reads only `config.json` and the safetensors headers.
+    What may change is derived from the tensors, as for resuming (`automoe.shapes`): the expected shapes of both
+    configs are built on the meta device. Raises ValueError naming the differing fields and the tensors when the
+    checkpoint's tensors cannot fill this model (another shape), or when the directory is not a readable HF
+    checkpoint. Fields that differ but keep every shape (e.g. `moe.num_activated_experts`, `moe.aux_loss_coeff`)
+    come back as notes for the caller to log. Reads only `config.json` and the safetensors headers.
     """
     path = Path(hf_dir)
     if not (path / "config.json").is_file():
@@ -75,13 +47,19 @@ def check_hf_init(model_cfg: ModelConfig, hf_dir: str | Path) -> tuple[str, list
         read_hf_config(path), max_seq_len=model_cfg.max_seq_len, dtype=model_cfg.dtype
     )
     SafetensorsReader(path)  # raises ValueError when there are no weights
-    diffs = [(k, x, y) for k, x, y in _diff(model_cfg, hf_cfg) if k not in FREE_FIELDS]
+    diffs = config_diff(dataclasses.asdict(model_cfg), dataclasses.asdict(hf_cfg))
     text = [f"model.{k}={x!r} (config.json gives {y!r})" for k, x, y in diffs]
     mine = {k: v[0] for k, v in expected_tensors(model_cfg).items()}
     theirs = {k: v[0] for k, v in expected_tensors(hf_cfg).items()}
-    if mine != theirs:
-        detail = "; ".join(text) or "tensor shapes differ"
-        raise ValueError(f"hf.init_from={str(hf_dir)!r} holds a model of another shape: {detail}")
+    mismatches = tensor_shape_mismatches(mine, theirs)
+    if mismatches:
+        more = f" (+{len(mismatches) - _SHOW} more)" if len(mismatches) > _SHOW else ""
+        raise ValueError(
+            f"hf.init_from={str(hf_dir)!r} holds a model of another shape: "
+            f"{'; '.join(text) or 'the model config is unchanged'}; tensors: "
+            + "; ".join(mismatches[:_SHOW])
+            + more
+        )
     return family, text
 
 

@@ -40,7 +40,7 @@ def _check_hf_init(cfg: JobConfig) -> str | None:
     _, notes = check_hf_init(cfg.model, cfg.hf.init_from)
     for note in notes:
         logger.warning(
-            "hf.init_from: %s: the fine-tune starts from another function than the checkpoint's", note
+            "hf.init_from: %s: kept (every tensor shape is unchanged; the function may differ)", note
         )
     return cfg.hf.init_from
 
