@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from automoe.config.checks import check_choice
+from automoe.config.gates import GATES
 
-GATES = ("topk", "fake_balanced", "noisy_topk", "hybrid")
 SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "geglu", "relu2", "gelu", "relu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")

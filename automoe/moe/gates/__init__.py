@@ -5,27 +5,30 @@ Every gate: `forward(x_TD, valid_T) -> RouterOutput`, `init_weights(*, std)`, `n
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
+from automoe.config.gates import gate_spec
 from automoe.config.moe import MoEConfig
 from automoe.moe.gates.fake import FakeBalancedGate
 from automoe.moe.gates.hybrid import HybridGate
 from automoe.moe.gates.noisy import NoisyTopKGate, cv_squared, prob_in_top_k
 from automoe.moe.gates.topk import TopKGate, group_limited_mask
 
-GATE_CLASSES: dict[str, type[nn.Module]] = {
-    "topk": TopKGate,
-    "fake_balanced": FakeBalancedGate,
-    "noisy_topk": NoisyTopKGate,
-    "hybrid": HybridGate,
-}
+
+def gate_class(name: str) -> type[nn.Module]:
+    """The class registered for gate `name` (`automoe.config.gates`), imported on first use."""
+    target = gate_spec(name).target
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return target
 
 
 def build_gate(cfg: MoEConfig) -> nn.Module:
     """The gate named by `cfg.gate`, built on the current default device (call `init_weights` after)."""
-    if cfg.gate not in GATE_CLASSES:
-        raise ValueError(f"MoEConfig.gate={cfg.gate!r} is not one of {sorted(GATE_CLASSES)}")
-    return GATE_CLASSES[cfg.gate](cfg)
+    return gate_class(cfg.gate)(cfg)
 
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "NoisyTopKGate",
     "TopKGate",
     "build_gate",
+    "gate_class",
     "cv_squared",
     "group_limited_mask",
     "prob_in_top_k",
