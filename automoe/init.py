@@ -2,7 +2,7 @@
 
 `init_tensor_` fills a parameter as if it were the whole unsharded tensor, drawing from the CPU RNG in a fixed
 order, so a model initializes to the same values on one process and under any EP / FSDP layout. Sharded tensors
-(DTensors) are written through an assign hook that `automoe.parallel` registers; model code never imports
+(DTensors) are written through an assign hook that `apply_ep` / `apply_fsdp` install; model code never imports
 torch.distributed.
 """
 
@@ -33,7 +33,7 @@ def init_tensor_(t: Tensor, fill: Fill) -> Tensor:
     if is_sharded(t):  # copy only the local shard
         if _sharded_assign is None:
             raise RuntimeError(
-                "a sharded tensor needs automoe.parallel imported (it registers the assign hook)"
+                "a sharded tensor needs the assign hook that automoe.parallel's apply_ep / apply_fsdp install"
             )
         _sharded_assign(t, full)
     else:

@@ -28,6 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from automoe.config.moe import MoEConfig  # noqa: E402
 from automoe.moe.layer import MoE  # noqa: E402
+from automoe.parallel.dims import EP  # noqa: E402
 from automoe.parallel.expert_parallel import apply_ep  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,9 +77,9 @@ def _worker(rank: int, world: int, store: str, args, out: str) -> None:
     local_id, ep_id = MoE(cfg, experts=_Identity()), MoE(cfg, experts=_Identity())
     local_id.load_state_dict(local.state_dict(), strict=False)
     ep_id.load_state_dict(local.state_dict(), strict=False)
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
-    apply_ep(ep_layer, mesh["ep"])
-    apply_ep(ep_id, mesh["ep"])
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=(EP,))
+    apply_ep(ep_layer, mesh[EP])
+    apply_ep(ep_id, mesh[EP])
     g = torch.Generator().manual_seed(rank + 1)
     x = torch.randn(1, args.tokens, args.dim, generator=g).requires_grad_()
 

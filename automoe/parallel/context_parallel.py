@@ -1,17 +1,22 @@
-"""Context parallelism: sequence sharding (zigzag load balance), the attention K/V gather and the CP-aware
-statistics reducer that makes a sequence split over CP ranks count as one sequence.
+"""Context parallelism: sequence sharding (zigzag load balance), the attention K/V gather (`apply_cp` installs it)
+and the CP-aware statistics reducer that makes a sequence split over CP ranks count as one sequence.
 
 Letters: B sequences, S positions (local), G kv heads, D head dim, C = 2*cp chunks.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
-from torch import Tensor
+from torch import Tensor, nn
 
 from automoe.config.checks import check_sequence_split
+from automoe.parallel.dims import ParallelDims
+
+logger = logging.getLogger(__name__)
 
 
 def cp_positions(seq_len: int, *, cp_rank: int, cp: int, load_balance: bool, device=None) -> Tensor:
@@ -58,6 +63,14 @@ class CPKVGather:
         v_all = fc.all_gather_tensor_autograd(v_BGSD.contiguous(), gather_dim=2, group=self.group)
         pos_all = fc.all_gather_tensor(positions_BS.contiguous(), gather_dim=1, group=self.group)
         return fc.wait_tensor(k_all), fc.wait_tensor(v_all), fc.wait_tensor(pos_all)
+
+
+def apply_cp(model: nn.Module, dims: ParallelDims) -> None:
+    """Attention gathers K/V over the CP group (routing statistics: `DistributedStatsReducer`)."""
+    group = dims.cp_mesh.get_group()
+    for block in model.layers.values():
+        block.attention.kv_gather = CPKVGather(group)
+    logger.info("applied context parallelism: cp=%d", dims.cp)
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -14,10 +14,15 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from automoe.config.checks import check_experts_split
 
+# Axes of the dense mesh (dp_replicate, dp_shard, cp) and of the expert mesh (dp_replicate, ep_shard, ep) ...
 DP_REPLICATE, DP_SHARD, CP = "dp_replicate", "dp_shard", "cp"
 EP_SHARD, EP = "ep_shard", "ep"
+# ... and the flattened axes built from them (each is also its key in `ParallelDims._meshes`)
+DP = "dp"  # flattened (dp_replicate, dp_shard): ranks that hold different sequences
 DENSE_DATA = "dp_shard_cp"  # flattened (dp_shard, cp): where dense parameters are sharded
 DENSE_ALL = "dp_cp"  # flattened (dp_replicate, dp_shard, cp): every rank that sees different data
+EXPERT_DATA = "expert_data"  # flattened (dp_replicate, ep_shard): ranks that hold the same experts
+_DENSE, _EXPERTS = "dense", "experts"  # keys of the two 3-D meshes
 
 
 @dataclass
@@ -30,7 +35,6 @@ class ParallelDims:
     cp: int = 1
     ep: int = 1
     num_experts: int | None = None  # when given, `num_experts % ep` is validated too
-    fsdp_applied: bool = False  # set by `parallelize` when FSDP2 manages the gradient reductions
     _meshes: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -97,12 +101,12 @@ class ParallelDims:
             mesh_dim_names=(DP_REPLICATE, EP_SHARD, EP),
         )
         self._meshes = {
-            "dense": dense,
-            "experts": experts,
+            _DENSE: dense,
+            _EXPERTS: experts,
             DENSE_DATA: dense[DP_SHARD, CP]._flatten(DENSE_DATA),
             DENSE_ALL: dense[DP_REPLICATE, DP_SHARD, CP]._flatten(DENSE_ALL),
-            "dp": dense[DP_REPLICATE, DP_SHARD]._flatten("dp"),
-            "expert_data": experts[DP_REPLICATE, EP_SHARD]._flatten("expert_dp"),
+            DP: dense[DP_REPLICATE, DP_SHARD]._flatten(DP),
+            EXPERT_DATA: experts[DP_REPLICATE, EP_SHARD]._flatten(EXPERT_DATA),
         }
 
     def _mesh(self, key: str) -> DeviceMesh:
@@ -112,36 +116,36 @@ class ParallelDims:
 
     @property
     def dense_mesh(self) -> DeviceMesh:
-        return self._mesh("dense")
+        return self._mesh(_DENSE)
 
     @property
     def expert_mesh(self) -> DeviceMesh:
-        return self._mesh("experts")
+        return self._mesh(_EXPERTS)
 
     @property
     def ep_mesh(self) -> DeviceMesh:
-        return self._mesh("experts")[EP]
+        return self._mesh(_EXPERTS)[EP]
 
     @property
     def cp_mesh(self) -> DeviceMesh:
-        return self._mesh("dense")[CP]
+        return self._mesh(_DENSE)[CP]
 
     @property
     def dp_mesh(self) -> DeviceMesh:
         """(dp_replicate x dp_shard) flattened: ranks holding different sequences; used to shard the data."""
-        return self._mesh("dp")
+        return self._mesh(DP)
 
     @property
     def fsdp_mesh(self) -> DeviceMesh:
         """2-D (dp_replicate, dp_shard x cp) mesh for dense parameters (HSDP when dp_replicate > 1)."""
         if self.dp_replicate == 1:
             return self._mesh(DENSE_DATA)
-        return self._mesh("dense")[DP_REPLICATE, DENSE_DATA]
+        return self._mesh(_DENSE)[DP_REPLICATE, DENSE_DATA]
 
     @property
     def expert_fsdp_mesh(self) -> DeviceMesh:
         """(dp_replicate, ep_shard) of the expert mesh: where expert parameters are sharded / replicated."""
-        experts = self._mesh("experts")
+        experts = self._mesh(_EXPERTS)
         return experts[EP_SHARD] if self.dp_replicate == 1 else experts[DP_REPLICATE, EP_SHARD]
 
     @property
@@ -153,7 +157,7 @@ class ParallelDims:
         """(rank, size) of this process among the ranks that see different sequences."""
         if self.world_size == 1:
             return 0, 1
-        mesh = self._mesh("dp")
+        mesh = self._mesh(DP)
         return mesh.get_local_rank(), mesh.size()
 
     def describe(self) -> str:

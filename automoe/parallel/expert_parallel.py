@@ -20,6 +20,7 @@ from automoe.config.checks import check_experts_split
 from automoe.moe.index import expand_received, rank_pairs
 from automoe.moe.layer import moe_layers
 from automoe.moe.permute import expand_rows, weighted_collapse
+from automoe.parallel.sharded_init import install_sharded_init
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
 
     Expert parameters become DTensors, so distributed checkpoints can be resharded to another EP size.
     """
+    install_sharded_init()
     num_ranks = ep_mesh.size()
     for name, layer in moe_layers(model):
         check_experts_split(layer.num_experts, num_ranks, where=name)

@@ -10,6 +10,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
 from automoe.parallel.dims import ParallelDims
+from automoe.parallel.sharded_init import install_sharded_init
 from automoe.tensors import local_view, torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "floa
     Mixed precision gathers parameters in `param_dtype` and reduces gradients in fp32; sharded master
     parameters stay fp32.
     """
+    install_sharded_init()
     mp = MixedPrecisionPolicy()
     if param_dtype != "float32":
         mp = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype), reduce_dtype=torch.float32)
@@ -33,7 +35,6 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "floa
                         shard_placement_fn=_expert_placement(dims.ep_shard))
         fully_shard(block, mesh=dense_mesh, mp_policy=mp)
     fully_shard(model, mesh=dense_mesh, mp_policy=mp)
-    dims.fsdp_applied = True
     logger.info("applied FSDP2 over %s (params gathered in %s)", dense_mesh.mesh_dim_names, param_dtype)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
@@ -39,14 +40,15 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
     """Finish the step's gradient reductions so every gradient equals the single-process one.
 
     1. Without FSDP, average plain (replicated) gradients over all ranks and expert gradients over the ranks that
-       hold the same experts (dp_replicate x ep_shard); with FSDP the reduce-scatter already did this.
+       hold the same experts (dp_replicate x ep_shard); with FSDP (`apply_fsdp` made the root an `FSDPModule`)
+       the reduce-scatter already did this.
     2. Expert gradients arrive ep-times too large: the all-to-all backward already summed the contributions of the
        ep group, and the average above divides only by the expert-data degree.
     """
     if dims.world_size == 1:
         return
     experts = {id(p) for p in expert_parameters(model)}
-    if not dims.fsdp_applied:
+    if not isinstance(model, FSDPModule):
         expert_group = dims.expert_fsdp_mesh
         for p in model.parameters():
             if p.grad is None:

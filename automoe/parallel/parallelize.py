@@ -6,36 +6,17 @@ import logging
 
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from automoe.config.parallel import ParallelConfig
-from automoe.init import register_sharded_assign
 from automoe.moe.layer import moe_layers
-from automoe.parallel.checkpointing import apply_ac, apply_compile
-from automoe.parallel.context_parallel import CPKVGather, DistributedStatsReducer
+from automoe.parallel.activation_checkpoint import apply_ac
+from automoe.parallel.compile import apply_compile
+from automoe.parallel.context_parallel import DistributedStatsReducer, apply_cp
 from automoe.parallel.dims import ParallelDims
 from automoe.parallel.expert_parallel import apply_ep
 from automoe.parallel.fsdp import apply_fsdp
 
 logger = logging.getLogger(__name__)
-
-
-def _assign_shard(sharded: DTensor, full) -> None:
-    local = distribute_tensor(
-        full.to(sharded.device), sharded.device_mesh, sharded.placements, src_data_rank=None
-    )
-    sharded.to_local().copy_(local.to_local())
-
-
-register_sharded_assign(_assign_shard)
-
-
-def apply_cp(model: nn.Module, dims: ParallelDims) -> None:
-    """Attention gathers K/V over the CP group; routing statistics are summed over it."""
-    group = dims.cp_mesh.get_group()
-    for block in model.layers.values():
-        block.attention.kv_gather = CPKVGather(group)
-    logger.info("applied context parallelism: cp=%d", dims.cp)
 
 
 def apply_stats_reducers(model: nn.Module, dims: ParallelDims) -> None:

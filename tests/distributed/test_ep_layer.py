@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from automoe.config.moe import MoEConfig
 from automoe.moe.layer import MoE
+from automoe.parallel.dims import EP, EP_SHARD
 from automoe.parallel.expert_parallel import apply_ep
 from tests.distributed.spawn import run_distributed
 from tests.tolerance import assert_close_rounding, assert_equal
@@ -81,8 +82,8 @@ def _check_case(rank: int, world: int, case: str, ep: int) -> dict:
     sizes = sizes[:world]
     reference = _make(cfg, case)
     layer = copy.deepcopy(reference)
-    mesh = init_device_mesh("cpu", (world // ep, ep), mesh_dim_names=("edp", "ep"))
-    apply_ep(layer, mesh["ep"])
+    mesh = init_device_mesh("cpu", (world // ep, ep), mesh_dim_names=(EP_SHARD, EP))
+    apply_ep(layer, mesh[EP])
     xs, masks, targets = _inputs(sizes, cfg, case)
 
     y, loss = _loss(layer, xs[rank], masks[rank], targets[rank])
@@ -91,8 +92,8 @@ def _check_case(rank: int, world: int, case: str, ep: int) -> dict:
     for name, g in grads.items():  # replicated params: sum the per-rank contributions
         if not name.startswith("experts."):
             dist.all_reduce(g)
-        elif ep < world:  # expert shards are replicated over edp: sum over it
-            dist.all_reduce(g, group=mesh["edp"].get_group())
+        elif ep < world:  # expert shards are replicated over ep_shard: sum over it
+            dist.all_reduce(g, group=mesh[EP_SHARD].get_group())
 
     ref_loss = 0.0
     for r in range(world):
@@ -123,7 +124,7 @@ def _check_case(rank: int, world: int, case: str, ep: int) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "ep2-edp2"])
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "ep2-epshard2"])
 def test_ep_layer_matches_single_process(world, ep):
     """Every case of CASES: outputs, loss and all gradients (ranks assert), and the summed expert load."""
     results = run_distributed(_ep_worker, world, ep)

@@ -31,9 +31,3 @@ def apply_ac(model: nn.Module, mode: str) -> None:
             wrapped += 1
     logger.info("applied activation checkpointing (%s) to %d modules", mode, wrapped)
 
-
-def apply_compile(model: nn.Module) -> None:
-    """torch.compile each block in place (names unchanged); the first step pays the compile time."""
-    for block in model.layers.values():
-        block.compile()
-    logger.info("applied torch.compile to %d blocks", len(model.layers))
