@@ -19,6 +19,7 @@ from automoe.config.job import JobConfig
 from automoe.data import StatefulLoader, build_datasets
 from automoe.models import Transformer, num_params
 from automoe.train.checkpoint import Checkpointer, resolve_resume
+from automoe.train.faults import FaultHooks, from_env
 from automoe.train.metrics import MetricsLogger
 from automoe.train.optim import build_optimizer, build_scheduler
 from automoe.train.trainer import Trainer
@@ -52,8 +53,13 @@ def _load_hf_init(model: torch.nn.Module, hf_dir: str) -> None:
     logger.info("initialized from HF checkpoint %s (%d tensors read on rank 0)", hf_dir, len(read))
 
 
-def build_trainer(cfg: JobConfig, env: parallel.DistEnv) -> Trainer:
-    """Everything `Trainer.fit` needs, on every rank. Raises ValueError for bad settings before training starts."""
+def build_trainer(cfg: JobConfig, env: parallel.DistEnv, *, faults: FaultHooks | None = None) -> Trainer:
+    """Everything `Trainer.fit` needs, on every rank. Raises ValueError for bad settings before training starts.
+
+    `faults`: fault-injection hooks for the reliability tests; default: from `AUTOMOE_FAULT` (unset: none).
+    """
+    if faults is None:
+        faults = from_env(rank=env.rank)
     pcfg, train = cfg.parallel, cfg.train
     output_dir = Path(cfg.output_dir)
     ckpt_root = output_dir / "checkpoints"
@@ -108,6 +114,7 @@ def build_trainer(cfg: JobConfig, env: parallel.DistEnv) -> Trainer:
         config_yaml=config_to_yaml(cfg),
         keep_last_n=cfg.checkpoint.keep_last_n,
         async_save=cfg.checkpoint.async_save,
+        faults=faults,
     )
     start_step = 0
     if resume_path is not None:
@@ -139,4 +146,5 @@ def build_trainer(cfg: JobConfig, env: parallel.DistEnv) -> Trainer:
         checkpointer=checkpointer,
         metrics=metrics,
         start_step=start_step,
+        faults=faults,
     )

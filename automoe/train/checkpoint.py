@@ -9,6 +9,7 @@ never unpickles anything.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import shutil
@@ -27,7 +28,6 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from automoe.shapes import config_diff, tensor_shape_mismatches
-from automoe.train import faults
 from automoe.train.checkpoint_storage import (
     FaultPointWriter,
     SafeFileSystemReader,
@@ -39,6 +39,7 @@ from automoe.train.checkpoint_storage import (
     single_process_ok,
     write_json,
 )
+from automoe.train.faults import NO_FAULTS, FaultHooks
 
 logger = logging.getLogger(__name__)
 
@@ -118,18 +119,31 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _remove_every_other_file(path: Path) -> None:
+    for f in sorted(x for x in path.rglob("*") if x.is_file())[::2]:
+        f.unlink()
+
+
 class Checkpointer:
     """Saves and loads `step_<N>/` checkpoints under `root`. Every rank calls every method (they are collective).
 
     `config_yaml` is the resolved job config: saved in each checkpoint and compared (its `model` section) with
     the checkpoint's on load. `async_save` writes tensors in the background on a dedicated gloo group; the
-    marker is written when the next `save` or `wait` finds the write finished on every rank.
+    marker is written when the next `save` or `wait` finds the write finished on every rank. `faults` is passed
+    every point of `SAVE_POINTS` (the reliability tests crash there; the default does nothing).
     """
 
     def __init__(
-        self, root: str | Path, *, config_yaml: str, keep_last_n: int = 0, async_save: bool = False
+        self,
+        root: str | Path,
+        *,
+        config_yaml: str,
+        keep_last_n: int = 0,
+        async_save: bool = False,
+        faults: FaultHooks = NO_FAULTS,
     ) -> None:
         self.root = Path(root)
+        self.faults = faults
         self.config_yaml = config_yaml
         self.keep_last_n = keep_last_n
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -155,18 +169,17 @@ class Checkpointer:
         if is_complete(path):
             logger.info("checkpoint %s already exists; not rewritten", path)
             return path
-        faults.save_point("save.begin", step)
+        self.faults.at("save.begin", step)
         if self.rank == 0:
             if path.exists():  # an unfinished earlier attempt at this step
                 shutil.rmtree(path)
             (path / "rng").mkdir(parents=True)
         _barrier()
-        faults.save_point("save.dir_created", step)
+        self.faults.at("save.dir_created", step)
         start = time.perf_counter()
-        write_json(
-            path / "rng" / f"rank_{self.rank}.json", rng_state(), fault_point="save.rng_partial", step=step
-        )
-        faults.save_point("save.rng_written", step)
+        rng_file = path / "rng" / f"rank_{self.rank}.json"
+        write_json(rng_file, rng_state(), faults=self.faults, fault_point="save.rng_partial", step=step)
+        self.faults.at("save.rng_written", step)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if self.rank == 0:
@@ -177,17 +190,19 @@ class Checkpointer:
                 "scheduler": scheduler.state_dict(),
                 "loader": loader.state_dict(),
             }
-            write_json(path / STATE_FILE, trainer_state, fault_point="save.state_partial", step=step)
-            faults.save_point("save.state_written", step)
+            write_json(
+                path / STATE_FILE, trainer_state, faults=self.faults, fault_point="save.state_partial", step=step
+            )
+            self.faults.at("save.state_written", step)
             (path / CONFIG_FILE).write_text(self.config_yaml)
-            faults.save_point("save.config_written", step)
-        writer = FaultPointWriter(str(path), step=step)
+            self.faults.at("save.config_written", step)
+        writer = FaultPointWriter(str(path), step=step, faults=self.faults)
         if self.async_save:
             kwargs = {"process_group": self._async_group} if self._async_group is not None else {}
             with single_process_ok():
                 future = dcp.async_save(state, storage_writer=writer, **kwargs)
             self._pending = (future, step, path)
-            faults.save_point("save.async_started", step)
+            self.faults.at("save.async_started", step)
             logger.info("checkpoint step %d: async save started (%.2fs)", step, time.perf_counter() - start)
             return path
         with single_process_ok():
@@ -209,13 +224,13 @@ class Checkpointer:
     def _finish(self, step: int, path: Path) -> None:
         _barrier()  # every rank's shards and JSON files are on disk before the marker says so
         if self.rank == 0:
-            faults.save_point("save.before_marker", step)
+            self.faults.at("save.before_marker", step)
             marker = {"step": step, "world_size": self.world_size, "time": time.time()}
-            write_json(path / MARKER, marker, fault_point="save.marker_partial", step=step)
+            write_json(path / MARKER, marker, faults=self.faults, fault_point="save.marker_partial", step=step)
             fsync_dir(path)
-            faults.save_point("save.marker_written", step)
+            self.faults.at("save.marker_written", step)
             self._prune(step)
-            faults.save_point("prune.done", step)
+            self.faults.at("prune.done", step)
         _barrier()
 
     def _prune(self, step: int) -> None:
@@ -235,11 +250,8 @@ class Checkpointer:
         for _, p in doomed:
             # Remove the marker first: a crash mid-delete must not leave a "complete" partial directory.
             (p / MARKER).unlink(missing_ok=True)
-            faults.save_point("prune.marker_removed", step)
-            if faults.wants_save_point("prune.files_half_removed", step):
-                for f in sorted(x for x in p.rglob("*") if x.is_file())[::2]:
-                    f.unlink()
-                faults.save_point("prune.files_half_removed", step)
+            self.faults.at("prune.marker_removed", step)
+            self.faults.at("prune.files_half_removed", step, damage=functools.partial(_remove_every_other_file, p))
             shutil.rmtree(p, ignore_errors=True)
 
     # ---- load ----

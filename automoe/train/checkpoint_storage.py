@@ -17,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from automoe.train import faults
+from automoe.train.faults import NO_FAULTS, FaultHooks
 
 
 # ---- RNG state as JSON ----
@@ -45,13 +45,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def write_json(path: Path, obj: Any, *, fault_point: str | None = None, step: int = 0) -> None:
-    """Write, fsync, then rename, so a reader never sees half a file (even after the machine goes down)."""
+def write_json(
+    path: Path, obj: Any, *, faults: FaultHooks = NO_FAULTS, fault_point: str | None = None, step: int = 0
+) -> None:
+    """Write, fsync, then rename, so a reader never sees half a file (even after the machine goes down).
+
+    `fault_point`: where `faults` may kill the process with half the temp file written.
+    """
     tmp = path.with_name(path.name + ".tmp")
     data = json.dumps(obj).encode()
-    if fault_point is not None and faults.wants_save_point(fault_point, step):
-        tmp.write_bytes(data[: len(data) // 2])
-        faults.save_point(fault_point, step)
+    if fault_point is not None:
+        faults.at(fault_point, step, damage=lambda: tmp.write_bytes(data[: len(data) // 2]))
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -119,27 +123,28 @@ class SafeFileSystemReader(dcp.FileSystemReader):
 
 
 class FaultPointWriter(dcp.FileSystemWriter):
-    """`FileSystemWriter` that passes the DCP-internal points of `faults.SAVE_POINTS` (free when no fault is set)."""
+    """`FileSystemWriter` that passes `faults` the DCP-internal points of `SAVE_POINTS` (no-ops by default)."""
 
-    def __init__(self, path: str, *, step: int) -> None:
+    def __init__(self, path: str, *, step: int, faults: FaultHooks = NO_FAULTS) -> None:
         super().__init__(path)
-        self.step = step
+        self.step, self.faults = step, faults
 
     def write_data(self, plan: Any, planner: Any) -> Any:
-        faults.save_point("dcp.before_data", self.step)
+        self.faults.at("dcp.before_data", self.step)
         result = super().write_data(plan, planner)
-        if faults.wants_save_point("dcp.data_partial", self.step):
-            for shard in Path(self.path).glob(f"{plan.storage_data.prefix}*"):
-                with open(shard, "r+b") as f:
-                    f.truncate(shard.stat().st_size // 2)
-            faults.save_point("dcp.data_partial", self.step)
-        faults.save_point("dcp.after_data", self.step)
+        self.faults.at("dcp.data_partial", self.step, damage=lambda: self._truncate_shards(plan))
+        self.faults.at("dcp.after_data", self.step)
         return result
 
+    def _truncate_shards(self, plan: Any) -> None:
+        for shard in Path(self.path).glob(f"{plan.storage_data.prefix}*"):
+            with open(shard, "r+b") as f:
+                f.truncate(shard.stat().st_size // 2)
+
     def finish(self, metadata: Metadata, results: Any) -> None:
-        faults.save_point("dcp.before_metadata", self.step)
+        self.faults.at("dcp.before_metadata", self.step)
         super().finish(metadata, results)
-        faults.save_point("dcp.after_metadata", self.step)
+        self.faults.at("dcp.after_metadata", self.step)
 
 
 def check_shard_files(path: Path, metadata: Metadata) -> None:

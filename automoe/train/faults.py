@@ -1,6 +1,7 @@
 """Fault injection for the reliability tests: kill, hang or poison a rank at a chosen step or checkpoint point.
 
-Driven by `AUTOMOE_FAULT` (read once, at first use); unset, every hook is one `is None` test. Spec: one or more
+One hook object per job (`from_env`: `AUTOMOE_FAULT`, read once by `build_trainer`) is handed to the trainer and
+the checkpointer; unset, it is `NullFaults`, whose hooks do nothing. Spec: one or more
 `;`-separated `kind:arg[:rank[:attempt]]`. rank: `*` or absent = every rank. attempt: the `torchrun --max-restarts`
 attempt (`TORCHELASTIC_RESTART_COUNT`) it fires in, default 0, so the restart a fault provokes runs clean.
 
@@ -15,7 +16,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
 
 ENV_VAR = "AUTOMOE_FAULT"
 KINDS = ("kill_at_step", "hang_at_step", "nan_at_step", "crash_in_save")
@@ -83,67 +88,89 @@ def parse(spec: str) -> list[Fault]:
     return faults
 
 
-_UNREAD = object()
-_faults: list[Fault] | None | object = _UNREAD
-_rank = 0
-_attempt = 0
-
-
-def configure(spec: str | None, *, rank: int = 0, attempt: int = 0) -> None:
-    """Set the faults (None = none) instead of reading `AUTOMOE_FAULT`; tests call it in forked workers."""
-    global _faults, _rank, _attempt
-    _faults = parse(spec) if spec else None
-    _rank, _attempt = rank, attempt
-
-
-def _active() -> list[Fault] | None:
-    if _faults is _UNREAD:
-        spec = os.environ.get(ENV_VAR)
-        configure(
-            spec,
-            rank=int(os.environ.get("RANK", "0")),
-            attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-        )
-    return _faults  # type: ignore[return-value]
-
-
-def _matching(kind: str, step: int | None, point: str | None = None) -> Fault | None:
-    for fault in _active() or ():
-        if fault.kind != kind or fault.attempt != _attempt or fault.rank not in (None, _rank):
-            continue
-        if fault.point == point and (fault.step is None or fault.step == step):
-            return fault
-    return None
-
-
 def die() -> None:
     """SIGKILL ourselves: no exception handlers, no atexit, no flushing (the honest model of a dead node)."""
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)  # the signal is delivered asynchronously
 
 
-def at_step(step: int) -> None:
-    """Called when `step` begins: kill or hang this rank if asked to."""
-    if _faults is None:
-        return
-    if _matching("kill_at_step", step):
-        die()
-    if _matching("hang_at_step", step):
-        while True:
-            time.sleep(3600)
+class FaultHooks(Protocol):
+    """What the training loop and the checkpointer call; `NullFaults` (the default) does nothing."""
+
+    def at_step(self, step: int) -> None:
+        """`step` begins: kill or hang this rank if asked to."""
+
+    def poison_loss(self, ce_sum: Tensor, step: int) -> Tensor:
+        """`ce_sum`, or NaN if this rank's loss must be poisoned in `step` (its gradients follow)."""
+
+    def crashes_at(self, point: str, step: int) -> bool:
+        """Will `at(point, step)` kill this rank?"""
+
+    def at(self, point: str, step: int, *, damage: Callable[[], object] | None = None) -> None:
+        """Checkpoint point `point` (`SAVE_POINTS`) of the save of `step`: die here if asked to, after running
+        `damage` (which leaves what a crash mid-write would: half a file)."""
 
 
-def poison_loss(step: int) -> bool:
-    """True when this rank's loss must be made NaN in `step`."""
-    return _faults is not None and _matching("nan_at_step", step) is not None
+class NullFaults:
+    """No faults: every hook returns at once."""
+
+    def at_step(self, step: int) -> None:
+        pass
+
+    def poison_loss(self, ce_sum: Tensor, step: int) -> Tensor:
+        return ce_sum
+
+    def crashes_at(self, point: str, step: int) -> bool:
+        return False
+
+    def at(self, point: str, step: int, *, damage: Callable[[], object] | None = None) -> None:
+        pass
 
 
-def save_point(point: str, step: int) -> None:
-    """Called at each `SAVE_POINTS` entry of the save of `step`: die there if asked to."""
-    if _faults is not None and _matching("crash_in_save", step, point):
-        die()
+NO_FAULTS = NullFaults()
 
 
-def wants_save_point(point: str, step: int) -> bool:
-    """For points that must prepare the damage first (a half-written file): will `save_point` die here?"""
-    return _faults is not None and _matching("crash_in_save", step, point) is not None
+class InjectedFaults:
+    """The faults of a spec, as seen by `rank` in torchrun restart `attempt`."""
+
+    def __init__(self, faults: list[Fault], *, rank: int = 0, attempt: int = 0) -> None:
+        self.faults, self.rank, self.attempt = faults, rank, attempt
+
+    def _matching(self, kind: str, step: int | None, point: str | None = None) -> Fault | None:
+        for fault in self.faults:
+            if fault.kind != kind or fault.attempt != self.attempt or fault.rank not in (None, self.rank):
+                continue
+            if fault.point == point and (fault.step is None or fault.step == step):
+                return fault
+        return None
+
+    def at_step(self, step: int) -> None:
+        if self._matching("kill_at_step", step):
+            die()
+        if self._matching("hang_at_step", step):
+            while True:
+                time.sleep(3600)
+
+    def poison_loss(self, ce_sum: Tensor, step: int) -> Tensor:
+        return ce_sum * float("nan") if self._matching("nan_at_step", step) else ce_sum
+
+    def crashes_at(self, point: str, step: int) -> bool:
+        return self._matching("crash_in_save", step, point) is not None
+
+    def at(self, point: str, step: int, *, damage: Callable[[], object] | None = None) -> None:
+        if self.crashes_at(point, step):
+            if damage is not None:
+                damage()
+            die()
+
+
+def from_spec(spec: str | None, *, rank: int = 0, attempt: int = 0) -> FaultHooks:
+    """Hooks for an `AUTOMOE_FAULT` spec (None or empty: `NullFaults`); raises FaultSpecError if it does not parse."""
+    return InjectedFaults(parse(spec), rank=rank, attempt=attempt) if spec else NO_FAULTS
+
+
+def from_env(*, rank: int) -> FaultHooks:
+    """Hooks for `AUTOMOE_FAULT` in this process's environment, in torchrun attempt `TORCHELASTIC_RESTART_COUNT`."""
+    return from_spec(
+        os.environ.get(ENV_VAR), rank=rank, attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    )

@@ -23,8 +23,8 @@ from automoe.config.job import JobConfig
 from automoe.data import IGNORE_INDEX, StatefulLoader, TokenDataset, val_batches
 from automoe.moe import collect_aux_loss, moe_layers, step_expert_loads, update_gate_biases
 from automoe.tensors import local_view
-from automoe.train import faults
 from automoe.train.checkpoint import Checkpointer, latest_checkpoint
+from automoe.train.faults import NO_FAULTS, FaultHooks
 from automoe.train.metrics import HEATMAP_FILE, MetricsLogger, expert_load_stats, save_expert_load_heatmap
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class Trainer:
 
     `fit()` trains until `train.stop_at_step` or `train.steps`, validating every `train.val_interval` steps and
     checkpointing every `checkpoint.interval` steps and at the end. Returns the last step's metrics record.
+    `faults`: the reliability tests' kill/hang/NaN hooks (the default does nothing).
     """
 
     def __init__(
@@ -79,12 +80,14 @@ class Trainer:
         checkpointer: Checkpointer,
         metrics: MetricsLogger,
         start_step: int = 0,
+        faults: FaultHooks = NO_FAULTS,
     ) -> None:
         self.cfg = cfg
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loader, self.val_dataset = loader, val_dataset
         self.dims, self.device = dims, device
         self.checkpointer, self.metrics = checkpointer, metrics
+        self.faults = faults
         self.step = start_step
         self.consecutive_skips = 0
         self.output_dir = Path(cfg.output_dir)
@@ -118,7 +121,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step on the loader's next global batch; -> its metrics record (see `metrics.STEP_KEYS`)."""
         self.step += 1
-        faults.at_step(self.step)
+        self.faults.at_step(self.step)
         start = time.perf_counter()
         micro_batches = self.loader.next_step()
         self.phase = "forward/backward (expert all-to-all, FSDP all-gather/reduce-scatter)"
@@ -168,11 +171,8 @@ class Trainer:
         share = 1.0 / (len(micro_batches) * self.dims.world_size)
         ce_total = torch.zeros((), device=self.device)
         aux_total = torch.zeros((), device=self.device)
-        poison = faults.poison_loss(self.step)
         for mb in micro_batches:
-            ce_sum = self._ce_sum(mb)
-            if poison:
-                ce_sum = ce_sum * float("nan")
+            ce_sum = self.faults.poison_loss(self._ce_sum(mb), self.step)
             loss = ce_sum / mb["global_num_tokens"]
             aux = collect_aux_loss(self.model)
             if aux is not None:

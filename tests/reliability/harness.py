@@ -29,15 +29,15 @@ def _job(output_dir: str, overrides: tuple[str, ...], fault: str | None) -> None
     import torch
 
     from automoe.parallel import DistEnv
-    from automoe.train import build_trainer, faults
+    from automoe.train import build_trainer
+    from automoe.train.faults import from_spec
     from tests.unit.train.conftest import make_job
 
     torch.set_num_threads(1)
     logging.disable(logging.CRITICAL)
     warnings.simplefilter("ignore")
-    faults.configure(fault, rank=0)
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    build_trainer(make_job(output_dir, *overrides), env).fit()
+    build_trainer(make_job(output_dir, *overrides), env, faults=from_spec(fault, rank=0)).fit()
 
 
 def run_job(output_dir: Path, *overrides: str, fault: str | None = None, timeout: float = 60) -> int:

@@ -7,15 +7,10 @@ import re
 import subprocess
 
 import pytest
+import torch
 
 from automoe.train import faults
 from tests.integration.recipe import REPO, TORCHRUN
-
-
-@pytest.fixture(autouse=True)
-def no_faults():
-    yield
-    faults.configure(None)
 
 
 def test_spec_parses_kinds_ranks_and_attempts():
@@ -44,19 +39,30 @@ def test_bad_spec_is_named(spec, match):
         faults.parse(spec)
 
 
+def poisons(hooks: faults.FaultHooks, step: int) -> bool:
+    return bool(hooks.poison_loss(torch.ones(()), step).isnan())
+
+
 def test_faults_fire_only_for_their_rank_step_and_attempt():
-    faults.configure("nan_at_step:3:1;crash_in_save:save.begin@4", rank=1, attempt=0)
-    assert faults.poison_loss(3) and not faults.poison_loss(4)
-    assert faults.wants_save_point("save.begin", 4) and not faults.wants_save_point("save.begin", 2)
-    faults.configure("nan_at_step:3:1", rank=0)
-    assert not faults.poison_loss(3)
-    faults.configure("nan_at_step:3:1:1", rank=1, attempt=0)  # meant for the first restart
-    assert not faults.poison_loss(3)
-    faults.configure("nan_at_step:3:1:1", rank=1, attempt=1)
-    assert faults.poison_loss(3)
-    faults.configure(None)
-    assert not faults.poison_loss(3) and not faults.wants_save_point("save.begin", 4)
-    faults.at_step(3)  # no fault set: returns
+    hooks = faults.from_spec("nan_at_step:3:1;crash_in_save:save.begin@4", rank=1, attempt=0)
+    assert poisons(hooks, 3) and not poisons(hooks, 4)
+    assert hooks.crashes_at("save.begin", 4) and not hooks.crashes_at("save.begin", 2)
+    assert not poisons(faults.from_spec("nan_at_step:3:1", rank=0), 3)
+    assert not poisons(faults.from_spec("nan_at_step:3:1:1", rank=1, attempt=0), 3)  # meant for the first restart
+    assert poisons(faults.from_spec("nan_at_step:3:1:1", rank=1, attempt=1), 3)
+    none = faults.from_spec(None)
+    assert isinstance(none, faults.NullFaults)
+    assert not poisons(none, 3) and not none.crashes_at("save.begin", 4)
+    none.at_step(3)  # no fault set: returns
+    none.at("save.begin", 4, damage=lambda: pytest.fail("NullFaults ran the damage"))
+
+
+def test_from_env_reads_spec_and_restart_count(monkeypatch):
+    monkeypatch.delenv(faults.ENV_VAR, raising=False)
+    assert isinstance(faults.from_env(rank=1), faults.NullFaults)
+    monkeypatch.setenv(faults.ENV_VAR, "nan_at_step:3:1:1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert poisons(faults.from_env(rank=1), 3) and not poisons(faults.from_env(rank=0), 3)
 
 
 @pytest.mark.integration
