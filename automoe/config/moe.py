@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Optional
 
 from automoe.config.checks import check_choice
-from automoe.config.gates import GATES
+from automoe.config.gates import GATES, gate_spec, gates_with
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "geglu", "relu2", "gelu", "relu")
@@ -115,8 +115,11 @@ class MoEConfig:
                 f"MoEConfig.gate_bias_update_factor={self.gate_bias_update_factor} > 0 with train_gate=False: "
                 "a frozen gate is never updated"
             )
-        if self.gate_bias_update_factor > 0 and self.gate not in ("topk",):
-            raise ValueError(f"MoEConfig.gate_bias_update_factor > 0 needs gate='topk', got gate={self.gate!r}")
+        if self.gate_bias_update_factor > 0 and not gate_spec(self.gate).selection_bias:
+            raise ValueError(
+                f"MoEConfig.gate_bias_update_factor > 0 needs a gate with a selection bias "
+                f"({gates_with('selection_bias')}), got gate={self.gate!r}"
+            )
         if not 0.0 <= self.fake_gate_noise <= 1.0:
             raise ValueError(f"MoEConfig.fake_gate_noise={self.fake_gate_noise} must be in [0, 1]")
         if not 0 <= self.fake_gate_skip_first_n_experts <= E - K:
@@ -143,15 +146,24 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.shared_expert_inter_dim={self.shared_expert_inter_dim} must be >= 1")
         self._warn_ineffective()
 
+    def _idle_gate_settings(self) -> list[str]:
+        """Set fields the chosen gate does not read, from what the registered gates declare."""
+        spec = gate_spec(self.gate)
+        idle = [name for name, used in (("aux_loss_coeff", spec.uses_aux_loss_coeff),
+                                        ("z_loss_coeff", spec.router_logits))
+                if getattr(self, name) > 0 and not used]
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        others = {f for other in GATES.values() for f in other.own_fields if f not in spec.own_fields}
+        return idle + [f for f in sorted(others) if getattr(self, f) != defaults[f]]
+
     def _warn_ineffective(self) -> None:
         def warn(msg: str) -> None:
             warnings.warn(f"MoEConfig: {msg}", UserWarning, stacklevel=4)
 
         if self.shared_expert_gate and self.num_shared_experts == 0:
             warn("shared_expert_gate=True has no effect with num_shared_experts=0")
-        if self.gate == "fake_balanced" and (self.aux_loss_coeff > 0 or self.z_loss_coeff > 0):
-            warn("aux_loss_coeff / z_loss_coeff have no effect with gate='fake_balanced'")
-        if self.gate != "fake_balanced" and (self.fake_gate_noise > 0 or self.fake_gate_skip_first_n_experts):
-            warn(f"fake_gate_* settings have no effect with gate={self.gate!r}")
+        idle = self._idle_gate_settings()
+        if idle:
+            warn(f"{' / '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect with gate={self.gate!r}")
         if self.score_func == "sigmoid" and not self.softmax_before_topk:
             warn("softmax_before_topk=False has no effect with score_func='sigmoid'")

@@ -42,13 +42,11 @@ def update_gate_biases(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict
             delta_E = layer.cfg.gate_bias_update_factor * torch.sign(load_E.mean() - load_E)
             if layer.cfg.bias_update_mean_center:
                 delta_E = delta_E - delta_E.mean()
-            bias = layer.gate.correction_bias
-            bias.add_(delta_E.to(bias.dtype))
+            layer.gate.update_bias(delta_E)
         layer.reset_statistics()
     return loads
 
 
 def _bias_update_enabled(layer: MoE) -> bool:
     cfg = layer.cfg
-    return (layer.training and cfg.train_gate and cfg.gate_bias_update_factor > 0
-            and getattr(layer.gate, "correction_bias", None) is not None)
+    return layer.training and cfg.train_gate and cfg.gate_bias_update_factor > 0 and layer.gate_spec.selection_bias

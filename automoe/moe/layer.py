@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from automoe.config.gates import gate_spec
 from automoe.config.moe import MoEConfig
 from automoe.moe import losses
 from automoe.moe.dispatch import LocalDispatcher
@@ -88,6 +89,7 @@ class MoE(nn.Module):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.num_activated_experts
         self.gate = gate if gate is not None else build_gate(cfg)
+        self.gate_spec = gate_spec(cfg.gate)  # what the gate declares: which losses apply, whether it has a bias
         self.experts = experts if experts is not None else GroupedExperts(cfg)
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
@@ -156,7 +158,7 @@ class MoE(nn.Module):
         recompute = in_backward_recompute() and self._replay.recorded
         reducer = self._replay.replay() if recompute else self._replay.record(self.reducer)
         cfg, terms, values = self.cfg, [], {}
-        if cfg.aux_loss_coeff > 0 and route.probs_TE is not None and cfg.gate != "noisy_topk":
+        if cfg.aux_loss_coeff > 0 and self.gate_spec.balancing_probs and route.probs_TE is not None:
             global_load = global_tokens = None
             if cfg.aux_loss_type == "global":
                 global_load = reducer.sum_over_batch(self.expert_load.clone())

@@ -1,4 +1,4 @@
-"""Seams of the MoE layer: router output, token dispatcher and statistics reducer protocols.
+"""Seams of the MoE layer: router output, gate, token dispatcher and statistics reducer protocols.
 
 Letters: T tokens, K slots per token, N routed rows (token copies), E experts, D model dim.
 """
@@ -20,6 +20,28 @@ class RouterOutput:
     probs_TE: Tensor | None = None  # full score distribution P (for the balancing loss), differentiable
     logits_TE: Tensor | None = None  # raw router logits (for the z-loss)
     gate_loss: Tensor | None = None  # a gate's own scalar loss (noisy_topk cv^2), already weighted
+
+
+class Gate(Protocol):
+    """A router. Registered with `automoe.config.gates.register_gate`, whose `GateSpec` declares which of the
+    optional `RouterOutput` fields it fills (probs_TE for the aux loss, logits_TE for the z-loss, gate_loss)."""
+
+    num_experts: int
+    top_k: int  # K slots per token in `indices_TK`
+
+    def __call__(self, x_TD: Tensor, valid_T: Tensor | None) -> RouterOutput:
+        """Route T tokens x_TD [T, D]; `valid_T` [T] bool is False at padding (left out of any gate loss)."""
+        ...
+
+    def init_weights(self, *, std: float) -> None: ...
+
+
+class BiasedGate(Gate, Protocol):
+    """A gate whose spec declares `selection_bias`: a per-expert bias added to the scores for selection only."""
+
+    def update_bias(self, delta_E: Tensor) -> None:
+        """bias_E += delta_E, after the optimizer step (`automoe.moe.balance.update_gate_biases`)."""
+        ...
 
 
 class TokenDispatcher(Protocol):

@@ -100,6 +100,11 @@ class TopKGate(nn.Module):
         if self.correction_bias is not None:
             self.correction_bias.zero_()
 
+    @torch.no_grad()
+    def update_bias(self, delta_E: Tensor) -> None:
+        """correction_bias += delta_E [E] (the aux-loss-free balancing step; `moe.balance` computes delta_E)."""
+        self.correction_bias.add_(delta_E.to(self.correction_bias.dtype))
+
     def _scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
         """-> (scores_TE the weights are gathered from, probs_TE the full distribution for balancing)."""
         if self.cfg.score_func == "sigmoid":
