@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -79,11 +80,38 @@ def init_distributed(*, timeout_s: float = 300.0) -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def shutdown_distributed(*, clean: bool = False) -> None:
-    """Destroy every process group. `clean=True` (the job succeeded on this rank) first waits at a barrier so no
-    rank tears gloo down while a peer is still finishing its last collective; after a failure there is no
-    barrier, since a dead peer would hold it until the collective timeout."""
+def live_gloo_threads() -> int:
+    """Native gloo threads alive in this process (`pt_gloo_runloop` workers, `gloo_tcp_loop` I/O); 0 off Linux."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    count = 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                count += f.read().startswith(("pt_gloo", "gloo_"))
+        except OSError:  # the thread ended while we looked
+            pass
+    return count
+
+
+def shutdown_distributed(*, clean: bool = False) -> int:
+    """Destroy every process group; -> the number of gloo threads still alive afterwards.
+
+    `clean=True` (the job succeeded on this rank) first waits at a barrier so no rank tears gloo down while a peer
+    is still finishing its last collective; after a failure there is no barrier, since a dead peer would hold it
+    until the collective timeout.
+
+    `destroy_process_group` only unregisters the groups: each gloo group's threads (two `pt_gloo_runloop`
+    workers and a `gloo_tcp_loop`) are joined by its C++ destructor, which runs when the last Python reference
+    goes. Groups reachable only through reference cycles (FSDP state <-> module) are freed by the `gc.collect()`
+    here, while the interpreter is fully alive; whatever is still referenced (the count returned) would otherwise
+    be torn down during interpreter finalization (see `automoe.train.launch.run_job`).
+    """
     if dist.is_initialized():
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+    gc.collect()
+    return live_gloo_threads()

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from automoe.parallel.env import shutdown_distributed
+
 PG_TIMEOUT_S = 60
 
 
@@ -19,15 +21,19 @@ def _worker(rank: int, world_size: int, store_path: str, out_dir: str, fn, args:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=PG_TIMEOUT_S))
+    clean = False
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while a peer is still in its last collective
+        result = None
+        clean = True
     except BaseException:
         traceback.print_exc()
         raise
     finally:
-        dist.destroy_process_group()
+        # Barrier on success, destroy every group, then free the ones only cycles still hold, so their gloo
+        # threads are joined before the interpreter finalizes (automoe.train.launch._exit_before_finalization).
+        shutdown_distributed(clean=clean)
 
 
 def run_distributed(fn, world_size: int, *args) -> list:
