@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from automoe import parallel
 from automoe.config.job import JobConfig
-from automoe.data import IGNORE_INDEX, StatefulLoader, TokenDataset, val_batches
-from automoe.moe import collect_aux_loss, moe_layers, step_expert_loads, update_gate_biases
+from automoe.data import StatefulLoader, TokenDataset, val_batches
+from automoe.moe import moe_layers, step_expert_loads, update_gate_biases
 from automoe.tensors import local_view
+from automoe.train import loss
 from automoe.train.checkpoint import Checkpointer, latest_checkpoint
 from automoe.train.faults import NO_FAULTS, FaultHooks
 from automoe.train.metrics import HEATMAP_FILE, MetricsLogger, expert_load_stats, save_expert_load_heatmap
@@ -45,17 +45,6 @@ class CollectiveError(RuntimeError):
 
 class NonFiniteError(FloatingPointError):
     """The loss or gradient norm was NaN/inf and `train.nan_policy` says stop (or too many steps were skipped)."""
-
-
-def padding_rows_mask(labels_BS: Tensor) -> Tensor | None:
-    """[B, S] bool, True on the loader's padding rows (every label IGNORE_INDEX); None when there are none.
-
-    Passed to the model as `padding_mask_BS`, so padding is not routed and counts in no MoE statistic, loss or
-    bias update. None keeps the unmasked attention fast path. NOTE: `.any()` syncs if labels are on a device
-    (the loader yields host tensors).
-    """
-    pad_B = (labels_BS == IGNORE_INDEX).all(dim=1)
-    return pad_B[:, None].expand_as(labels_BS) if bool(pad_B.any()) else None
 
 
 class Trainer:
@@ -161,48 +150,29 @@ class Trainer:
         }
 
     def forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor]:
-        """Accumulate the gradients of one step; -> (CE sum, aux-loss sum, dropped slots per MoE layer) here.
-
-        Each micro-batch's loss is its share of the global objective: CE summed over this rank's labels / the
-        global batch's token count, plus its aux loss / (micro-batches x ranks); `loss_scale` undoes the
-        averaging of the gradient reductions, so gradients equal those of one process on the whole batch.
-        """
-        scale = parallel.loss_scale(self.dims)
-        share = 1.0 / (len(micro_batches) * self.dims.world_size)
-        ce_total = torch.zeros((), device=self.device)
-        aux_total = torch.zeros((), device=self.device)
-        for mb in micro_batches:
-            ce_sum = self.faults.poison_loss(self._ce_sum(mb), self.step)
-            loss = ce_sum / mb["global_num_tokens"]
-            aux = collect_aux_loss(self.model)
-            if aux is not None:
-                loss = loss + aux * share
-                aux_total += aux.detach().float()
-            (loss * scale).backward()
-            ce_total += ce_sum.detach()
+        """Accumulate the gradients of one step (`loss.forward_backward`); -> (CE sum, aux-loss sum, dropped slots
+        per MoE layer) on this rank."""
+        ce_sum, aux_sum = loss.forward_backward(
+            self.model,
+            micro_batches,
+            dims=self.dims,
+            device=self.device,
+            ce_sum_fn=lambda mb: self.faults.poison_loss(self._ce_sum(mb), self.step),
+        )
         dropped_L = [layer.dropped_slots.float().reshape(1) for _, layer in moe_layers(self.model)]
         dropped_L = torch.cat(dropped_L) if dropped_L else torch.zeros(0)
-        return ce_total, aux_total, dropped_L.to(self.device)
+        return ce_sum, aux_sum, dropped_L.to(self.device)
 
     def _ce_sum(self, mb: dict[str, Any]) -> Tensor:
         """Cross-entropy summed over this rank's (CP-local) labels != IGNORE_INDEX, in fp32."""
-        mb = parallel.cp_shard_batch(mb, self.dims, load_balance=self.cfg.parallel.cp_load_balance)
-        padding_mask_BS = padding_rows_mask(mb["labels"])
-        with self._autocast():
-            logits_BSV = self.model(
-                mb["input_ids"].to(self.device),
-                positions_BS=mb["positions"].to(self.device),
-                padding_mask_BS=None if padding_mask_BS is None else padding_mask_BS.to(self.device),
-            )
-        labels = mb["labels"].to(self.device).flatten()
-        return F.cross_entropy(
-            logits_BSV.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+        return loss.micro_batch_ce_sum(
+            self.model,
+            mb,
+            dims=self.dims,
+            device=self.device,
+            dtype=self.cfg.train.dtype,
+            cp_load_balance=self.cfg.parallel.cp_load_balance,
         )
-
-    def _autocast(self):
-        if self.cfg.train.dtype == "bfloat16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     # ---- after the optimizer step ----
     def _update_gate_biases(self) -> dict[str, Tensor]:

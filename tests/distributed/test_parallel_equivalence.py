@@ -1,7 +1,8 @@
 """Training steps of a small MoE transformer under EP x CP x FSDP equal the single-process run.
 
-Every rank also runs the single-process reference on the whole global batch (cut into the same micro-batches),
-then asserts: per-step global loss, aux loss, every gradient after the first step, every parameter and every
+Both runs take their steps through the trainer's own loss assembly (`automoe.train.loss.forward_backward`). Every
+rank also runs the single-process reference on the whole global batch (cut into the same micro-batches), then
+asserts: per-step global loss, aux loss, every gradient after the first step, every parameter and every
 gate correction bias after several AdamW steps with clipping and the DeepSeek-V3 bias update.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from automoe.config.model import ModelConfig
@@ -18,16 +18,8 @@ from automoe.config.moe import MoEConfig
 from automoe.config.parallel import ParallelConfig
 from automoe.models.transformer import Transformer
 from automoe.moe.balance import update_gate_biases
-from automoe.moe.layer import collect_aux_loss
-from automoe.parallel import (
-    ParallelDims,
-    clip_grad_norm_,
-    cp_shard_batch,
-    finalize_grads,
-    loss_scale,
-    parallelize,
-    sum_over_ranks,
-)
+from automoe.parallel import ParallelDims, clip_grad_norm_, finalize_grads, parallelize, sum_over_ranks
+from automoe.train.loss import forward_backward, micro_batch_ce_sum
 from tests.distributed.spawn import run_distributed
 from tests.tolerance import assert_equal, rounding_atol
 
@@ -58,22 +50,23 @@ def _global_batch(step: int, num_seqs: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (num_seqs, SEQ + 1), generator=g)
 
 
-def _micro_batches(tokens: torch.Tensor, rows: slice) -> list[dict]:
+def _micro_batches(tokens: torch.Tensor, rows: slice, num_tokens: int) -> list[dict]:
+    """The loader's micro-batch dicts for `rows` of the global batch (`num_tokens` labels in all)."""
     mine = tokens[rows]
-    return [{"input_ids": mine[i:i + MICRO, :-1], "labels": mine[i:i + MICRO, 1:]} for i in range(0, len(mine), MICRO)]
+    return [
+        {"input_ids": mine[i:i + MICRO, :-1], "labels": mine[i:i + MICRO, 1:], "global_num_tokens": num_tokens}
+        for i in range(0, len(mine), MICRO)
+    ]
 
 
-def _train_step(model, opt, dims, micro_batches, num_tokens, grads_out=None) -> tuple[float, float, float]:
-    scale, M = loss_scale(dims), len(micro_batches)
-    ce_total = aux_total = torch.zeros(())
-    for mb in micro_batches:
-        mb = cp_shard_batch(mb, dims)
-        logits = model(mb["input_ids"], positions_BS=mb["positions"])
-        ce_sum = F.cross_entropy(logits.flatten(0, 1).float(), mb["labels"].flatten(), reduction="sum")
-        aux = collect_aux_loss(model)
-        loss = ce_sum / num_tokens + aux / (M * dims.world_size)
-        (loss * scale).backward()
-        ce_total, aux_total = ce_total + ce_sum.detach(), aux_total + aux.detach() / (M * dims.world_size)
+def _train_step(model, opt, dims, micro_batches, grads_out=None) -> tuple[float, float, float]:
+    """One step as `Trainer.train_step` takes it (the trainer's loss assembly, gradient finalization, clipping,
+    AdamW, bias update); -> (global loss, aux loss, grad norm) as the trainer logs them."""
+    cpu = torch.device("cpu")
+    ce_total, aux_total = forward_backward(
+        model, micro_batches, dims=dims, device=cpu,
+        ce_sum_fn=lambda mb: micro_batch_ce_sum(model, mb, dims=dims, device=cpu),
+    )
     finalize_grads(model, dims)
     norm = clip_grad_norm_(model, 0.5)
     if grads_out is not None:
@@ -81,8 +74,10 @@ def _train_step(model, opt, dims, micro_batches, num_tokens, grads_out=None) -> 
     opt.step()
     update_gate_biases(model, sum_fn=lambda t: sum_over_ranks(t, dims))
     opt.zero_grad(set_to_none=True)
-    ce = sum_over_ranks(ce_total, dims) / num_tokens  # CP ranks hold disjoint pieces of the tokens
-    return ce.item(), sum_over_ranks(aux_total, dims).item(), norm.item()
+    # CP ranks hold disjoint pieces of the tokens
+    ce = sum_over_ranks(ce_total, dims).item() / micro_batches[0]["global_num_tokens"]
+    aux = sum_over_ranks(aux_total, dims).item() / (len(micro_batches) * dims.world_size)
+    return ce, aux, norm.item()
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -128,8 +123,9 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
         tokens = _global_batch(step, num_seqs)
         num_tokens = num_seqs * SEQ
         mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        got = _train_step(model, opts[0], dims, _micro_batches(tokens, mine), num_tokens, grads if step == 0 else None)
-        want = _train_step(reference, opts[1], single, _micro_batches(tokens, slice(None)), num_tokens,
+        got = _train_step(model, opts[0], dims, _micro_batches(tokens, mine, num_tokens),
+                          grads if step == 0 else None)
+        want = _train_step(reference, opts[1], single, _micro_batches(tokens, slice(None), num_tokens),
                            ref_grads if step == 0 else None)
         for name, g, w in zip(("loss", "aux", "grad_norm"), got, want):
             step_tol = (step + 1) * tol if fp32 else tol  # one step's bound per step taken (see above)

@@ -1,0 +1,93 @@
+"""The training objective of one step: cross-entropy over the valid tokens plus the MoE aux losses, assembled per
+micro-batch so that the gradients on any layout equal those of one process on the whole global batch.
+
+Letters: B micro-batch rows, S positions (CP-local under context parallelism), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from automoe import parallel
+from automoe.data import IGNORE_INDEX
+from automoe.moe import collect_aux_loss
+
+
+def padding_rows_mask(labels_BS: Tensor) -> Tensor | None:
+    """[B, S] bool, True on the loader's padding rows (every label IGNORE_INDEX); None when there are none.
+
+    Passed to the model as `padding_mask_BS`, so padding is not routed and counts in no MoE statistic, loss or
+    bias update. None keeps the unmasked attention fast path. NOTE: `.any()` syncs if labels are on a device
+    (the loader yields host tensors).
+    """
+    pad_B = (labels_BS == IGNORE_INDEX).all(dim=1)
+    return pad_B[:, None].expand_as(labels_BS) if bool(pad_B.any()) else None
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast for `train.dtype=bfloat16`, nothing for float32."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def micro_batch_ce_sum(
+    model: nn.Module,
+    mb: dict[str, Any],
+    *,
+    dims: parallel.ParallelDims,
+    device: torch.device,
+    dtype: str = "float32",
+    cp_load_balance: bool = True,
+) -> Tensor:
+    """Forward one micro-batch (`input_ids`, `labels` [B, S]); -> its cross-entropy summed over this rank's
+    (CP-local) labels != IGNORE_INDEX, in fp32 (a scalar)."""
+    mb = parallel.cp_shard_batch(mb, dims, load_balance=cp_load_balance)
+    padding_mask_BS = padding_rows_mask(mb["labels"])
+    with autocast(device, dtype):
+        logits_BSV = model(
+            mb["input_ids"].to(device),
+            positions_BS=mb["positions"].to(device),
+            padding_mask_BS=None if padding_mask_BS is None else padding_mask_BS.to(device),
+        )
+    labels = mb["labels"].to(device).flatten()
+    return F.cross_entropy(
+        logits_BSV.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def forward_backward(
+    model: nn.Module,
+    micro_batches: list[dict[str, Any]],
+    *,
+    dims: parallel.ParallelDims,
+    device: torch.device,
+    ce_sum_fn: Callable[[dict[str, Any]], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Accumulate the gradients of one step; -> (CE sum, aux-loss sum) of this rank (fp32 scalars).
+
+    `ce_sum_fn(mb)` runs the forward of a micro-batch (normally `micro_batch_ce_sum`). Each micro-batch's loss is
+    its share of the global objective: CE summed over this rank's labels / the global batch's token count
+    (`mb["global_num_tokens"]`), plus its aux loss / (micro-batches x ranks); `loss_scale` undoes the averaging
+    of the gradient reductions, so gradients equal those of one process on the whole batch.
+    """
+    scale = parallel.loss_scale(dims)
+    share = 1.0 / (len(micro_batches) * dims.world_size)
+    ce_total = torch.zeros((), device=device)
+    aux_total = torch.zeros((), device=device)
+    for mb in micro_batches:
+        ce_sum = ce_sum_fn(mb)
+        loss = ce_sum / mb["global_num_tokens"]
+        aux = collect_aux_loss(model)
+        if aux is not None:
+            loss = loss + aux * share
+            aux_total += aux.detach().float()
+        (loss * scale).backward()
+        ce_total += ce_sum.detach()
+    return ce_total, aux_total
