@@ -1,9 +1,7 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3): low-rank compressed queries and keys/values, a decoupled RoPE
 part of each head (one rotated key shared by all heads), and YaRN-scaled rotary tables.
 
-Letters: B batch, S local query positions, L key positions (all context-parallel ranks), P table positions,
-H heads, N qk_nope_head_dim, R qk_rope_head_dim, Q = N + R, V v_head_dim, A q_lora_rank, C kv_lora_rank,
-M model width.
+Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from torch import Tensor, nn
 
 from automoe import init
 from automoe.config.model import ModelConfig
-from automoe.models.attention import PADDING_KEY, KVGather, visibility_mask
+from automoe.models.attention import KVGather, mask_keys, visibility_mask
 from automoe.models.norms import RMSNorm
 from automoe.models.rope import apply_rotary
 from automoe.tensors import torch_dtype
@@ -58,7 +56,7 @@ def yarn_inv_freq(
 
 
 def mla_softmax_scale(cfg: ModelConfig) -> float:
-    """1/sqrt(N + R), times yarn_mscale(factor, yarn_mscale_all_dim)^2 under YaRN (DeepSeek-V3)."""
+    """1/sqrt(O + R), times yarn_mscale(factor, yarn_mscale_all_dim)^2 under YaRN (DeepSeek-V3)."""
     scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
     if cfg.rope_scaling == "yarn" and cfg.yarn_mscale_all_dim:
         scale *= yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
@@ -76,8 +74,8 @@ class LatentRotaryEmbedding(nn.Module):
         super().__init__()
         self.cfg = cfg
         cos_PR, sin_PR = self._tables(device=None)
-        self.register_buffer("cos_PD", cos_PR, persistent=False)
-        self.register_buffer("sin_PD", sin_PR, persistent=False)
+        self.register_buffer("cos_PR", cos_PR, persistent=False)
+        self.register_buffer("sin_PR", sin_PR, persistent=False)
 
     def _tables(self, *, device: torch.device | None) -> tuple[Tensor, Tensor]:
         cfg, R = self.cfg, self.cfg.qk_rope_head_dim
@@ -100,18 +98,18 @@ class LatentRotaryEmbedding(nn.Module):
                 gain = yarn_mscale(cfg.yarn_factor)
         else:
             inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, device=device).float() / R))
-        angles_PR2 = torch.outer(torch.arange(cfg.max_seq_len, device=device).float(), inv_freq)
-        angles_PR = torch.cat([angles_PR2, angles_PR2], dim=-1)
+        half_angles = torch.outer(torch.arange(cfg.max_seq_len, device=device).float(), inv_freq)  # (P, R/2)
+        angles_PR = torch.cat([half_angles, half_angles], dim=-1)
         return angles_PR.cos() * gain, angles_PR.sin() * gain
 
     def init_weights(self) -> None:
-        cos_PR, sin_PR = self._tables(device=self.cos_PD.device)
+        cos_PR, sin_PR = self._tables(device=self.cos_PR.device)
         with torch.no_grad():
-            self.cos_PD.copy_(cos_PR)
-            self.sin_PD.copy_(sin_PR)
+            self.cos_PR.copy_(cos_PR)
+            self.sin_PR.copy_(sin_PR)
 
     def forward(self, positions_BS: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cos_PD[positions_BS], self.sin_PD[positions_BS]
+        return self.cos_PR[positions_BS], self.sin_PR[positions_BS]
 
 
 def apply_rotary_interleaved(x_BHSR: Tensor, cos_BSR: Tensor, sin_BSR: Tensor) -> Tensor:
@@ -120,16 +118,17 @@ def apply_rotary_interleaved(x_BHSR: Tensor, cos_BSR: Tensor, sin_BSR: Tensor) -
     Queries and keys get the same layout, so q.k equals the interleaved rotation's (HF `rope_interleave`).
     """
     half = cos_BSR.shape[-1] // 2
-    cos_B1SR2 = cos_BSR[..., :half].unsqueeze(1).to(x_BHSR.dtype)
-    sin_B1SR2 = sin_BSR[..., :half].unsqueeze(1).to(x_BHSR.dtype)
+    cos_half = cos_BSR[..., :half].unsqueeze(1).to(x_BHSR.dtype)  # (B, 1, S, R/2)
+    sin_half = sin_BSR[..., :half].unsqueeze(1).to(x_BHSR.dtype)
     x1, x2 = x_BHSR[..., 0::2], x_BHSR[..., 1::2]
-    return torch.cat([x1 * cos_B1SR2 - x2 * sin_B1SR2, x2 * cos_B1SR2 + x1 * sin_B1SR2], dim=-1)
+    return torch.cat([x1 * cos_half - x2 * sin_half, x2 * cos_half + x1 * sin_half], dim=-1)
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """`forward(x_BSM, cos_BSR, sin_BSR, *, positions_BS, padding_mask_BS=None) -> y_BSM` (as `Attention`).
+    """`forward(x_BSD, cos_BSR, sin_BSR, *, positions_BS, padding_mask_BS=None, document_ids_BS=None) -> y_BSD`
+    (masking as `Attention`).
 
-    q = q_b(norm(q_a(x))) (or q_proj(x) when q_lora_rank is None), split per head into [nope N | rope R];
+    q = q_b(norm(q_a(x))) (or q_proj(x) when q_lora_rank is None), split per head into [nope O | rope R];
     kv_a(x) = [latent C | k_rope R]; k_nope and v come from kv_b(norm(latent)); the rotated k_rope is shared
     by every head. Softmax scale: `mla_softmax_scale(cfg)`.
 
@@ -137,7 +136,7 @@ class MultiHeadLatentAttention(nn.Module):
     `kv_gather(latent_B1SC, k_rope_B1SR, positions_BS)`: the normalized latent in the K slot and the rotated
     shared RoPE key in the V slot (one "head" each, different widths). A gather must therefore work along dim 2
     for any [B, G, S, *] pair. Every rank then expands the gathered latents with its own kv_b weights, which
-    moves (C + R) numbers per token instead of H * (Q + V).
+    moves (C + R) numbers per token instead of H * (Q + W).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -175,51 +174,53 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward(
         self,
-        x_BSM: Tensor,
+        x_BSD: Tensor,
         cos_BSR: Tensor,
         sin_BSR: Tensor,
         *,
         positions_BS: Tensor,
         padding_mask_BS: Tensor | None = None,
+        document_ids_BS: Tensor | None = None,
     ) -> Tensor:
-        B, S, _ = x_BSM.shape
-        H, N, R, V = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
-        q_BSX = (
-            self.q_proj(x_BSM)
+        B, S, _ = x_BSD.shape
+        H, O, R, W = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
+        q_flat = (  # (B, S, H*Q)
+            self.q_proj(x_BSD)
             if self.q_proj is not None
-            else self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BSM)))
+            else self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BSD)))
         )
-        q_nope_BHSN, q_rope_BHSR = q_BSX.view(B, S, H, N + R).transpose(1, 2).split([N, R], dim=-1)
-        latent_BSC, k_rope_BSR = self.kv_a_proj(x_BSM).split([self.kv_rank, R], dim=-1)
+        q_nope_BHSO, q_rope_BHSR = q_flat.view(B, S, H, O + R).transpose(1, 2).split([O, R], dim=-1)
+        latent_BSC, k_rope_BSR = self.kv_a_proj(x_BSD).split([self.kv_rank, R], dim=-1)
         latent_B1SC = self.kv_a_norm(latent_BSC).unsqueeze(1)
         q_rope_BHSR = self._rotate(q_rope_BHSR, cos_BSR, sin_BSR)
         k_rope_B1SR = self._rotate(k_rope_BSR.unsqueeze(1), cos_BSR, sin_BSR)
 
         mask_B1SL = None
-        if self.kv_gather is not None or padding_mask_BS is not None:
-            query_keys_BS = (
-                torch.arange(S, device=x_BSM.device).expand(B, S)
+        if self.kv_gather is not None or padding_mask_BS is not None or document_ids_BS is not None:
+            order_BS = (
+                torch.arange(S, device=x_BSD.device).expand(B, S)
                 if self.kv_gather is None
                 else positions_BS.expand(B, S)
             )
-            if padding_mask_BS is not None:
-                query_keys_BS = query_keys_BS.masked_fill(padding_mask_BS, PADDING_KEY)
+            query_keys_BS, lowest_keys_BS = mask_keys(
+                order_BS, padding_mask_BS=padding_mask_BS, document_ids_BS=document_ids_BS
+            )
             key_keys_BL = query_keys_BS
             if self.kv_gather is not None:
                 latent_B1SC, k_rope_B1SR, key_keys_BL = self.kv_gather(
                     latent_B1SC, k_rope_B1SR, query_keys_BS
                 )
-            mask_B1SL = visibility_mask(query_keys_BS, key_keys_BL)
+            mask_B1SL = visibility_mask(query_keys_BS, key_keys_BL, lowest_keys_BS)
 
         L = latent_B1SC.shape[2]
-        kv_BHLX = self.kv_b_proj(latent_B1SC.squeeze(1)).view(B, L, H, N + V).transpose(1, 2)
-        k_nope_BHLN, v_BHLV = kv_BHLX.split([N, V], dim=-1)
-        k_BHLQ = torch.cat([k_nope_BHLN, k_rope_B1SR.expand(B, H, L, R)], dim=-1)
-        q_BHSQ = torch.cat([q_nope_BHSN, q_rope_BHSR], dim=-1)
-        y_BHSV = F.scaled_dot_product_attention(
-            q_BHSQ, k_BHLQ, v_BHLV, attn_mask=mask_B1SL, is_causal=mask_B1SL is None, scale=self.softmax_scale
+        kv = self.kv_b_proj(latent_B1SC.squeeze(1)).view(B, L, H, O + W).transpose(1, 2)  # (B, H, L, O+W)
+        k_nope_BHLO, v_BHLW = kv.split([O, W], dim=-1)
+        k_BHLQ = torch.cat([k_nope_BHLO, k_rope_B1SR.expand(B, H, L, R)], dim=-1)
+        q_BHSQ = torch.cat([q_nope_BHSO, q_rope_BHSR], dim=-1)
+        y_BHSW = F.scaled_dot_product_attention(
+            q_BHSQ, k_BHLQ, v_BHLW, attn_mask=mask_B1SL, is_causal=mask_B1SL is None, scale=self.softmax_scale
         )
-        return self.o_proj(y_BHSV.transpose(1, 2).reshape(B, S, H * V))
+        return self.o_proj(y_BHSW.transpose(1, 2).reshape(B, S, H * W))
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         projections = (self.q_proj, self.q_a_proj, self.q_b_proj, self.kv_a_proj, self.kv_b_proj, self.o_proj)

@@ -1,7 +1,7 @@
 """Rotary position embedding (RoPE) in the rotate-half layout of HF Llama/Mixtral/Qwen, so their q/k weights
 import without a permutation: dimension i pairs with i + head_dim/2.
 
-Letters: B batch, S positions, P table positions (max_seq_len), H heads, D head_dim.
+Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables [P, D] (fp32, non-persistent buffers) looked up by absolute position.
+    """Precomputed cos/sin tables [P, A] (fp32, non-persistent buffers) looked up by absolute position.
 
     The tables are rebuilt by `init_weights`, so a model built on the meta device and materialized with
     `to_empty` gets correct values.
@@ -20,28 +20,28 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, *, max_seq_len: int, theta: float) -> None:
         super().__init__()
         self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
-        cos_PD, sin_PD = self._tables(device=None)
-        self.register_buffer("cos_PD", cos_PD, persistent=False)
-        self.register_buffer("sin_PD", sin_PD, persistent=False)
+        cos_PA, sin_PA = self._tables(device=None)
+        self.register_buffer("cos_PA", cos_PA, persistent=False)
+        self.register_buffer("sin_PA", sin_PA, persistent=False)
 
     def _tables(self, *, device: torch.device | None) -> tuple[Tensor, Tensor]:
         # Same fp32 arithmetic as HF (inv_freq in fp32, one fp32 product per entry) so imported checkpoints
         # see bit-identical angles.
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         inv_freq = 1.0 / (self.theta**exponent)
-        angles_PD2 = torch.outer(torch.arange(self.max_seq_len, device=device).float(), inv_freq)
-        angles_PD = torch.cat([angles_PD2, angles_PD2], dim=-1)
-        return angles_PD.cos(), angles_PD.sin()
+        half_angles = torch.outer(torch.arange(self.max_seq_len, device=device).float(), inv_freq)  # (P, A/2)
+        angles_PA = torch.cat([half_angles, half_angles], dim=-1)
+        return angles_PA.cos(), angles_PA.sin()
 
     def init_weights(self) -> None:
-        cos_PD, sin_PD = self._tables(device=self.cos_PD.device)
+        cos_PA, sin_PA = self._tables(device=self.cos_PA.device)
         with torch.no_grad():
-            self.cos_PD.copy_(cos_PD)
-            self.sin_PD.copy_(sin_PD)
+            self.cos_PA.copy_(cos_PA)
+            self.sin_PA.copy_(sin_PA)
 
     def forward(self, positions_BS: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (cos_BSD, sin_BSD) in fp32 for the given absolute positions (each < max_seq_len)."""
-        return self.cos_PD[positions_BS], self.sin_PD[positions_BS]
+        """-> (cos_BSA, sin_BSA) in fp32 for the given absolute positions (each < max_seq_len)."""
+        return self.cos_PA[positions_BS], self.sin_PA[positions_BS]
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -50,8 +50,8 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x_BHSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
-    """Rotate each (i, i + D/2) pair of `x_BHSD` by its position's angle; the tables are cast to x's dtype (as HF)."""
-    cos_B1SD = cos_BSD.unsqueeze(1).to(x_BHSD.dtype)
-    sin_B1SD = sin_BSD.unsqueeze(1).to(x_BHSD.dtype)
-    return x_BHSD * cos_B1SD + rotate_half(x_BHSD) * sin_B1SD
+def apply_rotary(x_BHSA: Tensor, cos_BSA: Tensor, sin_BSA: Tensor) -> Tensor:
+    """Rotate each (i, i + A/2) pair of `x_BHSA` by its position's angle; the tables are cast to x's dtype (as HF)."""
+    cos_B1SA = cos_BSA.unsqueeze(1).to(x_BHSA.dtype)
+    sin_B1SA = sin_BSA.unsqueeze(1).to(x_BHSA.dtype)
+    return x_BHSA * cos_B1SA + rotate_half(x_BHSA) * sin_B1SA

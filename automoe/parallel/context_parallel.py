@@ -1,7 +1,7 @@
 """Context parallelism: sequence sharding (zigzag load balance), the attention K/V gather (`apply_cp` installs it)
 and the CP-aware statistics reducer that makes a sequence split over CP ranks count as one sequence.
 
-Letters: B sequences, S positions (local), G kv heads, D head dim, C = 2*cp chunks.
+Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ class CPKVGather:
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
 
-    def __call__(self, k_BGSD: Tensor, v_BGSD: Tensor, positions_BS: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        k_all = fc.all_gather_tensor_autograd(k_BGSD.contiguous(), gather_dim=2, group=self.group)
-        v_all = fc.all_gather_tensor_autograd(v_BGSD.contiguous(), gather_dim=2, group=self.group)
+    def __call__(self, k_BGSA: Tensor, v_BGSA: Tensor, positions_BS: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        k_all = fc.all_gather_tensor_autograd(k_BGSA.contiguous(), gather_dim=2, group=self.group)
+        v_all = fc.all_gather_tensor_autograd(v_BGSA.contiguous(), gather_dim=2, group=self.group)
         pos_all = fc.all_gather_tensor(positions_BS.contiguous(), gather_dim=1, group=self.group)
         return fc.wait_tensor(k_all), fc.wait_tensor(v_all), fc.wait_tensor(pos_all)
 

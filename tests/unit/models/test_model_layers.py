@@ -53,13 +53,13 @@ def test_rope_matches_complex_rotation_of_half_pairs():
 
 def test_rope_tables_are_non_persistent_and_rebuilt_after_meta():
     eager = RotaryEmbedding(8, max_seq_len=32, theta=1e4)
-    assert "cos_PD" not in eager.state_dict()
+    assert "cos_PA" not in eager.state_dict()
     with torch.device("meta"):
         lazy = RotaryEmbedding(8, max_seq_len=32, theta=1e4)
     lazy.to_empty(device="cpu")
     lazy.init_weights()
-    assert_equal(lazy.cos_PD, eager.cos_PD)  # the same table code on the same shapes
-    assert_equal(lazy.sin_PD, eager.sin_PD)
+    assert_equal(lazy.cos_PA, eager.cos_PA)  # the same table code on the same shapes
+    assert_equal(lazy.sin_PA, eager.sin_PA)
 
 
 def _attn(qk_norm=False, bias=False, heads=4, kv_heads=2):

@@ -121,7 +121,7 @@ def test_meta_build_and_init_are_deterministic_and_independent_of_construction()
     se = eager.state_dict()
     for k in sa:
         assert_equal(se[k], sa[k], msg=k)  # init_weights overwrites everything from the same seed
-    assert_equal(eager.rope.cos_PD, a.rope.cos_PD)  # the same table code
+    assert_equal(eager.rope.cos_PA, a.rope.cos_PA)  # the same table code
     # init statistics: residual-writing projections are depth-scaled, norms are ones. Sampling, not rounding:
     # the std of 32 x 32 = 1024 draws is off by ~1/sqrt(2 * 1024) = 2% (3-sigma truncation: -1.4%), so 15% ~ 7 sigma
     std = cfg.init_std
