@@ -1,7 +1,6 @@
 """Routed experts: grouped FFN weights for the local experts and the compute backends that run them.
 
-Letters: N routed rows (sorted expert-major), E local experts, D model dim, F expert hidden width,
-H = 2F for gated activations (gate columns first, then up) else F.
+Shape suffixes: docs/architecture.md#shape-legend (N rows sorted expert-major, E local experts).
 """
 
 from __future__ import annotations
@@ -24,6 +23,8 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 # ---------------------------------------------------------------------------------------------------------------
 # GEMM engines: per-expert products over expert-major rows. `mm` gives y_e = x_e @ w_e for every expert e;
 # `mm_weight` gives g_e = a_e^T @ b_e (a weight gradient), zeros for experts without rows.
+# Shapes (in, out: the two widths of one GEMM): mm(x (N, in), w [E, in, out]) -> (N, out);
+# mm_weight(a (N, in), b (N, out)) -> [E, in, out].
 # ---------------------------------------------------------------------------------------------------------------
 class _GroupedMMEngine:
     """torch grouped GEMM with int32 end offsets; no host sync."""
@@ -31,11 +32,11 @@ class _GroupedMMEngine:
     def __init__(self, counts_E: Tensor) -> None:
         self.offs_E = expert_offsets(counts_E)
 
-    def mm(self, x_NK: Tensor, w_EKM: Tensor) -> Tensor:
-        return _grouped_mm(x_NK, w_EKM, offs=self.offs_E)
+    def mm(self, x: Tensor, w: Tensor) -> Tensor:
+        return _grouped_mm(x, w, offs=self.offs_E)
 
-    def mm_weight(self, a_NK: Tensor, b_NM: Tensor) -> Tensor:
-        return _grouped_mm(a_NK.t(), b_NM, offs=self.offs_E)
+    def mm_weight(self, a: Tensor, b: Tensor) -> Tensor:
+        return _grouped_mm(a.t(), b, offs=self.offs_E)
 
 
 class _SplitEngine:
@@ -46,45 +47,47 @@ class _SplitEngine:
         ends = torch.cumsum(counts_E, dim=0).tolist()
         self.ranges = list(zip([0, *ends[:-1]], ends))
 
-    def mm(self, x_NK: Tensor, w_EKM: Tensor) -> Tensor:
-        y_NM = x_NK.new_empty(x_NK.shape[0], w_EKM.shape[-1])
+    def mm(self, x: Tensor, w: Tensor) -> Tensor:
+        y = x.new_empty(x.shape[0], w.shape[-1])
         for e, (lo, hi) in enumerate(self.ranges):
             if hi > lo:
-                torch.mm(x_NK[lo:hi], w_EKM[e], out=y_NM[lo:hi])
-        return y_NM
+                torch.mm(x[lo:hi], w[e], out=y[lo:hi])
+        return y
 
-    def mm_weight(self, a_NK: Tensor, b_NM: Tensor) -> Tensor:
-        g_EKM = a_NK.new_empty(len(self.ranges), a_NK.shape[-1], b_NM.shape[-1])
+    def mm_weight(self, a: Tensor, b: Tensor) -> Tensor:
+        g = a.new_empty(len(self.ranges), a.shape[-1], b.shape[-1])
         for e, (lo, hi) in enumerate(self.ranges):
             if hi > lo:
-                torch.mm(a_NK[lo:hi].t(), b_NM[lo:hi], out=g_EKM[e])
+                torch.mm(a[lo:hi].t(), b[lo:hi], out=g[e])
             else:
-                g_EKM[e].zero_()
-        return g_EKM
+                g[e].zero_()
+        return g
 
 
 class _PaddedEngine:
-    """Pads every expert to the largest count C and runs one bmm over [E, C, *]; padding rows are zeros."""
+    """Pads every expert to the largest count (the capacity) and runs one bmm over [E, capacity, *]; padding
+    rows are zeros."""
 
     def __init__(self, counts_E: Tensor) -> None:
         self.num_experts = counts_E.shape[0]
-        # NOTE: host sync: the padded capacity C is a Python int.
+        # NOTE: host sync: the padded capacity is a Python int.
         self.capacity = int(counts_E.max()) if self.num_experts else 0
         starts_E = torch.cumsum(counts_E, dim=0) - counts_E
         expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=counts_E.device), counts_E)
         row_N = torch.arange(expert_N.shape[0], device=counts_E.device)
         self.slot_N = expert_N * self.capacity + (row_N - starts_E[expert_N])
 
-    def _pad(self, x_NK: Tensor) -> Tensor:
-        x_EcK = x_NK.new_zeros(self.num_experts * self.capacity, x_NK.shape[-1])
-        return x_EcK.index_copy_(0, self.slot_N, x_NK).view(self.num_experts, self.capacity, x_NK.shape[-1])
+    def _pad(self, x: Tensor) -> Tensor:
+        """(N, width) -> [E, capacity, width]."""
+        padded = x.new_zeros(self.num_experts * self.capacity, x.shape[-1])
+        return padded.index_copy_(0, self.slot_N, x).view(self.num_experts, self.capacity, x.shape[-1])
 
-    def mm(self, x_NK: Tensor, w_EKM: Tensor) -> Tensor:
-        y_ECM = torch.bmm(self._pad(x_NK), w_EKM)
-        return y_ECM.view(-1, w_EKM.shape[-1]).index_select(0, self.slot_N)
+    def mm(self, x: Tensor, w: Tensor) -> Tensor:
+        y_padded = torch.bmm(self._pad(x), w)  # [E, capacity, out]
+        return y_padded.view(-1, w.shape[-1]).index_select(0, self.slot_N)
 
-    def mm_weight(self, a_NK: Tensor, b_NM: Tensor) -> Tensor:
-        return torch.bmm(self._pad(a_NK).transpose(1, 2), self._pad(b_NM))
+    def mm_weight(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.bmm(self._pad(a).transpose(1, 2), self._pad(b))
 
 
 _ENGINES = {"grouped_mm": _GroupedMMEngine, "split": _SplitEngine, "bmm": _PaddedEngine}
@@ -113,7 +116,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *, dim: int, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fused expert FFN: one autograd node that saves only x_ND and the pre-activation h_NH.
+# Fused expert FFN: one autograd node that saves only x_ND and the pre-activation h_NU.
 # ---------------------------------------------------------------------------------------------------------------
 def _rows_expert(counts_E: Tensor, num_rows: int) -> Tensor:
     """Local expert index of every row, int64 [N]."""
@@ -130,39 +133,39 @@ class _ExpertFFN(torch.autograd.Function):
     """y_ND = (drop(act(x_ND @ w_up[e] + b_up[e])) @ w_down[e] + b_down[e]) for the expert e that owns each row."""
 
     @staticmethod
-    def forward(ctx, x_ND, counts_E, w_up_EDH, w_down_EFD, b_up_EH, b_down_ED, keep_NF, engine_name, act, p):
+    def forward(ctx, x_ND, counts_E, w_up_EDU, w_down_EFD, b_up_EU, b_down_ED, keep_NF, engine_name, act, p):
         engine = _ENGINES[engine_name](counts_E)
-        expert_N = _rows_expert(counts_E, x_ND.shape[0]) if b_up_EH is not None else None
-        h_NH = engine.mm(x_ND, w_up_EDH)
-        if b_up_EH is not None:
-            h_NH += b_up_EH.index_select(0, expert_N)
-        a_NF = _dropout(act.forward(h_NH), keep_NF, p)
+        expert_N = _rows_expert(counts_E, x_ND.shape[0]) if b_up_EU is not None else None
+        h_NU = engine.mm(x_ND, w_up_EDU)
+        if b_up_EU is not None:
+            h_NU += b_up_EU.index_select(0, expert_N)
+        a_NF = _dropout(act.forward(h_NU), keep_NF, p)
         y_ND = engine.mm(a_NF, w_down_EFD)
         if b_down_ED is not None:
             y_ND += b_down_ED.index_select(0, expert_N)
-        ctx.save_for_backward(x_ND, h_NH, w_up_EDH, w_down_EFD, keep_NF, expert_N)
+        ctx.save_for_backward(x_ND, h_NU, w_up_EDU, w_down_EFD, keep_NF, expert_N)
         ctx.engine, ctx.act, ctx.p = engine, act, p
-        ctx.has_bias = (b_up_EH is not None, b_down_ED is not None)
+        ctx.has_bias = (b_up_EU is not None, b_down_ED is not None)
         return y_ND
 
     @staticmethod
     def backward(ctx, dy_ND):
-        x_ND, h_NH, w_up_EDH, w_down_EFD, keep_NF, expert_N = ctx.saved_tensors
+        x_ND, h_NU, w_up_EDU, w_down_EFD, keep_NF, expert_N = ctx.saved_tensors
         engine, (has_b_up, has_b_down) = ctx.engine, ctx.has_bias
-        num_experts = w_up_EDH.shape[0]
+        num_experts = w_up_EDU.shape[0]
         dy_ND = dy_ND.contiguous()
         da_NF = engine.mm(dy_ND, w_down_EFD.transpose(1, 2))
         da_NF = _dropout(da_NF, keep_NF, ctx.p)
-        dh_NH, a_NF = ctx.act.backward(h_NH, da_NF)
+        dh_NU, a_NF = ctx.act.backward(h_NU, da_NF)
         del da_NF
         need = ctx.needs_input_grad
         d_w_down = engine.mm_weight(_dropout(a_NF, keep_NF, ctx.p), dy_ND) if need[3] else None
         del a_NF
-        d_w_up = engine.mm_weight(x_ND, dh_NH) if need[2] else None
-        dx_ND = engine.mm(dh_NH, w_up_EDH.transpose(1, 2)) if need[0] else None
+        d_w_up = engine.mm_weight(x_ND, dh_NU) if need[2] else None
+        dx_ND = engine.mm(dh_NU, w_up_EDU.transpose(1, 2)) if need[0] else None
         d_b_up = d_b_down = None
         if has_b_up:
-            d_b_up = dh_NH.new_zeros(num_experts, dh_NH.shape[-1]).index_add_(0, expert_N, dh_NH)
+            d_b_up = dh_NU.new_zeros(num_experts, dh_NU.shape[-1]).index_add_(0, expert_N, dh_NU)
         if has_b_down:
             d_b_down = dy_ND.new_zeros(num_experts, dy_ND.shape[-1]).index_add_(0, expert_N, dy_ND)
         return dx_ND, None, d_w_up, d_w_down, d_b_up, d_b_down, None, None, None, None
@@ -174,8 +177,8 @@ class _ExpertFFN(torch.autograd.Function):
 class GroupedExperts(nn.Module):
     """E routed experts with stacked weights. `forward(x_ND, counts_E) -> y_ND`.
 
-    Parameters: `w_up` [E, D, H] (gated activations: first F columns gate, last F up), `w_down` [E, F, D],
-    and with `cfg.expert_bias` also `b_up` [E, H], `b_down` [E, D]. Under expert parallelism the parameters
+    Parameters: `w_up` [E, D, U] (gated activations: first F columns gate, last F up), `w_down` [E, F, D],
+    and with `cfg.expert_bias` also `b_up` [E, U], `b_down` [E, D]. Under expert parallelism the parameters
     may be DTensors sharded on dim 0; forward computes on the local shard.
 
     Backends (`cfg.experts_backend`): `loop` (one expert at a time with plain autograd ops: the oracle),
@@ -190,17 +193,17 @@ class GroupedExperts(nn.Module):
         if E < 0:
             raise ValueError(f"GroupedExperts num_experts={E} must be >= 0")
         D, Fd = cfg.dim, cfg.moe_inter_dim
-        H = 2 * Fd if cfg.gated else Fd
+        U = 2 * Fd if cfg.gated else Fd
         dtype = torch_dtype(cfg.dtype)
         self.num_experts, self.dim, self.inter_dim = E, D, Fd
         self.backend = cfg.experts_backend
         self.activation = cfg.expert_activation
         self.swiglu_limit = cfg.swiglu_limit
         self.dropout = cfg.expert_dropout
-        self.w_up = nn.Parameter(torch.empty(E, D, H, dtype=dtype))
+        self.w_up = nn.Parameter(torch.empty(E, D, U, dtype=dtype))
         self.w_down = nn.Parameter(torch.empty(E, Fd, D, dtype=dtype))
         if cfg.expert_bias:
-            self.b_up = nn.Parameter(torch.empty(E, H, dtype=dtype))
+            self.b_up = nn.Parameter(torch.empty(E, U, dtype=dtype))
             self.b_down = nn.Parameter(torch.empty(E, D, dtype=dtype))
         else:
             self.register_parameter("b_up", None)
