@@ -24,14 +24,14 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from automoe.bench import MachineLoadMeter, machine_info, report_and_save
+from automoe.torchrun import torchrun_command
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from bench_moe_layer import MachineLoadMeter, machine_info, report_and_save  # noqa: E402
 
 MODELS = {
     "tiny": [],  # configs/model/tiny.yaml: dim 128, 4 layers, 8 experts top-2 + 1 shared (~1.8M params)
@@ -152,10 +152,8 @@ def main() -> None:
             for world in args.worlds:
                 with tempfile.TemporaryDirectory(prefix="bench_ckpt_", dir=REPO / "bench_results") as tmp:
                     result = Path(tmp) / "result.json"
-                    cmd = [
-                        str(REPO / ".venv" / "bin" / "torchrun"),
-                        "--standalone",
-                        f"--nproc-per-node={world}",
+                    cmd = torchrun_command(
+                        world,
                         __file__,
                         "--worker",
                         f"--model={model}",
@@ -163,7 +161,7 @@ def main() -> None:
                         f"--result={result}",
                         f"--repeats={args.repeats}",
                         f"--warmup={args.warmup}",
-                    ]
+                    )
                     with MachineLoadMeter() as load:
                         proc = subprocess.run(
                             cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -25,14 +24,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from automoe.config.moe import MoEConfig  # noqa: E402
-from automoe.moe.layer import MoE  # noqa: E402
-from automoe.parallel.dims import EP  # noqa: E402
-from automoe.parallel.expert_parallel import apply_ep  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe_layer import MachineLoadMeter, machine_info  # noqa: E402
+from automoe.bench import MachineLoadMeter, machine_info
+from automoe.config.moe import MoEConfig
+from automoe.moe.layer import MoE
+from automoe.parallel.dims import EP
+from automoe.parallel.expert_parallel import apply_ep
 
 
 class _Identity(torch.nn.Module):

@@ -13,64 +13,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing as mp
 import statistics
-import sys
-import time
-from pathlib import Path
 
-import torch
+from automoe.bench import (
+    DTYPES,
+    MATMUL_LAYOUTS,
+    MachineLoadMeter,
+    machine_info,
+    matmul_gflops,
+    report_and_save,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe_layer import MachineLoadMeter, machine_info, report_and_save  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPES = [(4096, 512, 1024), (2048, 2048, 2048), (8192, 512, 2048)]  # (M, K, N) of (M x K) @ (K x N)
-
-
-def _rates(
-    dtype_name: str, shape: tuple[int, int, int], *, threads: int, repeats: int, iters: int
-) -> list[float]:
-    """GFLOP/s of `repeats` bursts of `iters` products `a @ b` (into a preallocated output)."""
-    torch.set_num_threads(threads)
-    M, K, N = shape
-    dtype = DTYPES[dtype_name]
-    a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
-    out = torch.empty(M, N, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm-up
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            torch.mm(a, b, out=out)
-        rates.append(2 * M * K * N * iters / (time.perf_counter() - t0) / 1e9)
-    return rates
-
-
-def _child(barrier, queue, dtype_name, shape, repeats, iters) -> None:
-    barrier.wait()
-    queue.put(_rates(dtype_name, shape, threads=1, repeats=repeats, iters=iters))
-
-
-def measure(
-    dtype_name: str, shape: tuple[int, int, int], layout: str, *, repeats: int, iters: int
-) -> list[float]:
-    """Aggregate GFLOP/s per burst for one layout (bursts of the 2 processes are paired by index)."""
-    if layout == "1x1":
-        return _rates(dtype_name, shape, threads=1, repeats=repeats, iters=iters)
-    if layout == "1x2":
-        return _rates(dtype_name, shape, threads=2, repeats=repeats, iters=iters)
-    ctx = mp.get_context("spawn")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
-    procs = [
-        ctx.Process(target=_child, args=(barrier, queue, dtype_name, shape, repeats, iters)) for _ in range(2)
-    ]
-    for p in procs:
-        p.start()
-    per_proc = [queue.get() for _ in procs]
-    for p in procs:
-        p.join()
-    return [a + b for a, b in zip(*per_proc)]
 
 
 def main() -> None:
@@ -94,11 +48,11 @@ def main() -> None:
             if dtype_name not in DTYPES:
                 raise ValueError(f"--dtype {dtype_name!r} is not one of {list(DTYPES)}")
             for layout in args.layouts.split(","):
-                if layout not in ("1x1", "1x2", "2x1"):
+                if layout not in MATMUL_LAYOUTS:
                     raise ValueError(f"--layouts entry {layout!r} is not one of 1x1, 1x2, 2x1")
                 best = 0.0
                 for shape in SHAPES:
-                    rates = measure(dtype_name, shape, layout, repeats=args.repeats, iters=args.iters)
+                    rates = matmul_gflops(dtype_name, shape, layout, repeats=args.repeats, iters=args.iters)
                     row = {
                         "dtype": dtype_name,
                         "layout": layout,

@@ -20,22 +20,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
-import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from automoe.bench import DTYPES, LoadMeter, MachineLoadMeter, machine_info, report_and_save
 from automoe.config.moe import MoEConfig
 from automoe.moe.layer import MoE
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ExpertsOnly(nn.Module):
@@ -78,76 +72,6 @@ def saved_activation_bytes(step_forward, params: list[Tensor]) -> int:
         out = step_forward()
     del out
     return sum(storages.values())
-
-
-def _busy_ticks() -> int:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return sum(fields) - fields[3] - fields[4]  # everything but idle and iowait
-
-
-def machine_info() -> dict:
-    """CPU model and core count (from /proc/cpuinfo), torch version and threads, and the 1-minute load average."""
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "loadavg_1m": os.getloadavg()[0],
-    }
-
-
-class LoadMeter:
-    """Fraction of the machine's CPU time used by other processes (or stolen) while the benchmark ran."""
-
-    def __enter__(self) -> LoadMeter:
-        self.t0, self.busy0 = time.perf_counter(), _busy_ticks()
-        self.self0 = resource.getrusage(resource.RUSAGE_SELF)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        wall = time.perf_counter() - self.t0
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        own = (r.ru_utime + r.ru_stime) - (self.self0.ru_utime + self.self0.ru_stime)
-        busy = (_busy_ticks() - self.busy0) / os.sysconf("SC_CLK_TCK")
-        self.other_load = max(0.0, (busy - own) / (wall * os.cpu_count()))
-        self.total_load = busy / (wall * os.cpu_count())
-
-
-class MachineLoadMeter:
-    """Fraction of all CPU time that was busy (every process, ours included) while the block ran, and loadavg."""
-
-    def __enter__(self) -> MachineLoadMeter:
-        self.t0, self.busy0, self.loadavg_before = time.perf_counter(), _busy_ticks(), os.getloadavg()[0]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        wall = time.perf_counter() - self.t0
-        busy = (_busy_ticks() - self.busy0) / os.sysconf("SC_CLK_TCK")
-        self.busy = busy / (wall * os.cpu_count())
-        self.loadavg_after = os.getloadavg()[0]
-
-
-def report_and_save(report: dict, machine: MachineLoadMeter, json_path: str | None) -> None:
-    """Record and print the machine load seen during the run, then write `report` as JSON when a path is given."""
-    report["machine_busy"] = round(machine.busy, 3)
-    report["loadavg_before_after"] = [machine.loadavg_before, machine.loadavg_after]
-    print(
-        f"machine busy {machine.busy:.0%} of {os.cpu_count()} cores x wall (all processes); "
-        f"loadavg {machine.loadavg_before:.2f} -> {machine.loadavg_after:.2f}"
-    )
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2))
-        print(f"wrote {json_path}")
 
 
 def build_rows(args, dtype: torch.dtype, *, names: tuple[str, ...] = ("ideal", "loop", "fast")) -> dict:

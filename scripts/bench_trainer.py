@@ -24,15 +24,14 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from automoe.bench import MachineLoadMeter, machine_info, matmul_gflops, report_and_save
+from automoe.torchrun import torchrun_command
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from bench_matmul_peak import measure  # noqa: E402
-from bench_moe_layer import MachineLoadMeter, machine_info, report_and_save  # noqa: E402
 
 LAYOUTS = {"ep1": ["parallel=single"], "ep2": ["parallel=ep2"]}
 MODELS = {
@@ -81,14 +80,7 @@ def flops_per_token(cfg) -> dict:
 
 def run_once(overrides: list[str], *, nproc: int, out_dir: Path, timeout_s: int) -> list[dict]:
     """Run the recipe once; -> its metrics.jsonl records."""
-    cmd = [
-        str(REPO / ".venv" / "bin" / "torchrun"),
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(REPO / "recipes" / "pretrain.py"),
-        *overrides,
-        f"output_dir={out_dir}",
-    ]
+    cmd = torchrun_command(nproc, REPO / "recipes" / "pretrain.py", *overrides, f"output_dir={out_dir}")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torchrun then sets 1 per process
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
@@ -152,7 +144,7 @@ def main() -> None:
         key = f"{PEAK_DTYPE[d]}/2x1"
         if key not in report["peak_gflops"]:
             best = max(
-                max(measure(PEAK_DTYPE[d], shape, "2x1", repeats=args.peak_repeats, iters=4))
+                max(matmul_gflops(PEAK_DTYPE[d], shape, "2x1", repeats=args.peak_repeats, iters=4))
                 for shape in ((4096, 512, 1024), (2048, 2048, 2048))
             )
             report["peak_gflops"][key] = round(best, 1)

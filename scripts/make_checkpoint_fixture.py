@@ -12,20 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from automoe.bench import cpu_model
+from automoe.torchrun import torchrun_command
+from automoe.train.checkpoint import FORMAT_VERSION
+from automoe.train.metrics import read_metrics
 
-from automoe.train.checkpoint import FORMAT_VERSION  # noqa: E402
-from automoe.train.metrics import read_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 NPROC = 2
 SAVED_STEP = 2
@@ -55,25 +54,20 @@ OVERRIDES = [
 ]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / f"checkpoint_v{FORMAT_VERSION}")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}",
-               str(REPO / "recipes" / "pretrain.py"), *OVERRIDES, f"checkpoint.interval={SAVED_STEP}",
-               "checkpoint.keep_last_n=0", f"output_dir={run_dir}"]
+        cmd = torchrun_command(
+            NPROC,
+            REPO / "recipes" / "pretrain.py",
+            *OVERRIDES,
+            f"checkpoint.interval={SAVED_STEP}",
+            "checkpoint.keep_last_n=0",
+            f"output_dir={run_dir}",
+        )
         subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         records = read_metrics(run_dir / "metrics.jsonl")
         shutil.rmtree(args.out, ignore_errors=True)

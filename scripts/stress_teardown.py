@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from automoe.bench import cpu_model
+from automoe.torchrun import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [
@@ -41,16 +43,6 @@ OVERRIDES = [
 ABORT_SIGNS = ("terminate called", "Aborted", "SIGABRT", "Signal 6", "exitcode  : -6", "Traceback")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def snapshot(into: Path) -> Path:
     """Copy the code a run needs (package, recipes, configs) into `into`; -> the copy's root."""
     for name in ("automoe", "recipes", "configs"):
@@ -59,18 +51,7 @@ def snapshot(into: Path) -> Path:
 
 
 def run_once(root: Path, output_dir: Path, extra: list[str], timeout_s: float) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(root / "recipes" / "pretrain.py"),
-        *OVERRIDES,
-        f"output_dir={output_dir}",
-        *extra,
-    ]
+    cmd = torchrun_command(2, root / "recipes" / "pretrain.py", *OVERRIDES, f"output_dir={output_dir}", *extra)
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     try:

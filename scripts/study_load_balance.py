@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from automoe.config import DataConfig, ModelConfig
+from automoe.data import build_datasets
+from automoe.models import Transformer
+from automoe.moe import moe_layers
+from automoe.torchrun import torchrun_command
+from automoe.train.checkpoint import SafeFileSystemReader, latest_checkpoint
+from automoe.train.metrics import read_metrics
 
-from automoe.config import DataConfig, ModelConfig  # noqa: E402
-from automoe.data import build_datasets  # noqa: E402
-from automoe.models import Transformer  # noqa: E402
-from automoe.moe import moe_layers  # noqa: E402
-from automoe.train.checkpoint import SafeFileSystemReader, latest_checkpoint  # noqa: E402
-from automoe.train.metrics import read_metrics  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = ("none", "aux", "bias", "both")
 LABELS = {
@@ -73,13 +72,7 @@ def run_overrides(name: str, *, args: argparse.Namespace) -> list[str]:
 def train(name: str, *, args: argparse.Namespace) -> float:
     """One fresh recipe run in a subprocess (its old output_dir is deleted first); -> wall seconds."""
     shutil.rmtree(args.out / name, ignore_errors=True)
-    cmd = [
-        str(ROOT / ".venv/bin/torchrun"),
-        "--standalone",
-        f"--nproc-per-node={args.nproc}",
-        str(ROOT / "recipes/pretrain.py"),
-        *run_overrides(name, args=args),
-    ]
+    cmd = torchrun_command(args.nproc, ROOT / "recipes/pretrain.py", *run_overrides(name, args=args))
     print("$", " ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     start = time.perf_counter()

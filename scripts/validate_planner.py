@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 from contextlib import nullcontext
 from datetime import timedelta
@@ -25,12 +24,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from automoe import planner  # noqa: E402
-from automoe.config.parallel import ParallelConfig  # noqa: E402
-from automoe.models import Transformer  # noqa: E402
-from automoe.moe.layer import collect_aux_loss, moe_layers  # noqa: E402
-from automoe.parallel import ParallelDims, cp_shard_batch, finalize_grads, loss_scale, parallelize  # noqa: E402
+from automoe import planner
+from automoe.config.parallel import ParallelConfig
+from automoe.models import Transformer
+from automoe.moe.layer import collect_aux_loss, moe_layers
+from automoe.parallel import ParallelDims, cp_shard_batch, finalize_grads, loss_scale, parallelize
 
 LAYOUTS = [  # (dp_replicate, dp_shard, cp, ep)
     (1, 1, 1, 1),

@@ -9,8 +9,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from automoe.torchrun import torchrun_command
+
 REPO = Path(__file__).resolve().parents[2]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+PRETRAIN = REPO / "recipes" / "pretrain.py"
 
 # A few-second job: the tiny model (8 experts) on a small synthetic corpus, nothing slow switched on.
 FAST = [
@@ -38,15 +40,7 @@ class RecipeRun:
 
 def run_recipe(nproc: int, output_dir: Path, *overrides: str, timeout: float = 120) -> RecipeRun:
     """`torchrun --standalone --nproc-per-node nproc recipes/pretrain.py FAST... output_dir=... overrides...`."""
-    cmd = [
-        str(TORCHRUN),
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(REPO / "recipes" / "pretrain.py"),
-        *FAST,
-        f"output_dir={output_dir}",
-        *overrides,
-    ]
+    cmd = torchrun_command(nproc, PRETRAIN, *FAST, f"output_dir={output_dir}", *overrides)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -56,3 +50,13 @@ def run_recipe(nproc: int, output_dir: Path, *overrides: str, timeout: float = 1
 def check_ok(run: RecipeRun) -> RecipeRun:
     assert run.returncode == 0, run.output[-4000:]
     return run
+
+
+def run_plain_python(output_dir: Path, *overrides: str, timeout: float = 120) -> RecipeRun:
+    """`python recipes/pretrain.py FAST... output_dir=... overrides...`: one process, no torchrun."""
+    cmd = [sys.executable, str(PRETRAIN), *FAST, f"output_dir={output_dir}", *overrides]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return RecipeRun(proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start)

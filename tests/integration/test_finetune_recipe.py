@@ -16,8 +16,9 @@ import yaml
 
 from automoe.config.data import DataConfig
 from automoe.data import StatefulLoader, build_datasets
+from automoe.torchrun import torchrun_command
 from automoe.train.metrics import read_metrics
-from tests.integration.recipe import FAST, REPO, TORCHRUN, RecipeRun, check_ok
+from tests.integration.recipe import FAST, REPO, RecipeRun, check_ok
 from tests.tolerance import rounding_atol
 
 pytestmark = pytest.mark.integration
@@ -67,11 +68,9 @@ def hf_dir(tmp_path_factory):
 
 
 def run_finetune(nproc: int, output_dir, hf_dir, *overrides: str, timeout: float = 90) -> RecipeRun:
-    cmd = [
-        str(TORCHRUN),
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(REPO / "recipes" / "finetune.py"),
+    cmd = torchrun_command(
+        nproc,
+        REPO / "recipes" / "finetune.py",
         *FAST,
         "data.synthetic_vocab_size=64",  # token ids stay below the HF vocabulary (97)
         f"train.steps={STEPS}",
@@ -80,7 +79,7 @@ def run_finetune(nproc: int, output_dir, hf_dir, *overrides: str, timeout: float
         f"hf.init_from={hf_dir}",
         f"output_dir={output_dir}",
         *overrides,
-    ]
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -7,7 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.integration.recipe import FAST, REPO, TORCHRUN, RecipeRun
+from automoe.torchrun import torchrun_command
+from tests.integration.recipe import FAST, PRETRAIN, REPO, RecipeRun
 
 
 def torchrun(
@@ -22,16 +23,9 @@ def torchrun(
 
     `fault` goes to the workers as `AUTOMOE_FAULT` (see `automoe.train.faults`).
     """
-    cmd = [
-        str(TORCHRUN),
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        f"--max-restarts={max_restarts}",
-        str(REPO / "recipes" / "pretrain.py"),
-        *FAST,
-        f"output_dir={output_dir}",
-        *overrides,
-    ]
+    cmd = torchrun_command(
+        nproc, PRETRAIN, *FAST, f"output_dir={output_dir}", *overrides, max_restarts=max_restarts
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("AUTOMOE_FAULT", None)
     if fault:

@@ -9,8 +9,9 @@ import subprocess
 import pytest
 import torch
 
+from automoe.torchrun import torchrun_command
 from automoe.train import faults
-from tests.integration.recipe import REPO, TORCHRUN
+from tests.integration.recipe import REPO
 
 
 def test_spec_parses_kinds_ranks_and_attempts():
@@ -69,12 +70,7 @@ def test_from_env_reads_spec_and_restart_count(monkeypatch):
 @pytest.mark.distributed
 @pytest.mark.timeout(90)
 def test_every_process_group_gets_the_configured_timeout():
-    cmd = [
-        str(TORCHRUN),
-        "--standalone",
-        "--nproc-per-node=2",
-        str(REPO / "tests/reliability/timeout_probe.py"),
-    ]
+    cmd = torchrun_command(2, REPO / "tests/reliability/timeout_probe.py")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=80)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,0 +1,140 @@
+"""Benchmark support shared by `scripts/bench_*.py`: what machine ran, how loaded it was, and the JSON report.
+
+Numbers from a shared CPU machine mean little without the load beside them, so every benchmark records the CPU
+model, the busy share of all cores while it ran and the load average before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MATMUL_LAYOUTS = ("1x1", "1x2", "2x1")  # processes x threads
+
+
+def _busy_ticks() -> int:
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # everything but idle and iowait
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> dict:
+    """CPU model and core count, torch version and threads, and the 1-minute load average."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "loadavg_1m": os.getloadavg()[0],
+    }
+
+
+class LoadMeter:
+    """Fraction of the machine's CPU time used by other processes (or stolen) while the benchmark ran."""
+
+    def __enter__(self) -> LoadMeter:
+        self.t0, self.busy0 = time.perf_counter(), _busy_ticks()
+        self.self0 = resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.t0
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        own = (r.ru_utime + r.ru_stime) - (self.self0.ru_utime + self.self0.ru_stime)
+        busy = (_busy_ticks() - self.busy0) / os.sysconf("SC_CLK_TCK")
+        self.other_load = max(0.0, (busy - own) / (wall * os.cpu_count()))
+        self.total_load = busy / (wall * os.cpu_count())
+
+
+class MachineLoadMeter:
+    """Fraction of all CPU time that was busy (every process, ours included) while the block ran, and loadavg."""
+
+    def __enter__(self) -> MachineLoadMeter:
+        self.t0, self.busy0, self.loadavg_before = time.perf_counter(), _busy_ticks(), os.getloadavg()[0]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.t0
+        busy = (_busy_ticks() - self.busy0) / os.sysconf("SC_CLK_TCK")
+        self.busy = busy / (wall * os.cpu_count())
+        self.loadavg_after = os.getloadavg()[0]
+
+
+def report_and_save(report: dict, machine: MachineLoadMeter, json_path: str | Path | None) -> None:
+    """Record and print the machine load seen during the run, then write `report` as JSON when a path is given."""
+    report["machine_busy"] = round(machine.busy, 3)
+    report["loadavg_before_after"] = [machine.loadavg_before, machine.loadavg_after]
+    print(
+        f"machine busy {machine.busy:.0%} of {os.cpu_count()} cores x wall (all processes); "
+        f"loadavg {machine.loadavg_before:.2f} -> {machine.loadavg_after:.2f}"
+    )
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2))
+        print(f"wrote {json_path}")
+
+
+def _matmul_rates(
+    dtype_name: str, shape: tuple[int, int, int], *, threads: int, repeats: int, iters: int
+) -> list[float]:
+    """GFLOP/s of `repeats` bursts of `iters` products `a @ b` (into a preallocated output)."""
+    torch.set_num_threads(threads)
+    M, K, N = shape
+    dtype = DTYPES[dtype_name]
+    a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
+    out = torch.empty(M, N, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b, out=out)
+        rates.append(2 * M * K * N * iters / (time.perf_counter() - t0) / 1e9)
+    return rates
+
+
+def _matmul_child(barrier, queue, dtype_name, shape, repeats, iters) -> None:
+    barrier.wait()
+    queue.put(_matmul_rates(dtype_name, shape, threads=1, repeats=repeats, iters=iters))
+
+
+def matmul_gflops(
+    dtype_name: str, shape: tuple[int, int, int], layout: str, *, repeats: int, iters: int
+) -> list[float]:
+    """Aggregate GFLOP/s per burst of (M x K) @ (K x N) products for one processes x threads `layout` of
+    MATMUL_LAYOUTS (bursts of the 2 processes of `2x1` are paired by index): the MFU denominator."""
+    if layout == "1x1":
+        return _matmul_rates(dtype_name, shape, threads=1, repeats=repeats, iters=iters)
+    if layout == "1x2":
+        return _matmul_rates(dtype_name, shape, threads=2, repeats=repeats, iters=iters)
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(target=_matmul_child, args=(barrier, queue, dtype_name, shape, repeats, iters))
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    per_proc = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return [a + b for a, b in zip(*per_proc)]
