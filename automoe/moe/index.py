@@ -1,6 +1,6 @@
 """Pure index math for routing: counts per expert, sort by expert, permute / unpermute.
 
-Letters: T tokens, K slots per token, N = T*K routed slots, E experts, D model dim.
+Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations
@@ -71,35 +71,35 @@ def rank_pairs(
     """Unique (token, destination rank) pairs for expert-parallel dispatch, sorted by rank then token.
 
     A token whose K experts include several on one rank yields ONE pair for that rank, so it crosses the wire
-    once. Returns `token_M`, `dest_M`, `counts_P` (pairs per rank, int64), `local_MK` (local expert id on the
+    once. Returns `token_M`, `dest_M`, `counts_X` (pairs per rank, int64), `local_MK` (local expert id on the
     pair's rank for each of the token's slots, -1 where the slot goes elsewhere or is invalid) and `hit_MK` (bool
     form of `local_MK >= 0`). M is the number of pairs.
     """
     T, K = indices_TK.shape
     dest_TK = torch.div(indices_TK, experts_per_rank, rounding_mode="floor")
     valid_TK = torch.ones_like(indices_TK, dtype=torch.bool) if valid_TK is None else valid_TK
-    hit_TP = torch.zeros(T, num_ranks, dtype=torch.bool, device=indices_TK.device)
-    hit_TP[torch.arange(T, device=indices_TK.device)[:, None].expand(T, K)[valid_TK], dest_TK[valid_TK]] = (
+    hit_TX = torch.zeros(T, num_ranks, dtype=torch.bool, device=indices_TK.device)
+    hit_TX[torch.arange(T, device=indices_TK.device)[:, None].expand(T, K)[valid_TK], dest_TK[valid_TK]] = (
         True
     )
     # NOTE: host sync: nonzero sizes its output from the data.
-    dest_M, token_M = hit_TP.t().nonzero(as_tuple=True)
-    counts_P = hit_TP.sum(0)
+    dest_M, token_M = hit_TX.t().nonzero(as_tuple=True)
+    counts_X = hit_TX.sum(0)
     hit_MK = (dest_TK[token_M] == dest_M[:, None]) & valid_TK[token_M]
     local_MK = torch.where(
         hit_MK, indices_TK[token_M] % experts_per_rank, torch.full_like(hit_MK, -1, dtype=torch.long)
     )
-    return token_M, dest_M, counts_P, local_MK, hit_MK
+    return token_M, dest_M, counts_X, local_MK, hit_MK
 
 
-def expand_received(local_RK: Tensor, num_local_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+def expand_received(local_YK: Tensor, num_local_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """Expand received rows into (row, local expert) slots in local-expert-major order.
 
-    Returns `slot_N` (flat index into the [R, K] slot grid, ordered by local expert then row), `row_N`
+    Returns `slot_N` (flat index into the [Y, K] slot grid, ordered by local expert then row), `row_N`
     (the received row of each slot) and `counts_E` (slots per local expert, int64).
     """
-    R, K = local_RK.shape
-    key_N = torch.where(local_RK >= 0, local_RK, num_local_experts).reshape(-1)
+    Y, K = local_YK.shape
+    key_N = torch.where(local_YK >= 0, local_YK, num_local_experts).reshape(-1)
     order_N, counts_E = sort_by_expert(key_N, num_local_experts)
     # NOTE: host sync: how many slots are real decides the row count.
     slot_N = order_N[: int(counts_E.sum())]

@@ -1,8 +1,10 @@
-"""Row permutations between a [R, K] slot grid and expert-major rows, with gather-only backward passes.
+"""Row permutations between a [T, K] slot grid and expert-major rows, with gather-only backward passes.
 
 `index_add` (the autograd backward of `index_select`) serializes on CPU: 8192 x 512 fp32 rows take ~85 ms where a
 permuted copy takes ~16 ms and a gather ~8 ms. Because every slot maps to at most one row, both directions can be
-written as copies and gathers. Letters: R rows (tokens), K slots per row, N expert-major rows (N <= R*K), D dim.
+written as copies and gathers. Shape suffixes: docs/architecture.md#shape-legend; N <= T*K. The helpers are
+generic in their rows and slots: the expert-parallel dispatcher also runs them over received rows (Y) and over
+(token, rank) pairs (K = X slots per token).
 """
 
 from __future__ import annotations
@@ -12,54 +14,54 @@ from torch import Tensor
 
 
 class _ExpandRows(torch.autograd.Function):
-    """x_ND[n] = x_RD[slot_N[n] // K]; backward sums each row's slot gradients (copy + sum over K)."""
+    """x_ND[n] = x_TD[slot_N[n] // K]; backward sums each row's slot gradients (copy + sum over K)."""
 
     @staticmethod
-    def forward(ctx, x_RD: Tensor, slot_N: Tensor, K: int) -> Tensor:
+    def forward(ctx, x_TD: Tensor, slot_N: Tensor, K: int) -> Tensor:
         ctx.save_for_backward(slot_N)
-        ctx.K, ctx.num_rows, ctx.x_dtype = K, x_RD.shape[0], x_RD.dtype
-        return x_RD.index_select(0, torch.div(slot_N, K, rounding_mode="floor"))
+        ctx.K, ctx.num_rows, ctx.x_dtype = K, x_TD.shape[0], x_TD.dtype
+        return x_TD.index_select(0, torch.div(slot_N, K, rounding_mode="floor"))
 
     @staticmethod
     def backward(ctx, grad_ND: Tensor):
         (slot_N,) = ctx.saved_tensors
-        R, K = ctx.num_rows, ctx.K
+        T, K = ctx.num_rows, ctx.K
         grad_ND = grad_ND.to(ctx.x_dtype)
-        grad_slots = grad_ND.new_zeros(R * K, grad_ND.shape[-1]).index_copy_(0, slot_N, grad_ND)
-        return grad_slots.view(R, K, grad_ND.shape[-1]).sum(1), None, None
+        grad_slots = grad_ND.new_zeros(T * K, grad_ND.shape[-1]).index_copy_(0, slot_N, grad_ND)
+        return grad_slots.view(T, K, grad_ND.shape[-1]).sum(1), None, None
 
 
 class _WeightedCollapse(torch.autograd.Function):
-    """y_RD[r] = sum_k w_RK[r, k] * y_ND[row of slot (r, k)] (0 for empty slots); backward uses gathers only."""
+    """y_TD[t] = sum_k w_TK[t, k] * y_ND[row of slot (t, k)] (0 for empty slots); backward uses gathers only."""
 
     @staticmethod
-    def forward(ctx, y_ND: Tensor, slot_N: Tensor, w_RK: Tensor) -> Tensor:
-        R, K = w_RK.shape
+    def forward(ctx, y_ND: Tensor, slot_N: Tensor, w_TK: Tensor) -> Tensor:
+        T, K = w_TK.shape
         D = y_ND.shape[-1]
-        y_RKD = y_ND.new_zeros(R * K, D).index_copy_(0, slot_N, y_ND).view(R, K, D)
-        ctx.w_dtype = w_RK.dtype
-        w_RK = w_RK.to(y_ND.dtype)
-        ctx.save_for_backward(slot_N, w_RK, y_RKD)
-        return torch.bmm(w_RK.unsqueeze(1), y_RKD).squeeze(1)
+        y_TKD = y_ND.new_zeros(T * K, D).index_copy_(0, slot_N, y_ND).view(T, K, D)
+        ctx.w_dtype = w_TK.dtype
+        w_TK = w_TK.to(y_ND.dtype)
+        ctx.save_for_backward(slot_N, w_TK, y_TKD)
+        return torch.bmm(w_TK.unsqueeze(1), y_TKD).squeeze(1)
 
     @staticmethod
-    def backward(ctx, grad_RD: Tensor):
-        slot_N, w_RK, y_RKD = ctx.saved_tensors
-        grad_RD = grad_RD.to(y_RKD.dtype)  # under autocast the incoming gradient may be fp32
+    def backward(ctx, grad_TD: Tensor):
+        slot_N, w_TK, y_TKD = ctx.saved_tensors
+        grad_TD = grad_TD.to(y_TKD.dtype)  # under autocast the incoming gradient may be fp32
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_RKD = grad_RD.unsqueeze(1) * w_RK.unsqueeze(-1)
-            grad_y = grad_RKD.view(-1, grad_RD.shape[-1]).index_select(0, slot_N)
+            grad_TKD = grad_TD.unsqueeze(1) * w_TK.unsqueeze(-1)
+            grad_y = grad_TKD.view(-1, grad_TD.shape[-1]).index_select(0, slot_N)
         if ctx.needs_input_grad[2]:
-            grad_w = torch.bmm(y_RKD, grad_RD.unsqueeze(-1)).squeeze(-1).to(ctx.w_dtype)
+            grad_w = torch.bmm(y_TKD, grad_TD.unsqueeze(-1)).squeeze(-1).to(ctx.w_dtype)
         return grad_y, None, grad_w
 
 
-def expand_rows(x_RD: Tensor, slot_N: Tensor, *, slots_per_row: int) -> Tensor:
-    """[N, D] rows: row n is x_RD[slot_N[n] // slots_per_row]."""
-    return _ExpandRows.apply(x_RD, slot_N, slots_per_row)
+def expand_rows(x_TD: Tensor, slot_N: Tensor, *, slots_per_row: int) -> Tensor:
+    """[N, D] rows: row n is x_TD[slot_N[n] // slots_per_row]."""
+    return _ExpandRows.apply(x_TD, slot_N, slots_per_row)
 
 
-def weighted_collapse(y_ND: Tensor, slot_N: Tensor, w_RK: Tensor) -> Tensor:
-    """[R, D]: each row's weighted sum of its slots' outputs; slots absent from `slot_N` contribute 0."""
-    return _WeightedCollapse.apply(y_ND, slot_N, w_RK)
+def weighted_collapse(y_ND: Tensor, slot_N: Tensor, w_TK: Tensor) -> Tensor:
+    """[T, D]: each row's weighted sum of its slots' outputs; slots absent from `slot_N` contribute 0."""
+    return _WeightedCollapse.apply(y_ND, slot_N, w_TK)

@@ -1,7 +1,6 @@
 """Expert parallelism: the all-to-all token dispatcher and `apply_ep`, which shards experts over the `ep` axis.
 
-Letters: T tokens, K slots per token, M (token, destination rank) pairs sent, R rows received, N expert slots
-on this rank, P ranks in the ep group, E experts, D model dim.
+Shape suffixes: docs/architecture.md#shape-legend (M pairs sent, Y rows received, X ranks of the ep group).
 """
 
 from __future__ import annotations
@@ -27,11 +26,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class A2AContext:
-    pair_slot_M: Tensor  # slot (token * P + destination rank) of every pair sent
+    pair_slot_M: Tensor  # slot (token * X + destination rank) of every pair sent
     send_splits: list[int]  # pairs sent to each rank
     recv_splits: list[int]  # rows received from each rank
     slot_N: Tensor  # (received row * K + k) slot of each local expert row
-    w_RK: Tensor  # routing weights of the received rows' slots (0 where the slot is another rank's)
+    w_YK: Tensor  # routing weights of the received rows' slots (0 where the slot is another rank's)
     num_ranks: int
     num_tokens: int
 
@@ -69,36 +68,36 @@ class AllToAllDispatcher:
     ) -> tuple[Tensor, Tensor, A2AContext]:
         T, K = indices_TK.shape
         # 1) unique (token, rank) pairs, sorted by destination rank
-        token_M, dest_M, counts_P, local_MK, hit_MK = rank_pairs(
+        token_M, dest_M, counts_X, local_MK, hit_MK = rank_pairs(
             indices_TK, valid_TK, experts_per_rank=self.experts_per_rank, num_ranks=self.num_ranks)
         pair_slot_M = token_M * self.num_ranks + dest_M
         # 2) exchange pair counts (one int per peer: an even all-to-all)
-        recv_counts_P = torch.empty_like(counts_P)
-        dist.all_to_all_single(recv_counts_P, counts_P, group=self.group)
+        recv_counts_X = torch.empty_like(counts_X)
+        dist.all_to_all_single(recv_counts_X, counts_X, group=self.group)
         # NOTE: host sync: split sizes must be Python ints for the variable-size all-to-all.
-        send_splits, recv_splits = counts_P.tolist(), recv_counts_P.tolist()
+        send_splits, recv_splits = counts_X.tolist(), recv_counts_X.tolist()
         self._count_wire(send_splits, hit_MK)
         # 3) tokens, their local expert ids and their weights travel together (weights with autograd)
         x_MD = expand_rows(x_TD, pair_slot_M, slots_per_row=self.num_ranks)
-        x_RD = _a2a(x_MD, recv_splits, send_splits, self.group)
-        local_RK = torch.empty(sum(recv_splits), K, dtype=local_MK.dtype, device=local_MK.device)
-        dist.all_to_all_single(local_RK, local_MK.contiguous(), recv_splits, send_splits, group=self.group)
+        x_YD = _a2a(x_MD, recv_splits, send_splits, self.group)
+        local_YK = torch.empty(sum(recv_splits), K, dtype=local_MK.dtype, device=local_MK.device)
+        dist.all_to_all_single(local_YK, local_MK.contiguous(), recv_splits, send_splits, group=self.group)
         w_MK = expand_rows(weights_TK, pair_slot_M, slots_per_row=self.num_ranks) * hit_MK
-        w_RK = _a2a(w_MK, recv_splits, send_splits, self.group)
+        w_YK = _a2a(w_MK, recv_splits, send_splits, self.group)
         # 4) expand received rows to local-expert-major slots
-        slot_N, _, counts_E = expand_received(local_RK, self.experts_per_rank)
-        x_ND = expand_rows(x_RD, slot_N, slots_per_row=K)
-        ctx = A2AContext(pair_slot_M, send_splits, recv_splits, slot_N, w_RK, self.num_ranks, T)
+        slot_N, _, counts_E = expand_received(local_YK, self.experts_per_rank)
+        x_ND = expand_rows(x_YD, slot_N, slots_per_row=K)
+        ctx = A2AContext(pair_slot_M, send_splits, recv_splits, slot_N, w_YK, self.num_ranks, T)
         return x_ND, counts_E, ctx
 
     def combine(self, y_ND: Tensor, ctx: A2AContext) -> Tensor:
         # 5) weight and sum each received row's local expert outputs
-        y_RD = weighted_collapse(y_ND, ctx.slot_N, ctx.w_RK)
+        y_YD = weighted_collapse(y_ND, ctx.slot_N, ctx.w_YK)
         # 6) return trip (splits swapped), then sum each token's pairs
-        y_MD = _a2a(y_RD, ctx.send_splits, ctx.recv_splits, self.group)
+        y_MD = _a2a(y_YD, ctx.send_splits, ctx.recv_splits, self.group)
         num_tokens = ctx.num_tokens
-        ones_TP = y_MD.new_ones(num_tokens, ctx.num_ranks)
-        return weighted_collapse(y_MD, ctx.pair_slot_M, ones_TP)
+        ones_TX = y_MD.new_ones(num_tokens, ctx.num_ranks)
+        return weighted_collapse(y_MD, ctx.pair_slot_M, ones_TX)
 
     def _count_wire(self, send_splits: list[int], hit_MK: Tensor) -> None:
         lo = sum(send_splits[: self.rank])

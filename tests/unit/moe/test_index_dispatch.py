@@ -88,8 +88,8 @@ def test_rank_pairs_returns_what_it_annotates():
     indices_TK = torch.tensor([[0, 1], [1, 2]])
     out = rank_pairs(indices_TK, None, experts_per_rank=2, num_ranks=2)
     assert len(out) == len(get_args(get_type_hints(rank_pairs)["return"]))
-    token_M, dest_M, counts_P, local_MK, hit_MK = out
-    assert token_M.tolist() == [0, 1, 1] and dest_M.tolist() == [0, 0, 1] and counts_P.tolist() == [2, 1]
+    token_M, dest_M, counts_X, local_MK, hit_MK = out
+    assert token_M.tolist() == [0, 1, 1] and dest_M.tolist() == [0, 0, 1] and counts_X.tolist() == [2, 1]
     assert local_MK.tolist() == [[0, 1], [1, -1], [-1, 0]]
     assert torch.equal(hit_MK, local_MK >= 0)
 
