@@ -1,6 +1,6 @@
 """`HybridGate` (`gate="hybrid"`): a learned mix of soft, sparse top-k and memory-key routing over all experts.
 
-Letters: T tokens, D model dim, E experts, K slots of the sparse part.
+Shape suffixes: docs/architecture.md#shape-legend (K: slots of the sparse part).
 """
 
 from __future__ import annotations

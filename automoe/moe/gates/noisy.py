@@ -1,6 +1,6 @@
 """`NoisyTopKGate` (`gate="noisy_topk"`): Shazeer et al. 2017 noisy top-k gating with its cv² balancing loss.
 
-Letters: T tokens, D model dim, E experts, K slots per token, M = K + 1 candidates kept for the load estimate.
+Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ def cv_squared(x_E: Tensor) -> Tensor:
 
 
 def prob_in_top_k(
-    clean_TE: Tensor, noisy_TE: Tensor, noise_std_TE: Tensor, top_values_TM: Tensor, *, k: int
+    clean_TE: Tensor, noisy_TE: Tensor, noise_std_TE: Tensor, top_values: Tensor, *, k: int
 ) -> Tensor:
     """P(expert e is in token t's top-k) when e's noise is redrawn and the other experts' noise is kept.
 
     e stays in the top k iff its noisy logit beats the k-th largest of the OTHER experts' noisy
     logits: that is the (k+1)-th value overall if e is currently in the top k, else the k-th.
     Differentiable w.r.t. clean logits, noise std and the thresholds (the paper's load estimator).
-    `top_values_TM` holds the M = k+1 largest noisy logits per token, descending.
+    `top_values` (T, k+1) holds the k+1 largest noisy logits per token, descending.
     """
-    threshold_if_in_T1 = top_values_TM[:, k : k + 1]
-    threshold_if_out_T1 = top_values_TM[:, k - 1 : k]
+    threshold_if_in_T1 = top_values[:, k : k + 1]
+    threshold_if_out_T1 = top_values[:, k - 1 : k]
     is_in_TE = noisy_TE > threshold_if_in_T1
     prob_if_in_TE = torch.special.ndtr((clean_TE - threshold_if_in_T1) / noise_std_TE)
     prob_if_out_TE = torch.special.ndtr((clean_TE - threshold_if_out_T1) / noise_std_TE)
@@ -79,16 +79,16 @@ class NoisyTopKGate(nn.Module):
             logits_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE
         else:
             logits_TE = clean_TE
-        top_values_TM, top_indices_TM = logits_TE.topk(min(K + 1, E), dim=-1)
-        indices_TK = top_indices_TM[:, :K]
-        gates_TK = torch.softmax(top_values_TM[:, :K], dim=-1)
+        top_values, top_indices = logits_TE.topk(min(K + 1, E), dim=-1)  # (T, K+1): K+1 kept for the load estimate
+        indices_TK = top_indices[:, :K]
+        gates_TK = torch.softmax(top_values[:, :K], dim=-1)
 
         gate_loss = None
         if cfg.aux_loss_coeff > 0:
             valid_T1 = torch.ones_like(clean_TE[:, :1]) if valid_T is None else valid_T.to(dtype).unsqueeze(1)
             importance_E = (torch.zeros_like(clean_TE).scatter(1, indices_TK, gates_TK) * valid_T1).sum(0)
             if noisy and K < E:
-                load_TE = prob_in_top_k(clean_TE, logits_TE, noise_std_TE, top_values_TM, k=K)
+                load_TE = prob_in_top_k(clean_TE, logits_TE, noise_std_TE, top_values, k=K)
             else:
                 load_TE = torch.zeros_like(clean_TE).scatter(1, indices_TK, 1.0)
             load_E = (load_TE * valid_T1).sum(0)

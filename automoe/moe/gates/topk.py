@@ -1,7 +1,7 @@
 """The learned top-k router (`gate="topk"`): Mixtral, Qwen3-MoE, DeepSeek-V3 and GPT-OSS routing.
 
 Also the small helpers every learned gate shares (router dtype, router linear).
-Letters: T tokens, D model dim, E experts, K slots per token, G expert groups, S experts per group.
+Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ def group_limited_mask(choice_TE: Tensor, *, num_groups: int, num_kept: int, top
     with 0.0 a negative biased score loses to an expert of a dropped group.
     """
     T, E = choice_TE.shape
-    grouped_TGS = choice_TE.view(T, num_groups, E // num_groups)
+    grouped = choice_TE.view(T, num_groups, E // num_groups)  # (T, num_groups, I)
     if top2_sum:
-        group_TG = grouped_TGS.topk(2, dim=-1).values.sum(dim=-1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, num_groups)
     else:
-        group_TG = grouped_TGS.amax(dim=-1)
-    kept_TG = torch.zeros_like(group_TG, dtype=torch.bool)
-    kept_TG.scatter_(1, group_TG.topk(num_kept, dim=-1).indices, True)
-    kept_TE = kept_TG.unsqueeze(-1).expand_as(grouped_TGS).reshape(T, E)
+        group_scores = grouped.amax(dim=-1)
+    kept_groups = torch.zeros_like(group_scores, dtype=torch.bool)
+    kept_groups.scatter_(1, group_scores.topk(num_kept, dim=-1).indices, True)
+    kept_TE = kept_groups.unsqueeze(-1).expand_as(grouped).reshape(T, E)
     return choice_TE.masked_fill(~kept_TE, float("-inf"))
 
 
