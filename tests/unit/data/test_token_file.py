@@ -1,6 +1,6 @@
-"""Memmap token files: scripts/prepare_data.py round trip, the sidecar, dtype choice, and broken files."""
+"""Memmap token files: `python -m automoe.prepare_data` round trip, the sidecar, dtype choice, and broken files."""
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -10,15 +10,11 @@ import pytest
 from automoe.config.data import DataConfig
 from automoe.data import ByteTokenizer, TokenFileWriter, build_datasets, read_token_file
 
-SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "prepare_data.py"
-
 
 @pytest.fixture(scope="module")
 def prepare_data():
-    spec = importlib.util.spec_from_file_location("prepare_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command's module: `main(argv)` and the `prepare_token_file` it calls."""
+    return importlib.import_module("automoe.prepare_data")
 
 
 def expected_stream(texts: list[str]) -> list[int]:

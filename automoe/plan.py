@@ -1,0 +1,108 @@
+"""Layout planner command: memory per rank and communication per step for every (dp_replicate, dp_shard, cp, ep).
+
+    python -m automoe.plan --model mixtral_8x7b --cluster h100x8 --nodes 4 \
+        --global-batch 256 --seq-len 4096 --ac full --json plan.json
+
+Prints one row per valid layout (fitting ones first, then by --sort) and the layouts rejected with the reason.
+Formulas and their validation against real runs: docs/planning.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from automoe import planner
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--model", required=True, help="preset in configs/model (tiny, mixtral_8x7b, ...) or a YAML path"
+    )
+    p.add_argument(
+        "--cluster", default=None, help="preset in configs/cluster (h100x8, h200x8, cpu2) or a YAML path"
+    )
+    cl = p.add_argument_group("cluster overrides")
+    cl.add_argument("--gpus-per-node", type=int)
+    cl.add_argument("--nodes", type=int, dest="num_nodes")
+    cl.add_argument("--memory-gib", type=float)
+    cl.add_argument("--intra-gbps", type=float, dest="intra_node_gbps")
+    cl.add_argument("--inter-gbps", type=float, dest="inter_node_gbps")
+    cl.add_argument("--peak-tflops", type=float)
+    cl.add_argument("--mfu", type=float)
+    cl.add_argument("--overhead-gib", type=float)
+    tr = p.add_argument_group("training shape")
+    tr.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
+    tr.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per forward/backward")
+    tr.add_argument("--seq-len", type=int, default=4096)
+    tr.add_argument("--param-dtype", default="float32")
+    tr.add_argument("--compute-dtype", default="bfloat16")
+    tr.add_argument("--ac", default="none", choices=planner.AC_MODES, help="activation checkpointing")
+    tr.add_argument(
+        "--no-fsdp", action="store_true", help="replicate dense params (all-reduce) instead of FSDP2"
+    )
+    tr.add_argument("--routing-imbalance", type=float, default=1.0, help="max/mean expert load on a rank")
+    p.add_argument("--max-cp", type=int, default=8)
+    p.add_argument("--sort", default="step", choices=sorted(planner.SORT_KEYS))
+    p.add_argument("--top", type=int, default=0, help="print only the first N layouts (0 = all)")
+    p.add_argument("--json", type=Path, default=None, help="write every plan and rejection here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = planner.load_model_config(args.model)
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "gpus_per_node",
+            "num_nodes",
+            "memory_gib",
+            "intra_node_gbps",
+            "inter_node_gbps",
+            "peak_tflops",
+            "mfu",
+            "overhead_gib",
+        )
+    }
+    cluster = planner.load_cluster(args.cluster, **overrides)
+    shape = planner.TrainingShape(
+        global_batch=args.global_batch,
+        micro_batch=args.micro_batch,
+        seq_len=args.seq_len,
+        param_dtype=args.param_dtype,
+        compute_dtype=args.compute_dtype,
+        activation_checkpointing=args.ac,
+        fsdp=not args.no_fsdp,
+        routing_imbalance=args.routing_imbalance,
+    )
+    plans, rejected = planner.plan(cfg, shape, cluster, max_cp=args.max_cp, sort_by=args.sort)
+    counts = planner.param_counts(cfg)
+    print(
+        f"model {args.model}: {counts.total / 1e6:,.1f}M params ({counts.active / 1e6:,.1f}M active); "
+        f"cluster {cluster.name}: {cluster.num_nodes} x {cluster.gpus_per_node} ranks, {cluster.memory_gib} GiB each"
+    )
+    print(f"shape: {shape}")
+    shown = plans[: args.top] if args.top else plans
+    print(planner.format_table(shown))
+    fitting = sum(p.fits for p in plans)
+    print(f"{fitting} of {len(plans)} valid layouts fit; {len(rejected)} rejected")
+    for layout, reason in rejected:
+        print(f"  rejected {layout.name()}: {reason}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "model": args.model,
+            "cluster": vars(cluster),
+            "shape": vars(shape),
+            "plans": [p.to_dict() for p in plans],
+            "rejected": [{"layout": vars(layout), "reason": reason} for layout, reason in rejected],
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
