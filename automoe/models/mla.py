@@ -183,7 +183,7 @@ class MultiHeadLatentAttention(nn.Module):
         document_ids_BS: Tensor | None = None,
     ) -> Tensor:
         B, S, _ = x_BSD.shape
-        H, O, R, W = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
+        H, O, R, W = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim  # noqa: E741 (the legend's letters)
         q_flat = (  # (B, S, H*Q)
             self.q_proj(x_BSD)
             if self.q_proj is not None

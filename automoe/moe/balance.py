@@ -21,10 +21,10 @@ def step_expert_loads(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict[
     layers = list(moe_layers(model))
     if not layers:
         return {}
-    loads_LE = torch.stack([m.expert_load for _, m in layers]).clone()
+    layer_loads = torch.stack([m.expert_load for _, m in layers]).clone()  # (num_layers, E)
     if sum_fn is not None:
-        loads_LE = sum_fn(loads_LE)
-    return {name: loads_LE[i] for i, (name, _) in enumerate(layers)}
+        layer_loads = sum_fn(layer_loads)
+    return {name: layer_loads[i] for i, (name, _) in enumerate(layers)}
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Build an MoE layer from user modules: a list of expert `nn.Module`s and a gate producing logits.
 
 This path runs the experts in a Python loop (any module mapping [n, D] -> [n, D] works); it trades speed for
-freedom. Letters: T tokens, K slots per token, N routed rows, E experts, D model dim.
+freedom. Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Single-process token dispatch: permute token copies into expert-major order and back.
 
-Letters: T tokens, K slots per token, N routed rows, E experts, D model dim.
+Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The MoE layer: gate -> dispatch -> experts -> combine (+ shared experts), with balancing statistics.
 
-Letters: B sequences, S positions, T = B*S tokens, K slots per token, N routed rows, E experts, D model dim.
+Shape suffixes: docs/architecture.md#shape-legend.
 The layer knows nothing of process groups: the token dispatcher and the statistics reducer are seams that
 `automoe.parallel` swaps for distributed versions.
 """

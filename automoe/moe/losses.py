@@ -1,6 +1,6 @@
 """Load-balancing losses: Switch/GShard aux loss at three scopes, and the router z-loss.
 
-Letters: B sequences, S positions, T = B*S tokens, K slots per token, E experts.
+Shape suffixes: docs/architecture.md#shape-legend.
 Every statistic (token count T, load L_e, sum of scores) passes through a `StatsReducer` before the formula,
 so a sequence split over context-parallel ranks is treated as one sequence.
 """

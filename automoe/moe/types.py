@@ -1,6 +1,6 @@
 """Seams of the MoE layer: router output, gate, token dispatcher and statistics reducer protocols.
 
-Letters: T tokens, K slots per token, N routed rows (token copies), E experts, D model dim.
+Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations

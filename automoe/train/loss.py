@@ -1,7 +1,7 @@
 """The training objective of one step: cross-entropy over the valid tokens plus the MoE aux losses, assembled per
 micro-batch so that the gradients on any layout equal those of one process on the whole global batch.
 
-Letters: B micro-batch rows, S positions (CP-local under context parallelism), V vocabulary.
+Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The training loop (the only one): micro-batches -> forward/backward -> clip -> AdamW -> gate biases -> log.
 
 Every rank runs the same code; the distributed parts are the `automoe.parallel` calls, which are identities on
-one process. Letters: B micro-batch rows, S positions (CP-local under context parallelism), V vocabulary.
+one process. Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ from automoe.tensors import local_view
 from automoe.train import loss
 from automoe.train.checkpoint import Checkpointer, latest_checkpoint
 from automoe.train.faults import NO_FAULTS, FaultHooks
-from automoe.train.metrics import HEATMAP_FILE, MetricsLogger, expert_load_stats, save_expert_load_heatmap
+from automoe.train.metrics import (
+    HEATMAP_FILE,
+    LOSS_CURVE_FILE,
+    MetricsLogger,
+    expert_load_stats,
+    save_expert_load_heatmap,
+    save_loss_curve,
+)
 
 logger = logging.getLogger(__name__)
 # Fragments of the errors gloo/NCCL raise when a peer is stuck (timeout) or gone (closed connection).
@@ -52,7 +59,8 @@ class Trainer:
 
     `fit()` trains until `train.stop_at_step` or `train.steps`, validating every `train.val_interval` steps and
     checkpointing every `checkpoint.interval` steps and at the end. Returns the last step's metrics record.
-    `faults`: the reliability tests' kill/hang/NaN hooks (the default does nothing).
+    `faults`: the reliability tests' kill/hang/NaN hooks (the default does nothing). `init_from_weights`: the
+    model's weights were loaded (resume, `checkpoint.init_from`, `hf.init_from`), not drawn by `init_weights()`.
     """
 
     def __init__(
@@ -70,6 +78,7 @@ class Trainer:
         metrics: MetricsLogger,
         start_step: int = 0,
         faults: FaultHooks = NO_FAULTS,
+        init_from_weights: bool = False,
     ) -> None:
         self.cfg = cfg
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -78,6 +87,9 @@ class Trainer:
         self.checkpointer, self.metrics = checkpointer, metrics
         self.faults = faults
         self.step = start_step
+        # True when the weights were loaded (checkpoint.resume, checkpoint.init_from or hf.init_from) rather than
+        # drawn by init_weights(): the first step's loss then says nothing about the initialization.
+        self.init_from_weights = init_from_weights
         self.consecutive_skips = 0
         self.output_dir = Path(cfg.output_dir)
         self.phase = "start-up"  # what the loop is doing (named if a collective fails)
@@ -105,6 +117,8 @@ class Trainer:
             self.metrics.close()
         if self.cfg.logging.heatmap and self.metrics.is_main:
             save_expert_load_heatmap(self.metrics.path, self.output_dir / HEATMAP_FILE)
+        if self.cfg.logging.loss_curve and self.metrics.is_main:
+            save_loss_curve(self.metrics.path, self.output_dir / LOSS_CURVE_FILE)
         return record
 
     def train_step(self) -> dict[str, Any]:
@@ -114,13 +128,13 @@ class Trainer:
         start = time.perf_counter()
         micro_batches = self.loader.next_step()
         self.phase = "forward/backward (expert all-to-all, FSDP all-gather/reduce-scatter)"
-        ce_sum, aux_sum, dropped_L = self.forward_backward(micro_batches)
+        ce_sum, aux_sum, dropped_per_layer = self.forward_backward(micro_batches)
         self.phase = "gradient reduction and clipping (grad-norm all-reduce)"
         parallel.finalize_grads(self.model, self.dims)
         grad_norm = parallel.clip_grad_norm_(self.model, self.cfg.optim.max_grad_norm).item()
         # One all-reduce for every logged sum; the loss is the global mean CE of the step.
         self.phase = "loss/metrics all-reduce"
-        sums = parallel.sum_over_ranks(torch.cat([ce_sum.view(1), aux_sum.view(1), dropped_L]), self.dims)
+        sums = parallel.sum_over_ranks(torch.cat([ce_sum.view(1), aux_sum.view(1), dropped_per_layer]), self.dims)
         num_tokens = micro_batches[0]["global_num_tokens"]
         loss = sums[0].item() / num_tokens
         aux_loss = sums[1].item() / (len(micro_batches) * self.dims.world_size)
@@ -159,9 +173,10 @@ class Trainer:
             device=self.device,
             ce_sum_fn=lambda mb: self.faults.poison_loss(self._ce_sum(mb), self.step),
         )
-        dropped_L = [layer.dropped_slots.float().reshape(1) for _, layer in moe_layers(self.model)]
-        dropped_L = torch.cat(dropped_L) if dropped_L else torch.zeros(0)
-        return ce_sum, aux_sum, dropped_L.to(self.device)
+        # float64: the counts stay exact (to 2^53) through the all-reduce they share with the loss sums
+        dropped = [layer.dropped_slots.double().reshape(1) for _, layer in moe_layers(self.model)]
+        dropped_per_layer = torch.cat(dropped) if dropped else torch.zeros(0, dtype=torch.float64)
+        return ce_sum, aux_sum, dropped_per_layer.to(self.device)
 
     def _ce_sum(self, mb: dict[str, Any]) -> Tensor:
         """Cross-entropy summed over this rank's (CP-local) labels != IGNORE_INDEX, in fp32."""
