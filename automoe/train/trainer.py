@@ -25,14 +25,7 @@ from automoe.tensors import local_view
 from automoe.train import loss
 from automoe.train.checkpoint import Checkpointer, latest_checkpoint
 from automoe.train.faults import NO_FAULTS, FaultHooks
-from automoe.train.metrics import (
-    HEATMAP_FILE,
-    LOSS_CURVE_FILE,
-    MetricsLogger,
-    expert_load_stats,
-    save_expert_load_heatmap,
-    save_loss_curve,
-)
+from automoe.train.metrics import HEATMAP_FILE, MetricsLogger, expert_load_stats, save_expert_load_heatmap
 
 logger = logging.getLogger(__name__)
 # Fragments of the errors gloo/NCCL raise when a peer is stuck (timeout) or gone (closed connection).
@@ -59,8 +52,7 @@ class Trainer:
 
     `fit()` trains until `train.stop_at_step` or `train.steps`, validating every `train.val_interval` steps and
     checkpointing every `checkpoint.interval` steps and at the end. Returns the last step's metrics record.
-    `faults`: the reliability tests' kill/hang/NaN hooks (the default does nothing). `init_from_weights`: the
-    model's weights were loaded (resume, `checkpoint.init_from`, `hf.init_from`), not drawn by `init_weights()`.
+    `faults`: the reliability tests' kill/hang/NaN hooks (the default does nothing).
     """
 
     def __init__(
@@ -78,7 +70,6 @@ class Trainer:
         metrics: MetricsLogger,
         start_step: int = 0,
         faults: FaultHooks = NO_FAULTS,
-        init_from_weights: bool = False,
     ) -> None:
         self.cfg = cfg
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -87,9 +78,6 @@ class Trainer:
         self.checkpointer, self.metrics = checkpointer, metrics
         self.faults = faults
         self.step = start_step
-        # True when the weights were loaded (checkpoint.resume, checkpoint.init_from or hf.init_from) rather than
-        # drawn by init_weights(): the first step's loss then says nothing about the initialization.
-        self.init_from_weights = init_from_weights
         self.consecutive_skips = 0
         self.output_dir = Path(cfg.output_dir)
         self.phase = "start-up"  # what the loop is doing (named if a collective fails)
@@ -117,8 +105,6 @@ class Trainer:
             self.metrics.close()
         if self.cfg.logging.heatmap and self.metrics.is_main:
             save_expert_load_heatmap(self.metrics.path, self.output_dir / HEATMAP_FILE)
-        if self.cfg.logging.loss_curve and self.metrics.is_main:
-            save_loss_curve(self.metrics.path, self.output_dir / LOSS_CURVE_FILE)
         return record
 
     def train_step(self) -> dict[str, Any]:
@@ -173,9 +159,8 @@ class Trainer:
             device=self.device,
             ce_sum_fn=lambda mb: self.faults.poison_loss(self._ce_sum(mb), self.step),
         )
-        # float64: the counts stay exact (to 2^53) through the all-reduce they share with the loss sums
-        dropped = [layer.dropped_slots.double().reshape(1) for _, layer in moe_layers(self.model)]
-        dropped_per_layer = torch.cat(dropped) if dropped else torch.zeros(0, dtype=torch.float64)
+        dropped = [layer.dropped_slots.float().reshape(1) for _, layer in moe_layers(self.model)]
+        dropped_per_layer = torch.cat(dropped) if dropped else torch.zeros(0)
         return ce_sum, aux_sum, dropped_per_layer.to(self.device)
 
     def _ce_sum(self, mb: dict[str, Any]) -> Tensor:
