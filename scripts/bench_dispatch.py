@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 from automoe.bench import MachineLoadMeter, machine_info
@@ -29,6 +25,7 @@ from automoe.config.moe import MoEConfig
 from automoe.moe.layer import MoE
 from automoe.parallel.dims import EP
 from automoe.parallel.expert_parallel import apply_ep
+from automoe.parallel.spawn import run_distributed
 
 
 class _Identity(torch.nn.Module):
@@ -58,11 +55,8 @@ def _fwd_bwd(layer, x):
     return run
 
 
-def _worker(rank: int, world: int, store: str, args, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
-    )
+def _worker(rank: int, world: int, args) -> dict:
+    """One rank's row; counts summed and times maxed over ranks, so every rank returns the same row."""
     cfg = MoEConfig(
         dim=args.dim, moe_inter_dim=args.inter_dim, num_experts=args.experts, num_activated_experts=args.topk
     )
@@ -99,10 +93,7 @@ def _worker(rank: int, world: int, store: str, args, out: str) -> None:
     for k, t in totals.items():
         dist.all_reduce(t, op=dist.ReduceOp.SUM if k.startswith("rows") else dist.ReduceOp.MAX)
         row[k] = t.item()
-    if rank == 0:
-        Path(out).write_text(json.dumps(row))
-    dist.barrier()  # no rank tears down gloo while a peer is still in a collective
-    dist.destroy_process_group()
+    return row
 
 
 def main() -> None:
@@ -118,10 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for ep in args.ep:
-        with tempfile.TemporaryDirectory() as tmp, MachineLoadMeter() as load:
-            out = os.path.join(tmp, "row.json")
-            mp.spawn(_worker, args=(ep, os.path.join(tmp, "store"), args, out), nprocs=ep, join=True)
-            row = {"ep": ep, **json.loads(Path(out).read_text())}
+        with MachineLoadMeter() as load:
+            row = {"ep": ep, **run_distributed(_worker, ep, args, timeout_s=120)[0]}
         row["machine_busy"] = round(load.busy, 3)
         row["loadavg_before_after"] = [load.loadavg_before, load.loadavg_after]
         bytes_per_row = args.dim * 4

@@ -13,15 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import tempfile
 from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from automoe import planner
@@ -29,6 +24,7 @@ from automoe.config.parallel import ParallelConfig
 from automoe.models import Transformer
 from automoe.moe.layer import collect_aux_loss, moe_layers
 from automoe.parallel import ParallelDims, cp_shard_batch, finalize_grads, loss_scale, parallelize
+from automoe.parallel.spawn import run_distributed
 
 LAYOUTS = [  # (dp_replicate, dp_shard, cp, ep)
     (1, 1, 1, 1),
@@ -62,20 +58,6 @@ class _SavedBytes:
             self.seen.add(ptr)
             self.total += storage.nbytes()
         return t
-
-
-def _worker(rank: int, world: int, store: str, out_dir: str, job: dict) -> None:
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-        )
-    try:
-        result = _measure(rank, world, job)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
 
 
 def _measure(rank: int, world: int, job: dict) -> dict:
@@ -127,13 +109,10 @@ def _measure(rank: int, world: int, job: dict) -> dict:
 
 def run_layout(job: dict) -> list[dict]:
     world = planner.Layout(*job["layout"]).world_size
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        if world == 1:
-            _worker(0, 1, store, tmp, job)
-        else:
-            mp.spawn(_worker, args=(world, store, tmp, job), nprocs=world, join=True)
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    if world == 1:  # in this process, without a process group
+        torch.set_num_threads(1)
+        return [_measure(0, 1, job)]
+    return run_distributed(_measure, world, job)
 
 
 def _row(name: str, measured: float, predicted: float) -> dict:

@@ -1,47 +1,6 @@
-"""The one helper that runs a test function on real gloo process groups (CPU, FileStore, finite timeouts)."""
+"""The one helper that runs a test function on real gloo process groups: `automoe.parallel.spawn`, shared with the
+benchmarks that measure collectives."""
 
-from __future__ import annotations
+from automoe.parallel.spawn import PG_TIMEOUT_S, run_distributed
 
-import os
-import tempfile
-import traceback
-from datetime import timedelta
-from pathlib import Path
-
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from automoe.parallel.env import shutdown_distributed
-
-PG_TIMEOUT_S = 60
-
-
-def _worker(rank: int, world_size: int, store_path: str, out_dir: str, fn, args: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=PG_TIMEOUT_S))
-    clean = False
-    try:
-        result = fn(rank, world_size, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-        result = None
-        clean = True
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        # Barrier on success, destroy every group, then free the ones only cycles still hold, so their gloo
-        # threads are joined before the interpreter finalizes (automoe.train.launch._exit_before_finalization).
-        shutdown_distributed(clean=clean)
-
-
-def run_distributed(fn, world_size: int, *args) -> list:
-    """Run `fn(rank, world_size, *args)` on `world_size` processes; return each rank's return value.
-
-    `fn` must be a module-level function. A failure on any rank raises here (the others are terminated).
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        mp.spawn(_worker, args=(world_size, store, tmp, fn, args), nprocs=world_size, join=True)
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+__all__ = ["PG_TIMEOUT_S", "run_distributed"]
