@@ -11,7 +11,7 @@ Rows, timed interleaved in one run so their ratio is fair on a shared machine:
 Columns: median and min ms over --repeats after warm-up, tokens/s (from the median), efficiency = median over
 rounds of ideal_ms / row_ms within the round, eff(min) = min ideal_ms / min row_ms, and the bytes autograd saves for
 backward (storages deduplicated, parameters excluded). A stage breakdown of the fast layer follows
-(letters: T tokens, N = T*k routed rows, D model dim, F expert hidden width).
+(shape suffixes: docs/architecture.md#shape-legend; N = T*k routed rows).
 `--sweep` times only the ideal and fast rows (`--rows` to change) for every E in --sweep-experts, k in
 --sweep-topk and noise in --sweep-noise, and reports the routed load's max/mean over experts.
 """

@@ -8,7 +8,7 @@ checkpoint saved). Afterwards the final checkpoint is loaded into one process an
 split in eval mode: the validation loss and each MoE layer's `eval_expert_load` (token-slots per expert, the
 whole split on one process = the sum over ranks) give MaxVio_global = max_e L_e / mean_e L_e - 1.
 Writes `<out>/results.json` and three PNGs into `--img-dir` (default docs/img). `--skip-train` re-evaluates
-and re-plots existing runs. Letters: B rows, S positions, E experts, L MoE layers.
+and re-plots existing runs. Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ def evaluate(run_dir: Path, *, batch_size: int) -> dict:
         layer.eval_expert_load.zero_()
     ce_sum, num_tokens = 0.0, 0
     for start in range(0, len(val), batch_size):
-        windows_BS1 = torch.from_numpy(val.windows(range(start, min(start + batch_size, len(val)))))
-        logits_BSV = model(windows_BS1[:, :-1])
-        labels = windows_BS1[:, 1:].flatten()
+        windows = torch.from_numpy(val.windows(range(start, min(start + batch_size, len(val)))))  # (B, S+1)
+        logits_BSV = model(windows[:, :-1])
+        labels = windows[:, 1:].flatten()
         ce_sum += F.cross_entropy(logits_BSV.float().flatten(0, 1), labels, reduction="sum").item()
         num_tokens += labels.numel()
     layers = {}
