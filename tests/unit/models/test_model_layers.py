@@ -31,24 +31,24 @@ def test_rmsnorm_matches_formula_and_keeps_dtype():
 
 
 def test_rope_matches_complex_rotation_of_half_pairs():
-    D, theta, P = 16, 500.0, 64
-    rope = RotaryEmbedding(D, max_seq_len=P, theta=theta)
+    A, theta, P = 16, 500.0, 64
+    rope = RotaryEmbedding(A, max_seq_len=P, theta=theta)
     torch.manual_seed(0)
-    x_BHSD = torch.randn(2, 3, 5, D)
+    x_BHSA = torch.randn(2, 3, 5, A)
     positions_BS = torch.tensor([[0, 1, 2, 3, 4], [63, 7, 40, 0, 9]])
     cos, sin = rope(positions_BS)
-    got = apply_rotary(x_BHSD, cos, sin)
+    got = apply_rotary(x_BHSA, cos, sin)
 
-    # reference: complex z_i = x_i + j x_{i+D/2}, multiplied by exp(j * pos * theta^(-2i/D))
-    x64 = x_BHSD.double()
-    z = torch.complex(x64[..., : D // 2], x64[..., D // 2 :])
-    freqs = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    # reference: complex z_i = x_i + j x_{i+A/2}, multiplied by exp(j * pos * theta^(-2i/A))
+    x64 = x_BHSA.double()
+    z = torch.complex(x64[..., : A // 2], x64[..., A // 2 :])
+    freqs = theta ** (-torch.arange(0, A, 2, dtype=torch.float64) / A)
     angle = positions_BS.double()[:, None, :, None] * freqs
     rotated = z * torch.polar(torch.ones_like(angle), angle)
     expected = torch.cat([rotated.real, rotated.imag], dim=-1)
     # fp32 vs fp64: the angle pos * freq rounds to an absolute error up to P * u (counted as P terms), then the
     # 2-term rotation; both scale with |x|
-    assert_close_rounding(got, expected.float(), terms=P, depth=2, scale=x_BHSD)
+    assert_close_rounding(got, expected.float(), terms=P, depth=2, scale=x_BHSA)
 
 
 def test_rope_tables_are_non_persistent_and_rebuilt_after_meta():
