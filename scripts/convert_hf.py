@@ -2,6 +2,10 @@
 
     python scripts/convert_hf.py hf-to-automoe HF_DIR OUT_DIR [--format dcp|torch] [--max-seq-len N]
     python scripts/convert_hf.py automoe-to-hf AUTOMOE_DIR OUT_DIR --family deepseek_v3 [--max-shard-size 5GB]
+        [--dtype bfloat16] [--expert-layout per_expert|fused]
+
+The HF side may be any family of `automoe.hf.FAMILIES` (`--family`, read from `config.json` on import), with
+experts stored one tensor per expert or fused into 3-D tensors, and block-fp8 weights (dequantized on import).
 
 An automoe checkpoint directory holds `model_config.yaml` (the resolved ModelConfig) and either a DCP
 checkpoint in `model/` (state dict `{"model": ...}`, loadable at any parallel layout) or `model.pt`
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from automoe.config.model import ModelConfig  # noqa: E402
 from automoe.hf import FAMILIES, load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
+from automoe.hf.adapters import EXPERT_LAYOUTS  # noqa: E402
 from automoe.models import Transformer  # noqa: E402
 
 CONFIG_NAME = "model_config.yaml"
@@ -61,9 +66,13 @@ def read_automoe(src: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return cfg, wrapped["model"]
 
 
-def automoe_to_hf(src: Path, dst: Path, *, family: str, max_shard_size: str, dtype: str | None) -> None:
+def automoe_to_hf(
+    src: Path, dst: Path, *, family: str, max_shard_size: str, dtype: str | None, expert_layout: str = "per_expert"
+) -> None:
     cfg, state = read_automoe(src)
-    files = save_hf_checkpoint(state, cfg, dst, family=family, max_shard_size=max_shard_size, dtype=dtype)
+    files = save_hf_checkpoint(
+        state, cfg, dst, family=family, max_shard_size=max_shard_size, dtype=dtype, expert_layout=expert_layout
+    )
     print(f"wrote {len(files)} files to {dst}")
 
 
@@ -80,15 +89,26 @@ def main(argv: list[str] | None = None) -> None:
     to_hf = sub.add_parser("automoe-to-hf", help="automoe checkpoint directory -> HF directory")
     to_hf.add_argument("src", type=Path)
     to_hf.add_argument("dst", type=Path)
-    to_hf.add_argument("--family", choices=FAMILIES, required=True)
+    to_hf.add_argument("--family", choices=list(FAMILIES), required=True)
     to_hf.add_argument("--max-shard-size", default="5GB")
     to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    to_hf.add_argument(
+        "--expert-layout",
+        choices=EXPERT_LAYOUTS,
+        default="per_expert",
+        help="one tensor per expert (loads in transformers 4 and 5) or fused 3-D tensors (transformers 5)",
+    )
     args = parser.parse_args(argv)
     if args.command == "hf-to-automoe":
         hf_to_automoe(args.src, args.dst, fmt=args.format, max_seq_len=args.max_seq_len)
     else:
         automoe_to_hf(
-            args.src, args.dst, family=args.family, max_shard_size=args.max_shard_size, dtype=args.dtype
+            args.src,
+            args.dst,
+            family=args.family,
+            max_shard_size=args.max_shard_size,
+            dtype=args.dtype,
+            expert_layout=args.expert_layout,
         )
 
 

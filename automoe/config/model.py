@@ -16,6 +16,7 @@ from automoe.config.moe import DTYPES, MoEConfig
 
 ATTENTIONS = ("gqa", "mla")  # grouped-query attention | DeepSeek multi-head latent attention
 ROPE_SCALINGS = (None, "yarn")
+QK_NORM_SCOPES = ("head", "projection")
 _MOE_DIM_DEFAULT = next(f.default for f in fields(MoEConfig) if f.name == "dim")
 
 
@@ -24,7 +25,8 @@ class ModelConfig:
     """Every knob of the transformer. Invalid values raise `ValueError` naming the field and its value.
 
     Layer `i` has an MoE FFN iff `i >= num_dense_layers and i % moe_layer_freq == 0` (the DeepSeek
-    `first_k_dense_replace` / `moe_layer_freq` convention); every other layer has a dense SwiGLU FFN.
+    `first_k_dense_replace` / `moe_layer_freq` convention) and `i not in dense_layers` (Qwen `mlp_only_layers`);
+    every other layer has a dense SwiGLU FFN.
     `head_dim` is resolved once, in `__post_init__`: `dataclasses.replace(cfg, dim=...)` keeps the old value
     unless `head_dim=None` is passed as well.
     """
@@ -41,6 +43,7 @@ class ModelConfig:
     # --- which blocks are MoE ---
     num_dense_layers: int = 1  # the first N blocks use a dense FFN (DeepSeek first_k_dense_replace)
     moe_layer_freq: int = 1  # after those, every n-th layer index (i % n == 0) is MoE, the rest dense
+    dense_layers: list[int] = field(default_factory=list)  # further dense blocks by index (Qwen mlp_only_layers)
 
     # --- numerics ---
     norm_eps: float = 1e-5  # epsilon inside every RMSNorm
@@ -48,7 +51,9 @@ class ModelConfig:
     max_seq_len: int = 256  # largest position + 1 the RoPE tables cover (positions index them directly)
     tie_embeddings: bool = False  # output head reuses the token-embedding matrix (one parameter)
     qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE (Qwen3)
+    qk_norm_scope: str = "head"  # head: per head over head_dim (Qwen3) | projection: over all of q / k (OLMoE)
     attention_bias: bool = False  # biases on the q/k/v/o projections (Llama/Qwen3 attention_bias)
+    qkv_bias: bool = False  # biases on q/k/v only, none on o (Qwen2 / Qwen2-MoE); exclusive with attention_bias
     init_std: float = 0.02  # truncated-normal init std; o_proj and down projections: / sqrt(2 * num_layers)
     dtype: str = "float32"  # parameter dtype of every module (mixed precision is the parallel code's job)
 
@@ -86,7 +91,11 @@ class ModelConfig:
     # ---- derived values ----
     def is_moe_layer(self, layer_id: int) -> bool:
         """True when block `layer_id` has an MoE FFN."""
-        return layer_id >= self.num_dense_layers and layer_id % self.moe_layer_freq == 0
+        return (
+            layer_id >= self.num_dense_layers
+            and layer_id % self.moe_layer_freq == 0
+            and layer_id not in self.dense_layers
+        )
 
     @property
     def num_moe_layers(self) -> int:
@@ -137,10 +146,21 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.num_dense_layers={self.num_dense_layers} must be in [0, num_layers={self.num_layers}]"
             )
+        if any(not 0 <= i < self.num_layers for i in self.dense_layers):
+            raise ValueError(
+                f"ModelConfig.dense_layers={list(self.dense_layers)} must index layers in [0, {self.num_layers})"
+            )
 
     def _validate_attention(self) -> None:
         check_choice("ModelConfig.attention", self.attention, ATTENTIONS)
         check_choice("ModelConfig.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        check_choice("ModelConfig.qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
+        if self.qkv_bias and (self.attention_bias or self.attention == "mla"):
+            raise ValueError(
+                "ModelConfig.qkv_bias=True (q/k/v biases only) needs attention='gqa' and attention_bias=False "
+                f"(which already puts biases on q/k/v/o), got attention={self.attention!r}, "
+                f"attention_bias={self.attention_bias}"
+            )
         if self.attention != "mla":
             if self.rope_scaling is not None:
                 raise ValueError(

@@ -1,9 +1,13 @@
 """The tensor plan between automoe state-dict keys and HF checkpoint keys, and the expert layout conversions.
 
-Every automoe tensor is either `direct` (one HF tensor of the same shape and layout) or a stacked expert
-tensor built from one HF tensor per expert:
-  w_up   [E, D, 2F] = stack_e( cat([gate_e, up_e], rows).T )   gate_e, up_e: HF [F, D]
-  w_down [E, F, D]  = stack_e( down_e.T )                      down_e: HF [D, F]
+A plan is built by a family (`automoe/hf/families/`) for one config and one expert layout. Every automoe tensor is
+either `direct` (one HF tensor of the same shape and layout) or a stacked expert tensor, stored by HF in one of
+two layouts (both are read; `transformers` v5 keeps the fused one in memory and newer checkpoints store it):
+  per_expert  one 2-D tensor per expert and projection (`experts.{e}.gate_proj.weight` [F, D], ...):
+                w_up   [E, D, 2F] = stack_e( cat([gate_e, up_e], rows).T )   gate_e, up_e: HF [F, D]
+                w_down [E, F, D]  = stack_e( down_e.T )                      down_e: HF [D, F]
+  fused       one 3-D tensor per projection kind (`experts.gate_up_proj` [E, 2F, D], `experts.down_proj`
+              [E, D, F]); both are the automoe tensor with its last two dims swapped.
 Shape suffixes: docs/architecture.md#shape-legend.
 """
 
@@ -15,32 +19,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from automoe.config.model import ModelConfig
-
-_EXPERT_NAMES = {
-    "mixtral": ("w1", "w3", "w2"),  # gate, up, down
-    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
-    "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
-}
-_MLA_DIRECT = (
-    ("q_proj", "q_proj"),
-    ("q_a_proj", "q_a_proj"),
-    ("q_a_norm", "q_a_layernorm"),
-    ("q_b_proj", "q_b_proj"),
-    ("kv_a_proj", "kv_a_proj_with_mqa"),
-    ("kv_a_norm", "kv_a_layernorm"),
-    ("kv_b_proj", "kv_b_proj"),
-    ("o_proj", "o_proj"),
-)
+EXPERT_LAYOUTS = ("per_expert", "fused")
 
 
 @dataclass(frozen=True)
 class ExpertTensor:
-    """One stacked expert tensor: `ours` [E, ...] from the per-expert HF keys `hf_templates` (with `{e}`)."""
+    """One stacked expert tensor `ours` [E, ...]: per-expert HF keys `hf_templates` (with `{e}`; gate and up for
+    kind "up", down for "down") or, in the fused layout, the one 3-D HF tensor `fused_key`."""
 
     ours: str
-    kind: str  # "up" (gate and up templates) | "down" (one template)
+    kind: str  # "up" | "down"
     hf_templates: tuple[str, ...]
+    fused_key: str
 
     def hf_keys(self, expert: int) -> tuple[str, ...]:
         return tuple(t.format(e=expert) for t in self.hf_templates)
@@ -48,93 +38,28 @@ class ExpertTensor:
 
 @dataclass
 class TensorPlan:
-    """direct: ours -> HF key; experts: the stacked expert tensors; optional: HF keys that may be absent."""
+    """direct: ours -> HF key; experts: the stacked expert tensors, stored in `layout`; optional: HF keys that may
+    be absent; fp32_hf: HF keys exported in fp32 whatever the export dtype (selection biases)."""
 
+    layout: str = "per_expert"
     direct: dict[str, str] = field(default_factory=dict)
     experts: list[ExpertTensor] = field(default_factory=list)
     optional_hf: set[str] = field(default_factory=set)
+    fp32_hf: set[str] = field(default_factory=set)
     ignored_hf: re.Pattern | None = None  # HF keys accounted for but not imported (DeepSeek MTP layers)
 
     def hf_keys(self, num_experts: int) -> set[str]:
         keys = set(self.direct.values())
         for spec in self.experts:
+            if self.layout == "fused":
+                keys.add(spec.fused_key)
+                continue
             for e in range(num_experts):
                 keys.update(spec.hf_keys(e))
         return keys
 
     def ours_keys(self) -> set[str]:
         return set(self.direct) | {spec.ours for spec in self.experts}
-
-
-def build_plan(cfg: ModelConfig, family: str) -> TensorPlan:
-    """The complete mapping for a model of `cfg` in the HF `family` layout."""
-    plan = TensorPlan()
-    d = plan.direct
-    d["tok_embeddings.weight"] = "model.embed_tokens.weight"
-    d["norm.weight"] = "model.norm.weight"
-    if cfg.tie_embeddings:
-        plan.optional_hf.add("lm_head.weight")  # tied: HF may or may not write it
-    else:
-        d["output.weight"] = "lm_head.weight"
-    for i in range(cfg.num_layers):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        d[ours + "attention_norm.weight"] = hf + "input_layernorm.weight"
-        d[ours + "ffn_norm.weight"] = hf + "post_attention_layernorm.weight"
-        _attention(d, cfg, ours + "attention.", hf + "self_attn.")
-        if cfg.is_moe_layer(i):
-            _moe(
-                plan,
-                cfg,
-                family,
-                ours + "moe.",
-                hf + ("block_sparse_moe." if family == "mixtral" else "mlp."),
-            )
-        else:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                d[ours + f"feed_forward.{proj}.weight"] = hf + f"mlp.{proj}.weight"
-    if family == "deepseek_v3":  # multi-token-prediction layers live after the main stack; not imported
-        plan.ignored_hf = re.compile(r"model\.layers\.(\d+)\.")
-    return plan
-
-
-def _attention(d: dict[str, str], cfg: ModelConfig, ours: str, hf: str) -> None:
-    bias = cfg.attention_bias
-    if cfg.attention == "mla":
-        for our_name, hf_name in _MLA_DIRECT:
-            if our_name == "q_proj" and cfg.q_lora_rank is not None:
-                continue
-            if our_name in ("q_a_proj", "q_a_norm", "q_b_proj") and cfg.q_lora_rank is None:
-                continue
-            d[ours + f"{our_name}.weight"] = hf + f"{hf_name}.weight"
-            if bias and our_name in ("q_a_proj", "kv_a_proj", "o_proj"):
-                d[ours + f"{our_name}.bias"] = hf + f"{hf_name}.bias"
-        return
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        d[ours + f"{proj}.weight"] = hf + f"{proj}.weight"
-        if bias:
-            d[ours + f"{proj}.bias"] = hf + f"{proj}.bias"
-    if cfg.qk_norm:
-        d[ours + "q_norm.weight"] = hf + "q_norm.weight"
-        d[ours + "k_norm.weight"] = hf + "k_norm.weight"
-
-
-def _moe(plan: TensorPlan, cfg: ModelConfig, family: str, ours: str, hf: str) -> None:
-    d, moe = plan.direct, cfg.moe
-    d[ours + "gate.weight"] = hf + "gate.weight"
-    if moe.has_correction_bias:
-        d[ours + "gate.correction_bias"] = hf + "gate.e_score_correction_bias"
-    if moe.num_shared_experts:
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            d[ours + f"shared_experts.{proj}.weight"] = hf + f"shared_experts.{proj}.weight"
-    gate, up, down = _EXPERT_NAMES[family]
-    plan.experts.append(
-        ExpertTensor(
-            ours + "experts.w_up",
-            "up",
-            (hf + f"experts.{{e}}.{gate}.weight", hf + f"experts.{{e}}.{up}.weight"),
-        )
-    )
-    plan.experts.append(ExpertTensor(ours + "experts.w_down", "down", (hf + f"experts.{{e}}.{down}.weight",)))
 
 
 def is_ignored(plan: TensorPlan, key: str, num_layers: int) -> bool:
@@ -169,3 +94,21 @@ def expert_to_hf(spec: ExpertTensor, slice_: Tensor) -> list[Tensor]:
         gate_DF, up_DF = slice_.chunk(2, dim=-1)
         return [gate_DF.T, up_DF.T]
     return [slice_.T]
+
+
+# ---- fused layout conversions (the same for up and down: swap the last two dims) ----
+def fused_shape(ours_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """HF fused shape ([E, 2F, D] / [E, D, F]) of an automoe stacked tensor of `ours_shape` ([E, D, 2F] / [E, F, D])."""
+    E, a, b = ours_shape
+    return (E, b, a)
+
+
+def fused_to_ours(fused: Tensor) -> Tensor:
+    """HF fused rows [n, 2F, D] / [n, D, F] -> automoe rows [n, D, 2F] / [n, F, D] (gate rows first = gate columns
+    first)."""
+    return fused.transpose(1, 2)
+
+
+def ours_to_fused(stacked: Tensor) -> Tensor:
+    """Inverse of `fused_to_ours`."""
+    return stacked.transpose(1, 2)

@@ -9,10 +9,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from automoe.config.checks import check_choice
 from automoe.config.model import ModelConfig
 from automoe.hf.checkpoint import expected_tensors
-from automoe.hf.config_map import FAMILIES, config_from_hf, read_hf_config
+from automoe.hf.config_map import config_from_hf, read_hf_config
+from automoe.hf.families import family_for_model_type, get_family
 from automoe.hf.safetensors_io import SafetensorsReader
 from automoe.shapes import config_diff, tensor_shape_mismatches
 
@@ -63,11 +63,23 @@ def check_hf_init(model_cfg: ModelConfig, hf_dir: str | Path) -> tuple[str, list
     return family, text
 
 
-def export_family(hf_init_from: str | None, family: str | None) -> str | None:
-    """The HF layout to export to: `hf.family`, else the `model_type` of `hf.init_from`, else None."""
+def export_family(
+    hf_init_from: str | None, family: str | None, model_cfg: ModelConfig | None = None
+) -> str | None:
+    """The HF family to export to: `hf.family`, else the family of `hf.init_from`'s `model_type`, else None.
+
+    With `model_cfg`, also checks that the family can express it (raises ValueError naming the setting), so a run
+    that could not be exported fails before training, not after it.
+    """
     if family is not None:
-        check_choice("hf.family", family, FAMILIES)
-        return family
-    if hf_init_from is not None:
-        return read_hf_config(hf_init_from).get("model_type")
-    return None
+        try:
+            spec = get_family(family)
+        except ValueError as err:
+            raise ValueError(f"hf.{err}") from None
+    elif hf_init_from is not None:
+        spec = family_for_model_type(read_hf_config(hf_init_from).get("model_type"))
+    else:
+        return None
+    if model_cfg is not None:
+        spec.check_expressible(model_cfg)
+    return spec.name

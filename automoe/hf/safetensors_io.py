@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -18,8 +19,10 @@ SINGLE_NAME = "model.safetensors"
 class SafetensorsReader:
     """Key -> tensor access over one checkpoint directory; headers only until a tensor is asked for.
 
-    `shape(key)` reads nothing but the file header; `get(key)` reads that one tensor (and records it in
-    `read_keys`, so tests can prove that a rank never touched another rank's experts).
+    `shape(key)` / `dtype(key)` read nothing but the file header; `get(key)` reads that one tensor (and records it
+    in `read_keys`, so tests can prove that a rank never touched another rank's experts); `get_rows(key, ids)`
+    reads only rows `ids` of a tensor's first dim (a fused expert tensor: only those experts; recorded in
+    `read_keys` and, with the rows, in `read_rows`).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -34,6 +37,7 @@ class SafetensorsReader:
             raise ValueError(f"no {INDEX_NAME} or {SINGLE_NAME} in {str(self.path)!r}")
         self._handles: dict[str, object] = {}
         self.read_keys: list[str] = []
+        self.read_rows: dict[str, list[int]] = {}
 
     def _handle(self, key: str):
         if key not in self.weight_map:
@@ -52,9 +56,27 @@ class SafetensorsReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle(key).get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype name from the header ('F32', 'BF16', 'F8_E4M3', ...)."""
+        return self._handle(key).get_slice(key).get_dtype()
+
     def get(self, key: str) -> Tensor:
         self.read_keys.append(key)
         return self._handle(key).get_tensor(key)
+
+    def get_rows(self, key: str, ids: list[int]) -> Tensor:
+        """Rows `ids` of `key`'s first dim, reading only them (contiguous runs are read as one slice)."""
+        self.read_keys.append(key)
+        self.read_rows.setdefault(key, []).extend(ids)
+        part = self._handle(key).get_slice(key)
+        if not ids:
+            return part[0:0]
+        runs, start = [], 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[i - 1] + 1:
+                runs.append(part[ids[start] : ids[i - 1] + 1])
+                start = i
+        return runs[0] if len(runs) == 1 else torch.cat(runs)
 
 
 class ShardedWriter:

@@ -28,6 +28,35 @@ def hf_config(case: str):
             rms_norm_eps=1e-5,
             tie_word_embeddings=False,
         )
+    if case == "qwen2_moe":  # MoE layers {1, 5}: decoder_sparse_step=2 minus mlp_only_layers=[3]
+        return tf.Qwen2MoeConfig(
+            **COMMON,
+            num_hidden_layers=6,
+            num_key_value_heads=2,
+            intermediate_size=80,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=40,
+            num_experts=8,
+            num_experts_per_tok=2,
+            decoder_sparse_step=2,
+            mlp_only_layers=[3],
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+        )
+    if case == "olmoe":  # q/k norm over the whole projection, q/k/v/o biases, softmax top-k not renormalized
+        return tf.OlmoeConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            attention_bias=True,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            pad_token_id=None,
+            eos_token_id=None,
+        )
     if case == "qwen3_moe":
         return tf.Qwen3MoeConfig(
             **COMMON,
@@ -78,7 +107,7 @@ def hf_config(case: str):
     return tf.DeepseekV3Config(**dsv3, q_lora_rank=None, rope_interleave=False)
 
 
-CASES = ("mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v3_plain")
+CASES = ("mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v3_plain", "qwen2_moe", "olmoe")
 
 
 def hf_model(case: str, seed: int = 0):
@@ -109,6 +138,28 @@ def saved(tmp_path_factory):
             model = hf_model(case)
             path = tmp_path_factory.mktemp(case)
             model.save_pretrained(path, max_shard_size="100KB")
+            cache[case] = (model, path)
+        return cache[case]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def saved_fused(saved, tmp_path_factory):
+    """case -> (hf_model, directory) of the same model saved in the fused expert layout transformers v5 keeps in
+    memory (`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj` [E, D, F]), sharded with an index."""
+    from automoe.hf.safetensors_io import ShardedWriter
+
+    cache = {}
+
+    def get(case: str):
+        if case not in cache:
+            model, per_expert = saved(case)
+            path = tmp_path_factory.mktemp(f"{case}_fused")
+            writer = ShardedWriter(path, max_shard_bytes=100_000)
+            writer.add_all(model.state_dict().items())
+            writer.close()
+            (path / "config.json").write_text((per_expert / "config.json").read_text())
             cache[case] = (model, path)
         return cache[case]
 
