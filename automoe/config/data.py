@@ -30,6 +30,9 @@ class DataConfig:
     shuffle: bool = True  # shuffle sample order each epoch (seeded, epoch-aware); False = stream order
     shuffle_documents: bool = True  # stdlib/text/jsonl: seeded document order, so the val tail is random docs
     seed: int = 0  # seeds synthetic generation, document permutation and the per-epoch sample shuffle
+    # attention block-causal within documents, positions restarting per document, the `sequence` aux loss per
+    # document; None = on for stdlib/text/jsonl/tokens, off for synthetic (chains of one Markov table)
+    document_masking: Optional[bool] = None
 
     # --- synthetic source: a seeded sparse Markov chain the model can learn ---
     synthetic_num_tokens: int = 1 << 20  # total tokens generated (train + val), EOS separators included
@@ -39,6 +42,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def masks_documents(self) -> bool:
+        """`document_masking` resolved: None means on for every source but synthetic."""
+        if self.document_masking is None:
+            return self.source != "synthetic"
+        return self.document_masking
 
     def validate(self) -> None:
         check_choice("DataConfig.source", self.source, SOURCES)

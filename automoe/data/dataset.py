@@ -1,7 +1,9 @@
 """Token-stream datasets: fixed-length windows over one token stream, and `build_datasets` (train/val split).
 
 A sample i is the window tokens[i*S : i*S + S + 1] (S = seq_len): inputs are its first S ids and
-labels its last S, so windows do not overlap and documents are packed across sample boundaries.
+labels its last S, so windows do not overlap and documents are packed across sample boundaries. With
+`DataConfig.document_masking` the batches say where the documents are (`automoe.data.documents`), so that no
+token attends across a document boundary.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class TokenDataset:
     eos_id: int  # separates documents in the stream
     pad_id: int  # input id of padding rows (their labels are ignored)
     name: str = "data"  # for messages and logs
+    document_masking: bool = False  # batches carry document ids: attention and sequence aux loss per document
 
     def __post_init__(self) -> None:
         if len(self.tokens) < self.seq_len + 1:
@@ -93,7 +96,13 @@ def _document_tokens(cfg: DataConfig, tokenizer: Tokenizer, path: str | None, fi
 
 def _dataset(tokens: np.ndarray, cfg: DataConfig, *, vocab_size: int, eos_id: int, pad_id: int, name: str):
     return TokenDataset(
-        tokens, seq_len=cfg.seq_len, vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id, name=name
+        tokens,
+        seq_len=cfg.seq_len,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        name=name,
+        document_masking=cfg.masks_documents,
     )
 
 
@@ -153,12 +162,14 @@ def build_datasets(
     else:
         train, val = _dataset(tokens, cfg, name="train", **ids), None
     logger.info(
-        "data source=%s: train %d tokens (%d samples), val %s tokens, seq_len %d, vocab %d",
+        "data source=%s: train %d tokens (%d samples), val %s tokens, seq_len %d, vocab %d, "
+        "document masking %s",
         cfg.source,
         train.num_tokens,
         len(train),
         val.num_tokens if val else 0,
         cfg.seq_len,
         vocab_size,
+        "on" if cfg.masks_documents else "off",
     )
     return train, val

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from automoe.data import documents
 from automoe.data.dataset import TokenDataset
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (padding rows)
@@ -49,6 +50,8 @@ def make_micro_batches(
     Each dict: `input_ids` int64 [B, S]; `labels` int64 [B, S] (inputs shifted by one, IGNORE_INDEX on
     padding rows); `num_tokens` (labels != IGNORE_INDEX here) and `global_num_tokens` (the same count over
     the whole global batch, all ranks): divide the summed loss by it to get the layout-free mean.
+    With `dataset.document_masking` also `document_ids` int64 [B, S] (`documents.document_ids`; 0 on padding
+    rows), `positions` int64 [B, S] (restarting at 0 in every document) and `num_documents` (1 + largest id).
     """
     S = dataset.seq_len
     global_num_tokens = int((global_indices != PAD_ROW).sum()) * S
@@ -62,15 +65,26 @@ def make_micro_batches(
         windows[valid] = dataset.windows(rows[valid])
         labels_BS = windows[:, 1:].copy()
         labels_BS[~valid] = IGNORE_INDEX
-        batches.append(
-            {
-                "input_ids": torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
-                "labels": torch.from_numpy(labels_BS),
-                "num_tokens": int(valid.sum()) * S,
-                "global_num_tokens": global_num_tokens,
-            }
-        )
+        batch = {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
+            "labels": torch.from_numpy(labels_BS),
+            "num_tokens": int(valid.sum()) * S,
+            "global_num_tokens": global_num_tokens,
+        }
+        if dataset.document_masking:
+            batch.update(_documents(batch["input_ids"], torch.from_numpy(valid), dataset.eos_id))
+        batches.append(batch)
     return batches
+
+
+def _documents(input_ids_BS: torch.Tensor, valid_B: torch.Tensor, eos_id: int) -> dict[str, Any]:
+    """The document fields of a micro-batch (see `make_micro_batches`); a padding row is one document."""
+    ids_BS = documents.document_ids(input_ids_BS, eos_id).masked_fill(~valid_B[:, None], 0)
+    return {
+        "document_ids": ids_BS,
+        "positions": documents.document_positions(ids_BS),
+        "num_documents": documents.num_documents(ids_BS),
+    }
 
 
 class StatefulLoader:

@@ -17,15 +17,17 @@ from automoe.models.norms import RMSNorm
 from automoe.models.rope import apply_rotary
 from automoe.tensors import torch_dtype
 
-# Mask key of a padding token: larger than every real position, so `key <= query` never admits it as a key,
-# while a padding query (also given this key) sees every key and its output stays finite.
+# Mask key of a padding token: larger than every real key, so `key <= query` never admits it as a key,
+# while a padding query (also given this key) sees every key of its row and its output stays finite.
 PADDING_KEY = torch.iinfo(torch.int64).max
+# With packed documents a mask key is (document << DOCUMENT_SHIFT) + position: positions stay below 2**32.
+DOCUMENT_SHIFT = 32
 
 
 class KVGather(Protocol):
     """Set by the context-parallel code as `Attention.kv_gather`: gathers K/V from every CP rank.
 
-    `positions_BS` are the mask keys of the local tokens (global positions, with `PADDING_KEY` at padding);
+    `positions_BS` are the mask keys of the local tokens (`mask_keys`: positions, documents, `PADDING_KEY`);
     they must be gathered as given, in the same order as the K/V rows. Backward must scatter K/V grads back.
     """
 
@@ -34,30 +36,66 @@ class KVGather(Protocol):
         ...
 
 
-def visibility_mask(query_keys_BS: Tensor, key_keys_BL: Tensor) -> Tensor:
-    """[B, 1, S, L] bool, True where query s may attend to key l: `key_keys[l] <= query_keys[s]`."""
-    return key_keys_BL[:, None, None, :] <= query_keys_BS[:, None, :, None]
+def mask_keys(
+    positions_BS: Tensor, *, padding_mask_BS: Tensor | None, document_ids_BS: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """-> (keys_BS, lowest_keys_BS): each local token's mask key and the lowest key it may see (None: 0).
+
+    A key is the token's position (increasing along its row), or `(document << DOCUMENT_SHIFT) + position`
+    with document ids; query s then sees exactly the keys in [lowest_keys[s], keys[s]]: the earlier positions
+    of its own document (block-causal). Padding gets PADDING_KEY: no real query reaches it, and a padding
+    query sees itself.
+    """
+    keys_BS, lowest_keys_BS = positions_BS, None
+    if document_ids_BS is not None:
+        lowest_keys_BS = document_ids_BS.to(torch.int64) << DOCUMENT_SHIFT
+        keys_BS = lowest_keys_BS + positions_BS
+    if padding_mask_BS is not None:
+        keys_BS = keys_BS.masked_fill(padding_mask_BS, PADDING_KEY)
+    return keys_BS, lowest_keys_BS
+
+
+def visibility_mask(
+    query_keys_BS: Tensor, key_keys_BL: Tensor, lowest_keys_BS: Tensor | None = None
+) -> Tensor:
+    """[B, 1, S, L] bool, True where query s may attend to key l:
+    `lowest_keys[s] <= key_keys[l] <= query_keys[s]` (no lower bound when `lowest_keys_BS` is None)."""
+    mask_B1SL = key_keys_BL[:, None, None, :] <= query_keys_BS[:, None, :, None]
+    if lowest_keys_BS is not None:
+        mask_B1SL &= key_keys_BL[:, None, None, :] >= lowest_keys_BS[:, None, :, None]
+    return mask_B1SL
 
 
 class Attention(nn.Module):
-    """`forward(x_BSD, cos_BSA, sin_BSA, *, positions_BS, padding_mask_BS=None) -> y_BSD`.
+    """`forward(x_BSD, cos_BSA, sin_BSA, *, positions_BS, padding_mask_BS=None, document_ids_BS=None)
+    -> y_BSD`.
 
     Causality: without `kv_gather`, query s sees keys 0..s of its own row (index order; `positions_BS`
     only feed RoPE). With `kv_gather` set, query s sees every gathered key whose position is <= its own, so
-    `positions_BS` must then be global token indices (any chunk layout, e.g. load-balanced zigzag).
-    Padding (`padding_mask_BS` True) is never attended to by real tokens.
+    `positions_BS` must then increase along the row (global token indices in any chunk layout, e.g.
+    load-balanced zigzag; with document ids, positions restarting per document will do). `document_ids_BS`
+    (packed documents) makes it block-causal: a query sees only its own document's keys. Padding
+    (`padding_mask_BS` True) is never attended to by real tokens.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dtype, bias = torch_dtype(cfg.dtype), cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=bias, dtype=dtype)
-        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=bias, dtype=dtype)
-        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=bias, dtype=dtype)
+        qkv_bias = bias or cfg.qkv_bias  # qkv_bias: biases on q/k/v only (Qwen2)
+        self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=qkv_bias, dtype=dtype)
+        self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias, dtype=dtype)
+        self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias, dtype=dtype)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=bias, dtype=dtype)
-        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        # q/k norm over head_dim, shared by the heads (Qwen3), or over the whole projection H*A / G*A (OLMoE)
+        self.qk_norm_per_head = cfg.qk_norm_scope == "head"
+        q_width, k_width = (
+            (cfg.head_dim, cfg.head_dim)
+            if self.qk_norm_per_head
+            else (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+        )
+        self.q_norm = RMSNorm(q_width, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.kv_gather: KVGather | None = None
 
     def forward(
@@ -68,22 +106,26 @@ class Attention(nn.Module):
         *,
         positions_BS: Tensor,
         padding_mask_BS: Tensor | None = None,
+        document_ids_BS: Tensor | None = None,
     ) -> Tensor:
         B, S, _ = x_BSD.shape
-        q_BSHA = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim)
-        k_BSGA = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
+        q_flat, k_flat = self.q_proj(x_BSD), self.k_proj(x_BSD)  # (B, S, H*A) / (B, S, G*A)
+        if self.q_norm is not None and not self.qk_norm_per_head:
+            q_flat, k_flat = self.q_norm(q_flat), self.k_norm(k_flat)
+        q_BSHA = q_flat.view(B, S, self.num_heads, self.head_dim)
+        k_BSGA = k_flat.view(B, S, self.num_kv_heads, self.head_dim)
         v_BSGA = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_per_head:
             q_BSHA, k_BSGA = self.q_norm(q_BSHA), self.k_norm(k_BSGA)
         q_BHSA = apply_rotary(q_BSHA.transpose(1, 2), cos_BSA, sin_BSA)
         k_BGSA = apply_rotary(k_BSGA.transpose(1, 2), cos_BSA, sin_BSA)
         v_BGSA = v_BSGA.transpose(1, 2)
 
-        if self.kv_gather is None and padding_mask_BS is None:
+        if self.kv_gather is None and padding_mask_BS is None and document_ids_BS is None:
             # Fast path: no mask tensor, so flash-style kernels (which support GQA natively) can run.
             y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BGSA, v_BGSA, is_causal=True, enable_gqa=True)
         else:
-            y_BHSA = self._masked(q_BHSA, k_BGSA, v_BGSA, positions_BS, padding_mask_BS)
+            y_BHSA = self._masked(q_BHSA, k_BGSA, v_BGSA, positions_BS, padding_mask_BS, document_ids_BS)
         return self.o_proj(y_BHSA.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
     def _masked(
@@ -93,20 +135,22 @@ class Attention(nn.Module):
         v_BGSA: Tensor,
         positions_BS: Tensor,
         padding_mask_BS: Tensor | None,
+        document_ids_BS: Tensor | None,
     ) -> Tensor:
-        """Attention with an explicit mask: padding and/or keys gathered from context-parallel ranks."""
+        """Attention with an explicit mask: padding, documents and/or keys gathered from CP ranks."""
         B, _, S, _ = q_BHSA.shape
         if self.kv_gather is None:  # causal by index within the row
-            query_keys_BS = torch.arange(S, device=q_BHSA.device).expand(B, S)
-        else:  # causal by global position across ranks
-            query_keys_BS = positions_BS.expand(B, S)
-        if padding_mask_BS is not None:
-            query_keys_BS = query_keys_BS.masked_fill(padding_mask_BS, PADDING_KEY)
+            order_BS = torch.arange(S, device=q_BHSA.device).expand(B, S)
+        else:  # causal by position across ranks
+            order_BS = positions_BS.expand(B, S)
+        query_keys_BS, lowest_keys_BS = mask_keys(
+            order_BS, padding_mask_BS=padding_mask_BS, document_ids_BS=document_ids_BS
+        )
         if self.kv_gather is None:
             k_BGLA, v_BGLA, key_keys_BL = k_BGSA, v_BGSA, query_keys_BS
         else:
             k_BGLA, v_BGLA, key_keys_BL = self.kv_gather(k_BGSA, v_BGSA, query_keys_BS)
-        mask_B1SL = visibility_mask(query_keys_BS, key_keys_BL)
+        mask_B1SL = visibility_mask(query_keys_BS, key_keys_BL, lowest_keys_BS)
         # Masked kernels (memory-efficient, cuDNN) do not take enable_gqa: expand K/V to every query head.
         repeat = self.num_heads // self.num_kv_heads
         k_BHLA = k_BGLA.repeat_interleave(repeat, dim=1)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from automoe import init
 from automoe.config.model import ModelConfig
-from automoe.models.attention import PADDING_KEY, KVGather, visibility_mask
+from automoe.models.attention import KVGather, mask_keys, visibility_mask
 from automoe.models.norms import RMSNorm
 from automoe.models.rope import apply_rotary
 from automoe.tensors import torch_dtype
@@ -125,7 +125,8 @@ def apply_rotary_interleaved(x_BHSR: Tensor, cos_BSR: Tensor, sin_BSR: Tensor) -
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """`forward(x_BSD, cos_BSR, sin_BSR, *, positions_BS, padding_mask_BS=None) -> y_BSD` (as `Attention`).
+    """`forward(x_BSD, cos_BSR, sin_BSR, *, positions_BS, padding_mask_BS=None, document_ids_BS=None)
+    -> y_BSD` (masking as `Attention`).
 
     q = q_b(norm(q_a(x))) (or q_proj(x) when q_lora_rank is None), split per head into [nope O | rope R];
     kv_a(x) = [latent C | k_rope R]; k_nope and v come from kv_b(norm(latent)); the rotated k_rope is shared
@@ -179,6 +180,7 @@ class MultiHeadLatentAttention(nn.Module):
         *,
         positions_BS: Tensor,
         padding_mask_BS: Tensor | None = None,
+        document_ids_BS: Tensor | None = None,
     ) -> Tensor:
         B, S, _ = x_BSD.shape
         H, O, R, W = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim  # noqa: E741 (the legend's letters)
@@ -194,20 +196,21 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope_B1SR = self._rotate(k_rope_BSR.unsqueeze(1), cos_BSR, sin_BSR)
 
         mask_B1SL = None
-        if self.kv_gather is not None or padding_mask_BS is not None:
-            query_keys_BS = (
+        if self.kv_gather is not None or padding_mask_BS is not None or document_ids_BS is not None:
+            order_BS = (
                 torch.arange(S, device=x_BSD.device).expand(B, S)
                 if self.kv_gather is None
                 else positions_BS.expand(B, S)
             )
-            if padding_mask_BS is not None:
-                query_keys_BS = query_keys_BS.masked_fill(padding_mask_BS, PADDING_KEY)
+            query_keys_BS, lowest_keys_BS = mask_keys(
+                order_BS, padding_mask_BS=padding_mask_BS, document_ids_BS=document_ids_BS
+            )
             key_keys_BL = query_keys_BS
             if self.kv_gather is not None:
                 latent_B1SC, k_rope_B1SR, key_keys_BL = self.kv_gather(
                     latent_B1SC, k_rope_B1SR, query_keys_BS
                 )
-            mask_B1SL = visibility_mask(query_keys_BS, key_keys_BL)
+            mask_B1SL = visibility_mask(query_keys_BS, key_keys_BL, lowest_keys_BS)
 
         L = latent_B1SC.shape[2]
         kv = self.kv_b_proj(latent_B1SC.squeeze(1)).view(B, L, H, O + W).transpose(1, 2)  # (B, H, L, O+W)

@@ -45,6 +45,8 @@ class Block(nn.Module):
         *,
         positions_BS: Tensor,
         padding_mask_BS: Tensor | None = None,
+        document_ids_BS: Tensor | None = None,
+        num_documents: int | None = None,
     ) -> Tensor:
         h_BSD = x_BSD + self.attention(
             self.attention_norm(x_BSD),
@@ -52,10 +54,16 @@ class Block(nn.Module):
             sin_BSA,
             positions_BS=positions_BS,
             padding_mask_BS=padding_mask_BS,
+            document_ids_BS=document_ids_BS,
         )
         ffn_in_BSD = self.ffn_norm(h_BSD)
         if self.moe is not None:
-            return h_BSD + self.moe(ffn_in_BSD, padding_mask_BS=padding_mask_BS)
+            return h_BSD + self.moe(
+                ffn_in_BSD,
+                padding_mask_BS=padding_mask_BS,
+                document_ids_BS=document_ids_BS,
+                num_documents=num_documents,
+            )
         return h_BSD + self.feed_forward(ffn_in_BSD)
 
     def init_weights(self, *, std: float, out_std: float) -> None:
@@ -69,7 +77,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`forward(tokens_BS, *, positions_BS=None, padding_mask_BS=None) -> logits_BSV`.
+    """`forward(tokens_BS, *, positions_BS=None, padding_mask_BS=None, document_ids_BS=None,
+    num_documents=None) -> logits_BSV`.
+
+    `positions_BS`: RoPE positions (default 0..S-1; the loader's restart per document with document ids; under
+    context parallelism they also order the gathered keys, so they must increase along a row or document).
+    `padding_mask_BS` True at padding. `document_ids_BS` (packed documents, `automoe.data.documents`):
+    attention stays within each document and the `sequence` aux loss is taken per document; `num_documents` is
+    then 1 + the largest id over the whole micro-batch, required under context parallelism (every rank must use
+    the same count), else derived (a host sync).
 
     Build on the meta device, parallelize, then `to_empty(device=...)` and `init_weights()`:
         with torch.device("meta"):
@@ -101,17 +117,37 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(
-        self, tokens_BS: Tensor, *, positions_BS: Tensor | None = None, padding_mask_BS: Tensor | None = None
+        self,
+        tokens_BS: Tensor,
+        *,
+        positions_BS: Tensor | None = None,
+        padding_mask_BS: Tensor | None = None,
+        document_ids_BS: Tensor | None = None,
+        num_documents: int | None = None,
     ) -> Tensor:
         B, S = tokens_BS.shape
         if positions_BS is None:
             if self.cfg.max_seq_len < S:
                 raise ValueError(f"sequence length {S} > ModelConfig.max_seq_len={self.cfg.max_seq_len}")
             positions_BS = torch.arange(S, device=tokens_BS.device).expand(B, S)
+        if document_ids_BS is not None and num_documents is None:
+            if any(block.attention.kv_gather is not None for block in self.layers.values()):
+                raise ValueError(
+                    "document_ids_BS under context parallelism needs num_documents of the whole micro-batch"
+                )
+            num_documents = int(document_ids_BS.max()) + 1  # NOTE: host sync
         cos_BSA, sin_BSA = self.rope(positions_BS)  # under MLA the width is R, not A
         h_BSD = self.tok_embeddings(tokens_BS)
         for block in self.layers.values():
-            h_BSD = block(h_BSD, cos_BSA, sin_BSA, positions_BS=positions_BS, padding_mask_BS=padding_mask_BS)
+            h_BSD = block(
+                h_BSD,
+                cos_BSA,
+                sin_BSA,
+                positions_BS=positions_BS,
+                padding_mask_BS=padding_mask_BS,
+                document_ids_BS=document_ids_BS,
+                num_documents=num_documents,
+            )
         return self.output(self.norm(h_BSD))
 
     @torch.no_grad()

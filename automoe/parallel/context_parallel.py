@@ -14,6 +14,7 @@ import torch.distributed._functional_collectives as fc
 from torch import Tensor, nn
 
 from automoe.config.checks import check_sequence_split
+from automoe.parallel import flight_recorder
 from automoe.parallel.dims import ParallelDims
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def cp_positions(seq_len: int, *, cp_rank: int, cp: int, load_balance: bool, dev
 
 
 def shard_sequence(batch: dict, *, cp_rank: int, cp: int, load_balance: bool) -> dict:
-    """This CP rank's part of every [B, S] tensor in `batch`, plus `positions` [B, S_local] (global indices)."""
+    """This CP rank's part of every [B, S] tensor in `batch`; `positions` [B, S_local] are the batch's own when
+    it has them (restarting per document, `automoe.data.documents`), else the global indices."""
     tokens = batch["input_ids"]
     B, S = tokens.shape
     pos_S = cp_positions(S, cp_rank=cp_rank, cp=cp, load_balance=load_balance, device=tokens.device)
@@ -44,7 +46,8 @@ def shard_sequence(batch: dict, *, cp_rank: int, cp: int, load_balance: bool) ->
         k: (v.index_select(1, pos_S) if torch.is_tensor(v) and v.dim() == 2 and v.shape == (B, S) else v)
         for k, v in batch.items()
     }
-    out["positions"] = pos_S.unsqueeze(0).expand(B, -1)
+    if "positions" not in batch:
+        out["positions"] = pos_S.unsqueeze(0).expand(B, -1)
     return out
 
 
@@ -59,6 +62,7 @@ class CPKVGather:
         self.group = group
 
     def __call__(self, k_BGSA: Tensor, v_BGSA: Tensor, positions_BS: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        flight_recorder.record("all_gather (K, V, positions)", self.group, k_BGSA, v_BGSA, positions_BS)
         k_all = fc.all_gather_tensor_autograd(k_BGSA.contiguous(), gather_dim=2, group=self.group)
         v_all = fc.all_gather_tensor_autograd(v_BGSA.contiguous(), gather_dim=2, group=self.group)
         pos_all = fc.all_gather_tensor(positions_BS.contiguous(), gather_dim=1, group=self.group)
@@ -80,13 +84,15 @@ class _AllReduceSum(torch.autograd.Function):
     def forward(ctx, t: Tensor, group: dist.ProcessGroup) -> Tensor:
         ctx.group = group
         out = t.clone()
-        dist.all_reduce(out, group=group)
+        with flight_recorder.collective("all_reduce (statistics)", group, out):
+            dist.all_reduce(out, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
+        with flight_recorder.collective("all_reduce (statistics backward)", ctx.group, grad):
+            dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
 
@@ -108,5 +114,6 @@ class DistributedStatsReducer:
         if self.batch_group is None:
             return t
         out = t.detach().clone()
-        dist.all_reduce(out, group=self.batch_group)
+        with flight_recorder.collective("all_reduce (batch statistics)", self.batch_group, out):
+            dist.all_reduce(out, group=self.batch_group)
         return out
