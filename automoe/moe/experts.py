@@ -111,6 +111,10 @@ def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *, dim: int, hidden: int) -> bool:
     """torch grouped GEMM needs the kernel for (device, dtype) and every row stride a multiple of 16 bytes."""
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        # Traced, the op runs its fake (meta) kernel, which takes only bf16 (fp32 fails at compile time, though
+        # CPU eager runs it); the probe below would be traced too. fp32 under torch.compile: one GEMM per expert.
+        return False
     align = 16 // torch.empty((), dtype=dtype).element_size()
     return dim % align == 0 and hidden % align == 0 and _grouped_mm_runs(device.type, dtype)
 
@@ -242,6 +246,8 @@ class GroupedExperts(nn.Module):
         """The GEMM engine for this call: loop | grouped_mm | split | bmm."""
         if self.backend in ("loop", "bmm"):
             return self.backend
+        if self.backend == "auto" and x_ND.device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
+            return "split"  # train.deterministic: cuBLAS GEMMs repeat bit for bit; torch does not say grouped GEMM does
         ok = grouped_mm_supported(x_ND.device, x_ND.dtype, dim=self.dim, hidden=self.inter_dim)
         if self.backend == "grouped_mm" and not ok:
             raise ValueError(

@@ -34,9 +34,9 @@ def expert_offsets(counts_E: Tensor) -> Tensor:
 
 
 def count_per_expert(indices_TK: Tensor, valid_T: Tensor | None, num_experts: int) -> Tensor:
-    """Top-k slots routed to each expert over valid tokens, as float32 [E] (the load L_e)."""
+    """Top-k slots routed to each expert over valid tokens, as int64 [E] (the load L_e, exact)."""
     idx = indices_TK if valid_T is None else indices_TK[valid_T]
-    return torch.bincount(idx.reshape(-1), minlength=num_experts).to(torch.float32)
+    return torch.bincount(idx.reshape(-1), minlength=num_experts)
 
 
 def capacity_keep_mask(

@@ -76,10 +76,12 @@ class ReplayReducer:
 
 
 class MoE(nn.Module):
-    """Mixture-of-Experts FFN. `forward(x_BSD, padding_mask_BS=None) -> y_BSD`.
+    """Mixture-of-Experts FFN.
+    `forward(x_BSD, padding_mask_BS=None, *, document_ids_BS=None, num_documents=None) -> y_BSD`.
 
     `padding_mask_BS` is True at padding: those tokens are not routed, get zero routed output and never count in
-    statistics or losses. After a training forward, `self.aux_loss` holds the weighted sum of this layer's
+    statistics or losses. `document_ids_BS` (packed documents, ids < `num_documents`) makes the `sequence` aux
+    loss per document. After a training forward, `self.aux_loss` holds the weighted sum of this layer's
     balancing losses (a scalar with graph, or None) and `self.expert_load` the load accumulated this step.
     """
 
@@ -95,23 +97,39 @@ class MoE(nn.Module):
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
         self.reducer: StatsReducer = IdentityReducer()
         # Routing statistics (not checkpointed): training load of the current optimizer step, load seen in
-        # evaluation, valid tokens this step, and token-slots dropped by the capacity limit.
-        self.register_buffer("expert_load", torch.zeros(cfg.num_experts), persistent=False)
-        self.register_buffer("eval_expert_load", torch.zeros(cfg.num_experts), persistent=False)
-        self.register_buffer("step_tokens", torch.zeros(()), persistent=False)
-        self.register_buffer("dropped_slots", torch.zeros(()), persistent=False)
+        # evaluation, valid tokens this step, and token-slots dropped by the capacity limit. int64, so they are
+        # exact counts whatever the module's dtype: `model.to(torch.bfloat16)` casts floating buffers only (a bf16
+        # counter stops counting exactly at 2^8 per expert, an fp32 one at 2^24).
+        for name, shape in (("expert_load", (cfg.num_experts,)), ("eval_expert_load", (cfg.num_experts,)),
+                            ("step_tokens", ()), ("dropped_slots", ())):
+            self.register_buffer(name, torch.zeros(shape, dtype=torch.int64), persistent=False)
         self.aux_loss: Tensor | None = None
         self.loss_values: dict[str, float] = {}
         self._replay = ReplayReducer()
+        # float32 [3] `losses.StepTotals.per_unit` of the training step being accumulated (`set_step_totals`);
+        # None: each forward's losses are over its own micro-batch
+        self.step_per_unit: Tensor | None = None
 
     # ---- forward ----
-    def forward(self, x_BSD: Tensor, padding_mask_BS: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x_BSD: Tensor,
+        padding_mask_BS: Tensor | None = None,
+        *,
+        document_ids_BS: Tensor | None = None,
+        num_documents: int | None = None,
+    ) -> Tensor:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         valid_T = None if padding_mask_BS is None else ~padding_mask_BS.reshape(B * S)
         route = self.gate(x_TD, valid_T)
         valid_TK = self._routable_slots(route, valid_T)
-        self._record(route, valid_T, valid_TK, batch=B)
+        documents = None
+        if document_ids_BS is not None:  # packed documents: the `sequence` aux loss is taken per document
+            if num_documents is None:
+                num_documents = int(document_ids_BS.max()) + 1  # NOTE: host sync (CP: the caller passes it)
+            documents = (document_ids_BS.reshape(B * S), num_documents)
+        self._record(route, valid_T, valid_TK, batch=B, documents=documents)
 
         x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, route.indices_TK, route.weights_TK, valid_TK)
         y_ND = self.experts(x_ND, counts_E)
@@ -147,7 +165,8 @@ class MoE(nn.Module):
             self.dropped_slots += num_slots - valid_TK.sum()
         return load_E
 
-    def _record(self, route: RouterOutput, valid_T: Tensor | None, valid_TK: Tensor | None, *, batch: int) -> None:
+    def _record(self, route: RouterOutput, valid_T: Tensor | None, valid_TK: Tensor | None, *, batch: int,
+                documents: tuple[Tensor, int] | None = None) -> None:
         self._count(route, valid_T, valid_TK)
         if not (self.training and torch.is_grad_enabled()):
             self.aux_loss, self.loss_values = None, {}
@@ -163,12 +182,15 @@ class MoE(nn.Module):
             if cfg.aux_loss_type == "global":
                 global_load = reducer.sum_over_batch(self.expert_load.clone())
                 global_tokens = reducer.sum_over_batch(self.step_tokens.clone())
+            document_T, num_documents = documents if documents is not None else (None, 1)
             aux = losses.aux_loss(route.probs_TE, route.indices_TK, valid_T, batch=batch, scope=cfg.aux_loss_type,
-                                  reducer=reducer, global_load_E=global_load, global_tokens=global_tokens)
+                                  reducer=reducer, global_load_E=global_load, global_tokens=global_tokens,
+                                  document_T=document_T, num_documents=num_documents,
+                                  step_per_unit=self.step_per_unit)
             terms.append(cfg.aux_loss_coeff * aux)
             values["aux_loss"] = aux.detach()
         if cfg.z_loss_coeff > 0 and route.logits_TE is not None:
-            z = losses.z_loss(route.logits_TE, valid_T, reducer=reducer)
+            z = losses.z_loss(route.logits_TE, valid_T, reducer=reducer, step_per_unit=self.step_per_unit)
             terms.append(cfg.z_loss_coeff * z)
             values["z_loss"] = z.detach()
         if route.gate_loss is not None:
@@ -198,6 +220,23 @@ def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:
     for name, module in model.named_modules():
         if isinstance(module, MoE):
             yield name, module
+
+
+def uses_step_totals(model: nn.Module) -> bool:
+    """Whether any MoE layer has a loss term that `set_step_totals` normalizes (aux loss or z-loss)."""
+    return any(m.cfg.aux_loss_coeff > 0 or m.cfg.z_loss_coeff > 0 for _, m in moe_layers(model))
+
+
+def set_step_totals(model: nn.Module, totals: losses.StepTotals | None) -> None:
+    """Normalize every MoE layer's loss terms by the step's `totals` from now on (None: by each micro-batch).
+
+    Set before a step's first micro-batch and cleared after its last backward (`automoe.train.loss`)."""
+    layers = [layer for _, layer in moe_layers(model)]
+    if not layers:
+        return
+    per_unit = None if totals is None else totals.per_unit(layers[0].expert_load.device)
+    for layer in layers:
+        layer.step_per_unit = per_unit
 
 
 def collect_aux_loss(model: nn.Module) -> Tensor | None:

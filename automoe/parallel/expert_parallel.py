@@ -19,6 +19,7 @@ from automoe.config.checks import check_experts_split
 from automoe.moe.index import expand_received, rank_pairs
 from automoe.moe.layer import moe_layers
 from automoe.moe.permute import expand_rows, weighted_collapse
+from automoe.parallel import flight_recorder
 from automoe.parallel.sharded_init import install_sharded_init
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class WireStats:
 
 def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> Tensor:
     """Variable-size all_to_all_single with autograd: its backward is the reverse all-to-all of the grads."""
+    flight_recorder.record("all_to_all_single (autograd)", group, x, send_splits=in_splits, recv_splits=out_splits)
     return fc.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
 
 
@@ -73,7 +75,8 @@ class AllToAllDispatcher:
         pair_slot_M = token_M * self.num_ranks + dest_M
         # 2) exchange pair counts (one int per peer: an even all-to-all)
         recv_counts_X = torch.empty_like(counts_X)
-        dist.all_to_all_single(recv_counts_X, counts_X, group=self.group)
+        with flight_recorder.collective("all_to_all_single", self.group, counts_X):
+            dist.all_to_all_single(recv_counts_X, counts_X, group=self.group)
         # NOTE: host sync: split sizes must be Python ints for the variable-size all-to-all.
         send_splits, recv_splits = counts_X.tolist(), recv_counts_X.tolist()
         self._count_wire(send_splits, hit_MK)
@@ -81,7 +84,8 @@ class AllToAllDispatcher:
         x_MD = expand_rows(x_TD, pair_slot_M, slots_per_row=self.num_ranks)
         x_YD = _a2a(x_MD, recv_splits, send_splits, self.group)
         local_YK = torch.empty(sum(recv_splits), K, dtype=local_MK.dtype, device=local_MK.device)
-        dist.all_to_all_single(local_YK, local_MK.contiguous(), recv_splits, send_splits, group=self.group)
+        with flight_recorder.collective("all_to_all_single", self.group, local_MK, send_splits=send_splits):
+            dist.all_to_all_single(local_YK, local_MK.contiguous(), recv_splits, send_splits, group=self.group)
         w_MK = expand_rows(weights_TK, pair_slot_M, slots_per_row=self.num_ranks) * hit_MK
         w_YK = _a2a(w_MK, recv_splits, send_splits, self.group)
         # 4) expand received rows to local-expert-major slots

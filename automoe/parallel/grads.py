@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from automoe.moe.layer import moe_layers
+from automoe.parallel import flight_recorder
 from automoe.parallel.dims import ParallelDims
 
 
@@ -27,7 +28,8 @@ def sum_over_ranks(t: Tensor, dims: ParallelDims) -> Tensor:
     if dims.world_size == 1:
         return t
     out = t.detach().clone()
-    dist.all_reduce(out)
+    with flight_recorder.collective("all_reduce (sum over ranks)", None, out):
+        dist.all_reduce(out)
     return out
 
 
@@ -58,19 +60,27 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
                 if expert_group.size() > 1:
                     _all_reduce_avg(grad, expert_group)
             else:
-                dist.all_reduce(grad, op=dist.ReduceOp.AVG)
+                with flight_recorder.collective("all_reduce (gradient avg)", None, grad):
+                    dist.all_reduce(grad, op=dist.ReduceOp.AVG)
     if dims.ep_enabled:
         for p in expert_parameters(model):
             if p.grad is not None:
                 p.grad.div_(dims.ep)
 
 
+def _mesh_group(mesh) -> dist.ProcessGroup | str:
+    """The group of a 1-D mesh, or a name for an N-D one (a flight-recorder label)."""
+    return mesh.get_group() if mesh.ndim == 1 else f"mesh{list(mesh.mesh_dim_names or ())}{mesh.mesh.flatten().tolist()}"
+
+
 def _all_reduce_avg(t: Tensor, mesh) -> None:
     if mesh.ndim == 1:
-        dist.all_reduce(t, op=dist.ReduceOp.AVG, group=mesh.get_group())
+        with flight_recorder.collective("all_reduce (expert gradient avg)", mesh.get_group(), t):
+            dist.all_reduce(t, op=dist.ReduceOp.AVG, group=mesh.get_group())
         return
     for axis in range(mesh.ndim):
-        dist.all_reduce(t, op=dist.ReduceOp.AVG, group=mesh.get_group(axis))
+        with flight_recorder.collective("all_reduce (expert gradient avg)", mesh.get_group(axis), t):
+            dist.all_reduce(t, op=dist.ReduceOp.AVG, group=mesh.get_group(axis))
 
 
 @torch.no_grad()
@@ -89,7 +99,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
     for params in groups.values():
         norm = get_total_norm([p.grad for p in params], 2.0)
         if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+            with flight_recorder.collective("all_reduce (grad norm, DTensor)", _mesh_group(norm.device_mesh), norm):
+                norm = norm.full_tensor()
         squares.append(norm.float().square())
     if not squares:
         return torch.zeros(())

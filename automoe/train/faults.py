@@ -8,6 +8,8 @@ attempt (`TORCHELASTIC_RESTART_COUNT`) it fires in, default 0, so the restart a 
     kill_at_step:N        SIGKILL this process when step N begins (what `kill -9` does)
     hang_at_step:N        sleep forever when step N begins (a stuck peer: the others must time out)
     nan_at_step:N         make this rank's loss NaN in step N (so its gradients are NaN too)
+    skip_collective:N     leave out the gate-bias load all-reduce of step N (its last collective), wait until the
+                          peers have timed out on it, then run on into step N+1 (see `skips_collective`)
     crash_in_save:P[@N]   SIGKILL at checkpoint point P (`SAVE_POINTS`), in the save of step N (default: first)
 """
 
@@ -23,7 +25,7 @@ from typing import Protocol
 from torch import Tensor
 
 ENV_VAR = "AUTOMOE_FAULT"
-KINDS = ("kill_at_step", "hang_at_step", "nan_at_step", "crash_in_save")
+KINDS = ("kill_at_step", "hang_at_step", "nan_at_step", "skip_collective", "crash_in_save")
 # Every point `Checkpointer` passes through while saving, in order (async: `dcp.*` run in a background thread).
 SAVE_POINTS = (
     "save.begin",  # nothing written yet for this step
@@ -103,6 +105,12 @@ class FaultHooks(Protocol):
     def poison_loss(self, ce_sum: Tensor, step: int) -> Tensor:
         """`ce_sum`, or NaN if this rank's loss must be poisoned in `step` (its gradients follow)."""
 
+    def skips_collective(self, step: int, *, wait_s: float = 0.0) -> bool:
+        """Must this rank leave out the gate-bias load all-reduce of `step`? If so, first wait `wait_s` (longer
+        than the collective timeout): the peers then time out on the missing collective, as they would on a
+        real skip; without the wait gloo would pair it with this rank's next, different collective and abort a
+        process on the size mismatch before either could report (`automoe.parallel.flight_recorder`)."""
+
     def crashes_at(self, point: str, step: int) -> bool:
         """Will `at(point, step)` kill this rank?"""
 
@@ -119,6 +127,9 @@ class NullFaults:
 
     def poison_loss(self, ce_sum: Tensor, step: int) -> Tensor:
         return ce_sum
+
+    def skips_collective(self, step: int, *, wait_s: float = 0.0) -> bool:
+        return False
 
     def crashes_at(self, point: str, step: int) -> bool:
         return False
@@ -153,6 +164,12 @@ class InjectedFaults:
 
     def poison_loss(self, ce_sum: Tensor, step: int) -> Tensor:
         return ce_sum * float("nan") if self._matching("nan_at_step", step) else ce_sum
+
+    def skips_collective(self, step: int, *, wait_s: float = 0.0) -> bool:
+        if self._matching("skip_collective", step) is None:
+            return False
+        time.sleep(wait_s)
+        return True
 
     def crashes_at(self, point: str, step: int) -> bool:
         return self._matching("crash_in_save", step, point) is not None

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from automoe import parallel
 from automoe.data import IGNORE_INDEX
-from automoe.moe import collect_aux_loss
+from automoe.moe import StepTotals, collect_aux_loss, set_step_totals, uses_step_totals
+from automoe.moe.losses import micro_batch_counts
 
 
 def padding_rows_mask(labels_BS: Tensor) -> Tensor | None:
@@ -46,15 +47,19 @@ def micro_batch_ce_sum(
     dtype: str = "float32",
     cp_load_balance: bool = True,
 ) -> Tensor:
-    """Forward one micro-batch (`input_ids`, `labels` [B, S]); -> its cross-entropy summed over this rank's
-    (CP-local) labels != IGNORE_INDEX, in fp32 (a scalar)."""
+    """Forward one micro-batch (`input_ids`, `labels` [B, S]; packed documents: `document_ids` [B, S],
+    `num_documents`); -> its cross-entropy summed over this rank's (CP-local) labels != IGNORE_INDEX, in
+    fp32."""
     mb = parallel.cp_shard_batch(mb, dims, load_balance=cp_load_balance)
     padding_mask_BS = padding_rows_mask(mb["labels"])
+    document_ids_BS = mb.get("document_ids")
     with autocast(device, dtype):
         logits_BSV = model(
             mb["input_ids"].to(device),
             positions_BS=mb["positions"].to(device),
             padding_mask_BS=None if padding_mask_BS is None else padding_mask_BS.to(device),
+            document_ids_BS=None if document_ids_BS is None else document_ids_BS.to(device),
+            num_documents=mb.get("num_documents"),
         )
     labels = mb["labels"].to(device).flatten()
     return F.cross_entropy(
@@ -75,19 +80,41 @@ def forward_backward(
     `ce_sum_fn(mb)` runs the forward of a micro-batch (normally `micro_batch_ce_sum`). Each micro-batch's loss is
     its share of the global objective: CE summed over this rank's labels / the global batch's token count
     (`mb["global_num_tokens"]`), plus its aux loss / (micro-batches x ranks); `loss_scale` undoes the averaging
-    of the gradient reductions, so gradients equal those of one process on the whole batch.
+    of the gradient reductions, so gradients equal those of one process on the whole batch. The MoE layers
+    normalize their loss terms by the whole step's counts (`step_totals`), so that mean over micro-batches and
+    ranks is each aux-loss scope's (and the z-loss's) definition on the step however unevenly padding falls.
     """
     scale = parallel.loss_scale(dims)
     share = 1.0 / (len(micro_batches) * dims.world_size)
     ce_total = torch.zeros((), device=device)
     aux_total = torch.zeros((), device=device)
-    for mb in micro_batches:
-        ce_sum = ce_sum_fn(mb)
-        loss = ce_sum / mb["global_num_tokens"]
-        aux = collect_aux_loss(model)
-        if aux is not None:
-            loss = loss + aux * share
-            aux_total += aux.detach().float()
-        (loss * scale).backward()
-        ce_total += ce_sum.detach()
+    if uses_step_totals(model):  # uneven micro-batches: the MoE losses are means over the whole step
+        set_step_totals(model, step_totals(micro_batches, dims=dims, device=device))
+    try:
+        for mb in micro_batches:
+            ce_sum = ce_sum_fn(mb)
+            loss = ce_sum / mb["global_num_tokens"]
+            aux = collect_aux_loss(model)
+            if aux is not None:
+                loss = loss + aux * share
+                aux_total += aux.detach().float()
+            (loss * scale).backward()
+            ce_total += ce_sum.detach()
+    finally:
+        set_step_totals(model, None)
     return ce_total, aux_total
+
+
+def step_totals(
+    micro_batches: list[dict[str, Any]], *, dims: parallel.ParallelDims, device: torch.device
+) -> StepTotals:
+    """Micro-batches, sequences and valid tokens of the whole step, as the MoE layers see them (padding rows
+    left out; packed: sequences are documents), summed over the data ranks in one all-reduce."""
+    local = torch.zeros(3, dtype=torch.int64)
+    for mb in micro_batches:
+        padding_BS = padding_rows_mask(mb["labels"])
+        valid_BS = torch.ones_like(mb["labels"], dtype=torch.bool) if padding_BS is None else ~padding_BS
+        local += torch.tensor(micro_batch_counts(valid_BS, mb.get("document_ids")))
+    # context-parallel ranks hold the same (unsharded) micro-batches: count them once
+    total = (parallel.sum_over_ranks(local.to(device), dims) // dims.cp).tolist()
+    return StepTotals(len(micro_batches) * dims.data_parallel, *total)

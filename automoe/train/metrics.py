@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 HEATMAP_FILE = "expert_load_heatmap.png"
+LOSS_CURVE_FILE = "loss_curve.png"
+WANDB_ID_FILE = "wandb_run_id"  # in output_dir: the wandb run a resumed run continues
 # Keys every step record carries (`val_loss` only on validation steps, `moe` empty for dense models).
 STEP_KEYS = (
     "step",
@@ -40,7 +42,7 @@ LAYER_KEYS = ("load", "max_vio", "cv", "dead_experts", "dropped_tokens")
 
 
 def expert_load_stats(load_E: Tensor, *, dropped: float = 0.0) -> dict[str, Any]:
-    """Balance statistics of one layer's step load [E] (token-slots per expert, summed over ranks).
+    """Balance statistics of one layer's step load [E] (token-slots per expert, summed over ranks; int64 counts).
 
     max_vio = max(L) / mean(L) - 1 (0 when perfectly balanced); cv = std(L) / mean(L) (population std);
     dead_experts = experts that got no slot; dropped_tokens = token-slots removed by the capacity limit.
@@ -49,7 +51,7 @@ def expert_load_stats(load_E: Tensor, *, dropped: float = 0.0) -> dict[str, Any]
     mean = load.mean().item()
     balanced = mean > 0
     return {
-        "load": [int(x) for x in load_E.round().tolist()],
+        "load": [int(x) for x in (load_E if not load_E.is_floating_point() else load_E.round()).tolist()],
         "max_vio": load.max().item() / mean - 1.0 if balanced else 0.0,
         "cv": load.std(unbiased=False).item() / mean if balanced else 0.0,
         "dead_experts": int((load == 0).sum().item()),
@@ -114,6 +116,8 @@ class MetricsLogger:
                 name=cfg.wandb.name or self.output_dir.resolve().name,
                 dir=str(self.output_dir),
                 config=run_config,
+                id=wandb_run_id(self.output_dir, resumed=start_step > 0),
+                resume="allow",
                 settings=wandb.Settings(quiet=True),
             )
 
@@ -194,6 +198,19 @@ class MetricsLogger:
         self._file = self._bar = self._wandb = None
 
 
+def wandb_run_id(output_dir: str | Path, *, resumed: bool) -> str:
+    """The wandb run id of this output_dir's run: a resumed run reuses the id saved at its fresh start (so wandb
+    continues that run); a fresh start draws a new one and saves it in `output_dir/wandb_run_id`."""
+    path = Path(output_dir) / WANDB_ID_FILE
+    if resumed and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    import secrets
+
+    run_id = secrets.token_hex(4)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 def flatten(record: dict[str, Any]) -> dict[str, float]:
     """Scalars of a step record for wandb: `moe/<layer>/<stat>` per layer (load vectors left out)."""
     flat = {k: v for k, v in record.items() if k != "moe" and isinstance(v, (int, float))}
@@ -239,6 +256,38 @@ def save_expert_load_heatmap(metrics_path: str | Path, png_path: str | Path) -> 
         fig.colorbar(image, ax=ax, label="load share")
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(f"expert load share per step (uniform = {1 / num_experts:.3f})")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def save_loss_curve(metrics_path: str | Path, png_path: str | Path) -> bool:
+    """Train loss per step and validation loss (top), learning rate (bottom); -> False if there is no record."""
+    records = [r for r in read_metrics(metrics_path) if not r.get("skipped")]
+    if not records:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(
+        2, 1, figsize=(8, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    steps = [r["step"] for r in records]
+    ax_loss.plot(steps, [r["loss"] for r in records], lw=1, label="train loss")
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax_loss.plot(*zip(*val), "o-", ms=4, label="validation loss")
+    ax_loss.set_ylabel("cross-entropy (nats / token)")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_lr.plot(steps, [r["lr"] for r in records], lw=1, color="tab:green")
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle("loss and learning rate per step")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

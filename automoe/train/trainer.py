@@ -21,11 +21,20 @@ from automoe import parallel
 from automoe.config.job import JobConfig
 from automoe.data import StatefulLoader, TokenDataset, val_batches
 from automoe.moe import moe_layers, step_expert_loads, update_gate_biases
+from automoe.parallel import flight_recorder
 from automoe.tensors import local_view
 from automoe.train import loss
 from automoe.train.checkpoint import Checkpointer, latest_checkpoint
 from automoe.train.faults import NO_FAULTS, FaultHooks
-from automoe.train.metrics import HEATMAP_FILE, MetricsLogger, expert_load_stats, save_expert_load_heatmap
+from automoe.train.first_loss import check_first_loss, imported_weights
+from automoe.train.metrics import (
+    HEATMAP_FILE,
+    LOSS_CURVE_FILE,
+    MetricsLogger,
+    expert_load_stats,
+    save_expert_load_heatmap,
+    save_loss_curve,
+)
 
 logger = logging.getLogger(__name__)
 # Fragments of the errors gloo/NCCL raise when a peer is stuck (timeout) or gone (closed connection).
@@ -52,7 +61,11 @@ class Trainer:
 
     `fit()` trains until `train.stop_at_step` or `train.steps`, validating every `train.val_interval` steps and
     checkpointing every `checkpoint.interval` steps and at the end. Returns the last step's metrics record.
-    `faults`: the reliability tests' kill/hang/NaN hooks (the default does nothing).
+    `faults`: the reliability tests' kill/hang/NaN hooks (the default does nothing). `init_from_weights`: the
+    model's weights were loaded (resume, `checkpoint.init_from`, `hf.init_from`), not drawn by `init_weights()`;
+    imported ones (not a resume) must beat a random model at step 1 (`automoe.train.first_loss`), and
+    `not_loaded` names the tensors their load did not write. A failed collective leaves `hang_rank<r>.json`
+    (`automoe.parallel.flight_recorder`).
     """
 
     def __init__(
@@ -70,6 +83,8 @@ class Trainer:
         metrics: MetricsLogger,
         start_step: int = 0,
         faults: FaultHooks = NO_FAULTS,
+        init_from_weights: bool = False,
+        not_loaded: tuple[str, ...] = (),
     ) -> None:
         self.cfg = cfg
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -78,6 +93,13 @@ class Trainer:
         self.checkpointer, self.metrics = checkpointer, metrics
         self.faults = faults
         self.step = start_step
+        # True when the weights were loaded (checkpoint.resume, checkpoint.init_from or hf.init_from) rather than
+        # drawn by init_weights(): the first step's loss then says nothing about the initialization.
+        self.init_from_weights = init_from_weights
+        # imported weights (not a resume): step 1's loss must beat a random model's (`automoe.train.first_loss`);
+        # `not_loaded`: tensors the load did not write, named if it does not
+        self.weights_source = imported_weights(cfg) if init_from_weights and start_step == 0 else None
+        self.not_loaded = not_loaded
         self.consecutive_skips = 0
         self.output_dir = Path(cfg.output_dir)
         self.phase = "start-up"  # what the loop is doing (named if a collective fails)
@@ -105,6 +127,8 @@ class Trainer:
             self.metrics.close()
         if self.cfg.logging.heatmap and self.metrics.is_main:
             save_expert_load_heatmap(self.metrics.path, self.output_dir / HEATMAP_FILE)
+        if self.cfg.logging.loss_curve and self.metrics.is_main:
+            save_loss_curve(self.metrics.path, self.output_dir / LOSS_CURVE_FILE)
         return record
 
     def train_step(self) -> dict[str, Any]:
@@ -124,6 +148,9 @@ class Trainer:
         num_tokens = micro_batches[0]["global_num_tokens"]
         loss = sums[0].item() / num_tokens
         aux_loss = sums[1].item() / (len(micro_batches) * self.dims.world_size)
+        if self.weights_source is not None and self.step == 1:  # every rank: the same global loss, one verdict
+            self.metrics.info(check_first_loss(loss, self.cfg.model.vocab_size, source=self.weights_source,
+                                               enabled=self.cfg.train.first_loss_guard, not_loaded=self.not_loaded))
         lr = self.optimizer.param_groups[0]["lr"]
         healthy = self._check_finite(loss, grad_norm)  # the same verdict on every rank
         if healthy:
@@ -159,8 +186,9 @@ class Trainer:
             device=self.device,
             ce_sum_fn=lambda mb: self.faults.poison_loss(self._ce_sum(mb), self.step),
         )
-        dropped = [layer.dropped_slots.float().reshape(1) for _, layer in moe_layers(self.model)]
-        dropped_per_layer = torch.cat(dropped) if dropped else torch.zeros(0)
+        # float64: the counts stay exact (to 2^53) through the all-reduce they share with the loss sums
+        dropped = [layer.dropped_slots.double().reshape(1) for _, layer in moe_layers(self.model)]
+        dropped_per_layer = torch.cat(dropped) if dropped else torch.zeros(0, dtype=torch.float64)
         return ce_sum, aux_sum, dropped_per_layer.to(self.device)
 
     def _ce_sum(self, mb: dict[str, Any]) -> Tensor:
@@ -176,6 +204,9 @@ class Trainer:
 
     # ---- after the optimizer step ----
     def _update_gate_biases(self) -> dict[str, Tensor]:
+        # reliability tests: this rank leaves the all-reduce out (after its peers timed out on it) and runs on
+        if self.faults.skips_collective(self.step, wait_s=self.cfg.parallel.collective_timeout_s + 5):
+            return update_gate_biases(self.model)
         return update_gate_biases(self.model, sum_fn=lambda t: parallel.sum_over_ranks(t, self.dims))
 
     def _discard_moe_statistics(self) -> dict[str, Tensor]:
@@ -223,10 +254,30 @@ class Trainer:
             if self.dims.world_size == 1 or not any(frag in text for frag in _PEER_FAILURE):
                 raise
             timeout = self.cfg.parallel.collective_timeout_s
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            try:
+                report = flight_recorder.write_hang_report(
+                    self.output_dir, rank=rank, world_size=self.dims.world_size, step=self.step,
+                    phase=self.phase, error=e, timeout_s=timeout,
+                )
+            except OSError as write_error:  # the collective's failure is the news, not this
+                report = f"(not written: {write_error})"
             raise CollectiveError(
-                f"step {self.step}: a collective in {self.phase} failed on rank {dist.get_rank() if dist.is_initialized() else 0}: another "
-                f"rank hung longer than parallel.collective_timeout_s={timeout} or died. Original error: {e}"
+                f"step {self.step}: a collective in {self.phase} failed on rank {rank}: another "
+                f"rank hung longer than parallel.collective_timeout_s={timeout} or died. This rank's recent "
+                f"collectives: {report} (compare the ranks: python -m automoe.parallel.flight_recorder "
+                f"{self.output_dir}). Original error: {e}"
             ) from e
+
+    @property
+    def phase(self) -> str:
+        """What the loop is doing (named if a collective fails; recorded with each collective, with the step)."""
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase = value
+        flight_recorder.RECORDER.step, flight_recorder.RECORDER.phase = self.step, value
 
     def _due(self, interval: int, *, final: int) -> bool:
         return interval > 0 and (self.step % interval == 0 or self.step == final)

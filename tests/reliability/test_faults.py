@@ -77,3 +77,12 @@ def test_every_process_group_gets_the_configured_timeout():
     found = re.findall(r"rank(\d) (\w+) timeout (\S+)s", proc.stdout)
     assert len(found) == 8, proc.stdout
     assert {t for _, _, t in found} == {"7"}, proc.stdout  # c10d's own default for gloo sub-groups is 1800 s
+
+
+def test_skip_collective_fires_for_its_rank_and_step_after_waiting():
+    hooks = faults.from_spec("skip_collective:3:1", rank=1)
+    assert faults.parse("skip_collective:3:1") == [faults.Fault("skip_collective", 3, None, 1, 0)]
+    assert not hooks.skips_collective(2, wait_s=60)  # another step: no wait, no skip
+    assert not faults.from_spec("skip_collective:3:1", rank=0).skips_collective(3, wait_s=60)
+    assert hooks.skips_collective(3, wait_s=0.01)
+    assert not faults.NullFaults().skips_collective(3)

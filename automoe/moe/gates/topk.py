@@ -100,6 +100,15 @@ class TopKGate(nn.Module):
         if self.correction_bias is not None:
             self.correction_bias.zero_()
 
+    def _apply(self, fn, recurse: bool = True):
+        """`Module.to(dtype)`, `.bfloat16()` and the like cast every floating tensor; the correction bias is only
+        moved: it stays fp32 as in DeepSeek-V3 (in bf16 a gamma = 1e-3 step is rounded away once |b| >= 0.25)."""
+        bias = self.correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.correction_bias.dtype != bias.dtype:
+            self._buffers["correction_bias"] = bias.to(device=self.correction_bias.device)
+        return self
+
     @torch.no_grad()
     def update_bias(self, delta_E: Tensor) -> None:
         """correction_bias += delta_E [E] (the aux-loss-free balancing step; `moe.balance` computes delta_E)."""

@@ -62,7 +62,8 @@ def test_a_registered_toy_gate_trains_balances_and_updates_its_bias(monkeypatch)
     assert layer.gate.weight.grad.abs().sum() > 0
     load_E = layer.expert_load.clone()
     update_gate_biases(nn.ModuleList([layer]))
-    torch.testing.assert_close(layer.gate.bias_E, 0.1 * torch.sign(load_E.mean() - load_E), rtol=0, atol=0)
+    torch.testing.assert_close(layer.gate.bias_E, 0.1 * torch.sign(load_E.double().mean() - load_E).float(), rtol=0,
+                               atol=0)
 
 
 def test_config_checks_come_from_the_declaration(monkeypatch):
