@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", required=True, help="preset in configs/model (tiny, mixtral_8x7b, ...) or a YAML path"
     )
     p.add_argument(
-        "--cluster", default=None, help="preset in configs/cluster (h100x8, h200x8, cpu2) or a YAML path"
+        "--cluster", default=None, help="preset in automoe/planner/clusters (h100x8, h200x8, cpu2) or a YAML path"
     )
     cl = p.add_argument_group("cluster overrides")
     cl.add_argument("--gpus-per-node", type=int)
@@ -49,6 +49,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=0, help="print only the first N layouts (0 = all)")
     p.add_argument("--json", type=Path, default=None, help="write every plan and rejection here")
     return p.parse_args(argv)
+
+
+def verdict(plans: list, shape, cluster, *, model: str) -> str:
+    """The chosen layout and the command that launches it, or why nothing fits and what to change."""
+    per_rank = f"{cluster.memory_gib:g} GiB per rank"
+    if not plans:
+        return (
+            f"NO VALID LAYOUT for {cluster.world_size} ranks: every candidate was rejected (see above); change "
+            "--global-batch/--micro-batch so the batch splits over the data-parallel ranks, or the number of ranks"
+        )
+    best = plans[0]
+    if not best.fits:
+        smallest = min(plans, key=lambda p: p.memory_total)
+        need = smallest.memory_total / planner.GIB
+        hints = []
+        if shape.activation_checkpointing != "full":
+            hints.append("--ac full")
+        if shape.micro_batch > 1:
+            hints.append("a smaller --micro-batch")
+        hints += ["more --nodes", "a cluster with more memory per rank"]
+        return (
+            f"NO LAYOUT FITS in {per_rank}: the smallest, {smallest.layout.name()}, needs {need:.1f} GiB "
+            f"({smallest.memory_total / planner.GIB - cluster.memory_gib:.1f} GiB too much). Try "
+            + ", ".join(hints)
+        )
+    note = (
+        f" (first copy {model} into configs/model/)" if model.endswith(".yaml") or "/" in model else ""
+    )
+    return (
+        f"chosen: {best.layout.name()} ({best.memory_total / planner.GIB:.1f} of {per_rank}, ~{best.step_s:.2f} "
+        f"s per step); launch it with{note}:\n  "
+        + planner.launch_command(best, shape, cluster, model=model)
+        + "\n  (DATA.bin: a token file from `python -m automoe.prepare_data`; OUT: a directory every node sees)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,10 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"shape: {shape}")
     shown = plans[: args.top] if args.top else plans
     print(planner.format_table(shown))
-    fitting = sum(p.fits for p in plans)
-    print(f"{fitting} of {len(plans)} valid layouts fit; {len(rejected)} rejected")
+    fitting = [p for p in plans if p.fits]
+    print(f"{len(fitting)} of {len(plans)} valid layouts fit; {len(rejected)} rejected")
     for layout, reason in rejected:
         print(f"  rejected {layout.name()}: {reason}")
+    print(verdict(plans, shape, cluster, model=args.model))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {

@@ -1,4 +1,4 @@
-"""Fine-tune a Hugging Face MoE checkpoint (Mixtral, Qwen3-MoE, DeepSeek-V3 layouts) with the pretraining stack.
+"""Fine-tune a Hugging Face MoE checkpoint (any family of `automoe.hf.FAMILIES`) with the pretraining stack.
 
     torchrun --nproc-per-node 2 recipes/finetune.py hf.init_from=HF_DIR [key=value ...]
 
@@ -25,11 +25,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from automoe.config import JobConfig, register_configs
+from automoe.config.job import to_job_config
 from automoe.hf import save_hf_checkpoint
 from automoe.hf.finetune import export_family, hf_model_config
 from automoe.parallel import DistEnv
 from automoe.train import Trainer
-from automoe.train.launch import run_job
+from automoe.train.launch import hold_peer_stderr, recipe_main
 
 logger = logging.getLogger("automoe")
 
@@ -50,9 +51,10 @@ def job_config(dict_cfg: DictConfig) -> JobConfig:
     """The composed config with its `model` section replaced by `hf.init_from/config.json` (+ overrides)."""
     model_cfg, _ = hf_model_config(dict_cfg.hf.init_from, overrides=model_overrides())
     dict_cfg.model = OmegaConf.structured(model_cfg)
-    cfg: JobConfig = OmegaConf.to_object(dict_cfg)  # runs every __post_init__ check
+    cfg: JobConfig = to_job_config(dict_cfg)  # unknown keys (also +key / ++key), every __post_init__ check
     if cfg.hf.export_to is not None:
-        export_family(cfg.hf.init_from, cfg.hf.family)  # a bad hf.family fails now, not after training
+        # a bad hf.family, or a model that family cannot express, fails now, not after training
+        export_family(cfg.hf.init_from, cfg.hf.family, cfg.model)
     return cfg
 
 
@@ -70,9 +72,12 @@ def export_to_hf(cfg: JobConfig):
 
 @hydra.main(version_base=None, config_path="../configs", config_name="finetune")
 def main(dict_cfg: DictConfig) -> None:
-    cfg = job_config(dict_cfg)
-    run_job(cfg, after_fit=export_to_hf(cfg) if cfg.hf.export_to is not None else None)
+    recipe_main(
+        lambda: job_config(dict_cfg),
+        after_fit=lambda cfg: export_to_hf(cfg) if cfg.hf.export_to is not None else None,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    with hold_peer_stderr():
+        main()

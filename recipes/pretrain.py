@@ -6,28 +6,33 @@ The default config (`configs/config.yaml`) is the main job: a tiny MoE on the Py
 sources with expert parallelism over 2 CPU processes. Examples:
 
     torchrun --nproc-per-node 1 recipes/pretrain.py parallel=single train.steps=50 output_dir=outputs/one
-    torchrun --nproc-per-node 2 recipes/pretrain.py checkpoint.resume=latest   # continue the run above
+    torchrun --nproc-per-node 1 recipes/pretrain.py parallel=single train.steps=80 output_dir=outputs/one \
+        checkpoint.resume=latest   # continue the run above to step 80 (the lr schedule now spans 80 steps)
 
 Composition -> typed `JobConfig` (bad keys and values fail here, before any process group) -> distributed
-init -> `build_trainer` (layout, data, model, optimizer, resume) -> `Trainer.fit` -> teardown.
+init -> `check_start` (every rank's config and verdict compared; a refusal is printed once) -> `build_trainer`
+(layout, data, model, optimizer, resume) -> `Trainer.fit` -> teardown. Launch it with torchrun; a plain
+`python recipes/pretrain.py` is one process, which only `parallel=single` fits.
 """
 
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from automoe.config import JobConfig, register_configs
-from automoe.train.launch import run_job
+from automoe.config import register_configs
+from automoe.config.job import to_job_config
+from automoe.train.launch import hold_peer_stderr, recipe_main
 
 register_configs()
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(dict_cfg: DictConfig) -> None:
-    cfg: JobConfig = OmegaConf.to_object(dict_cfg)  # runs every __post_init__ check, before any process group
-    run_job(cfg)
+    # to_job_config: unknown keys (also +key / ++key) and every __post_init__ check, before any process group
+    recipe_main(lambda: to_job_config(dict_cfg))
 
 
 if __name__ == "__main__":
-    main()
+    with hold_peer_stderr():
+        main()

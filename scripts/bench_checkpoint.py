@@ -145,12 +145,14 @@ def main() -> None:
         "rows": [],
     }
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    scratch = REPO / "bench_results"  # git-ignored; absent in a fresh clone
+    scratch.mkdir(parents=True, exist_ok=True)
     with MachineLoadMeter() as machine:
         for model in args.models.split(","):
             if model not in MODELS:
                 raise ValueError(f"--models entry {model!r} is not one of {list(MODELS)}")
             for world in args.worlds:
-                with tempfile.TemporaryDirectory(prefix="bench_ckpt_", dir=REPO / "bench_results") as tmp:
+                with tempfile.TemporaryDirectory(prefix="bench_ckpt_", dir=scratch) as tmp:
                     result = Path(tmp) / "result.json"
                     cmd = torchrun_command(
                         world,

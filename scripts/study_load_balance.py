@@ -7,7 +7,8 @@ Each run is the real recipe (`torchrun recipes/pretrain.py` with overrides, its 
 checkpoint saved). Afterwards the final checkpoint is loaded into one process and run over the whole validation
 split in eval mode: the validation loss and each MoE layer's `eval_expert_load` (token-slots per expert, the
 whole split on one process = the sum over ranks) give MaxVio_global = max_e L_e / mean_e L_e - 1.
-Writes `<out>/results.json` and three PNGs into `--img-dir` (default docs/img). `--skip-train` re-evaluates
+Writes `<out>/results.json` and three PNGs into `--img-dir` (default `<out>/img`; `--img-dir docs/img` updates the
+figures the README and docs/load_balancing.md show). `--skip-train` re-evaluates
 and re-plots existing runs. Shape suffixes: docs/architecture.md#shape-legend.
 """
 
@@ -267,7 +268,7 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     parser.add_argument("--nproc", type=int, default=1, choices=(1, 2), help="1: parallel=single, 2: EP=2")
@@ -281,9 +282,21 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/load_balance")
-    parser.add_argument("--img-dir", type=Path, default=ROOT / "docs/img")
+    parser.add_argument(
+        "--img-dir",
+        type=Path,
+        default=None,
+        help="where the PNGs go (default <out>/img; --img-dir docs/img replaces the README's tracked figures)",
+    )
     parser.add_argument("--skip-train", action="store_true", help="evaluate and plot existing runs only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.img_dir is None:
+        args.img_dir = args.out / "img"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     names = [n for n in args.runs.split(",") if n]
     for n in names:
         if n not in RUNS:

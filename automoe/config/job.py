@@ -6,16 +6,21 @@ YAML value is merged onto these dataclasses and a misspelt key or a wrong type f
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from automoe.config.checks import check_choice, check_experts_split, check_sequence_split
 from automoe.config.data import DataConfig
 from automoe.config.model import ModelConfig
 from automoe.config.moe import MoEConfig
 from automoe.config.parallel import ParallelConfig
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("skip", "stop")
@@ -70,6 +75,8 @@ class TrainConfig:
     val_max_batches: Optional[int] = 4  # global batches per validation; None = the whole val split
     nan_policy: str = "stop"  # non-finite loss or grad norm: stop (raise) | skip (drop the update)
     nan_max_skips: int = 10  # skip policy: stop after this many consecutive skipped steps
+    first_loss_guard: bool = True  # after loading weights (hf.init_from): stop if step 1's loss >= ln(vocab) - 1
+    deterministic: bool = False  # deterministic algorithms and kernels: bitwise repeatable runs, some speed cost
 
     def __post_init__(self) -> None:
         check_choice("train.dtype", self.dtype, COMPUTE_DTYPES)
@@ -97,6 +104,8 @@ class CheckpointConfig:
     resume: Optional[str] = (
         None  # null (fresh start) | latest (newest complete; fresh if none) | a step_<N> dir
     )
+    init_from: Optional[str] = None  # a step_<N> dir: start a new run from its weights (step, data, schedule reset)
+    init_optimizer: bool = False  # with init_from: also load its AdamW moments (hyperparameters from optim.*)
     keep_last_n: int = 2  # complete checkpoints kept (older ones deleted); 0 keeps all
     async_save: bool = (
         False  # write tensors in the background on a dedicated gloo group; marker after it ends
@@ -108,6 +117,10 @@ class CheckpointConfig:
             raise ValueError(
                 f"checkpoint.resume={self.resume!r} must be null, 'latest' or a checkpoint directory"
             )
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise ValueError(f"checkpoint.init_from={self.init_from!r} must be null or a step_<N> directory")
+        if self.init_optimizer and self.init_from is None:
+            raise ValueError("checkpoint.init_optimizer=true needs checkpoint.init_from=<step_N dir>")
 
 
 @dataclass
@@ -129,6 +142,7 @@ class LoggingConfig:
     log_interval: int = 10  # console summary line every n steps (and the first and last step)
     progress_bar: bool = True  # tqdm progress bar with ETA on rank 0
     heatmap: bool = True  # save output_dir/expert_load_heatmap.png (layers x experts over steps) at the end
+    loss_curve: bool = True  # save output_dir/loss_curve.png (train and validation loss, lr) at the end
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
@@ -149,7 +163,7 @@ class HFConfig:
 
     init_from: Optional[str] = None  # HF dir (config.json + safetensors): its weights replace the random init
     export_to: Optional[str] = None  # finetune recipe: write the final model here as an HF dir; null = don't
-    family: Optional[str] = None  # export layout: mixtral | qwen3_moe | deepseek_v3; null = init_from's
+    family: Optional[str] = None  # export layout: a family of automoe.hf.FAMILIES (qwen2_moe, ...); null = init_from's
 
 
 @dataclass
@@ -178,6 +192,11 @@ class JobConfig:
             check_experts_split(self.model.moe.num_experts, self.parallel.ep)
         check_sequence_split(self.data.seq_len, self.parallel.cp)
         _check_writable("output_dir", self.output_dir)
+        if self.checkpoint.init_from is not None and self.hf.init_from is not None:
+            raise ValueError(
+                f"checkpoint.init_from={self.checkpoint.init_from!r} and hf.init_from={self.hf.init_from!r} "
+                "both give the initial weights: set one of them"
+            )
 
 
 def _check_writable(name: str, directory: str) -> None:
@@ -188,6 +207,77 @@ def _check_writable(name: str, directory: str) -> None:
         raise ValueError(f"{name}={directory!r} cannot be created: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{name}={directory!r} is not writable: no write permission on {existing}")
+
+
+def schema_keys(schema: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (sections and leaves), e.g. `train`, `train.steps`, `model.moe.dim`."""
+    import typing
+
+    schema = JobConfig if schema is None else schema
+    hints = typing.get_type_hints(schema)
+    out = []
+    for f in dataclasses.fields(schema):
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += schema_keys(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a composed config that its typed schema does not have.
+
+    Hydra's `+key=value` and `++key=value` add keys even to a typed (struct) config, and `OmegaConf.to_object`
+    drops what no dataclass field takes, so without this check `+train.step=5` would train 300 steps silently.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    names = {f.name for f in dataclasses.fields(schema)}
+    out = []
+    for key in node:
+        if key not in names:
+            out.append(f"{prefix}{key}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            out += unknown_keys(child, f"{prefix}{key}.")
+    return out
+
+
+def closest_key(key: str) -> str | None:
+    """The schema key most like `key` (same section first, then anywhere), or None when nothing is close."""
+    keys = schema_keys()
+    section, _, _ = key.rpartition(".")
+    siblings = [k for k in keys if k.rpartition(".")[0] == section]
+    for pool in (siblings, keys):
+        match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+        if match:
+            return match[0]
+    leaf = key.rpartition(".")[2]
+    by_leaf = {k.rpartition(".")[2]: k for k in keys}
+    match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+    return by_leaf[match[0]] if match else None
+
+
+def to_job_config(dict_cfg: DictConfig) -> JobConfig:
+    """A composed Hydra config as a typed `JobConfig`: unknown keys (also ones added with `+`/`++`) fail, naming
+    the closest existing key; then every `__post_init__` check runs."""
+    from omegaconf import OmegaConf
+
+    extra = unknown_keys(dict_cfg)
+    if extra:
+        hints = []
+        for key in extra:
+            close = closest_key(key)
+            hints.append(f"'{key}'" + (f" (did you mean '{close}'?)" if close else ""))
+        raise ValueError(
+            f"unknown config key{'s' if len(extra) > 1 else ''} {', '.join(hints)}: JobConfig has no such key "
+            "(a '+key=' or '++key=' override adds nothing to the typed schema). Every key is listed in "
+            "docs/configuration.md"
+        )
+    return OmegaConf.to_object(dict_cfg)
 
 
 def register_configs() -> None:

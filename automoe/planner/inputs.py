@@ -12,6 +12,8 @@ from automoe.config.parallel import AC_MODES
 
 # The config tree inside the package (package data; in a checkout, a link to the repo's configs/)
 PRESETS = Path(__file__).resolve().parents[1] / "configs"
+# Cluster descriptions: planner inputs, not job config groups, so they live outside Hydra's configs/ tree
+CLUSTERS = Path(__file__).resolve().parent / "clusters"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
 OPTIMIZER_STATE_BYTES = 8  # AdamW exp_avg + exp_avg_sq, fp32, per parameter element
@@ -97,12 +99,12 @@ def load_model_config(name_or_path: str) -> ModelConfig:
 
 
 def load_cluster(name_or_path: str | None = None, **overrides) -> ClusterSpec:
-    """A cluster from configs/cluster (`h100x8`, `cpu2`) or a YAML path, then non-None keyword overrides."""
+    """A cluster from automoe/planner/clusters (`h100x8`, `cpu2`) or a YAML path, then non-None keyword overrides."""
     values = {}
     if name_or_path is not None:
         path = Path(name_or_path)
         if not path.suffix:
-            path = PRESETS / "cluster" / f"{name_or_path}.yaml"
+            path = CLUSTERS / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ValueError(f"cluster={name_or_path!r}: no such preset or file ({path})")
         values = OmegaConf.to_container(

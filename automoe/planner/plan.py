@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from automoe.config.model import ModelConfig
 from automoe.parallel.dims import ParallelDims
@@ -167,13 +168,19 @@ def plan(
 
 
 def format_table(plans: list[Plan]) -> str:
-    """One line per plan: degrees, memory in GiB (state / activations / total), comm GB and seconds per step."""
-    head = (
-        f"{'rep':>4} {'shard':>5} {'cp':>3} {'ep':>3} {'eps':>4} {'mb':>4} | {'param':>7} {'grad':>7} "
-        f"{'optim':>7} {'act':>7} {'fsdp':>6} {'total':>7} fit | {'a2a GB':>8} {'fsdp GB':>8} {'cp GB':>7} "
-        f"{'comm s':>7} {'comp s':>7} {'step s':>7}"
-    )
-    lines = [head, "-" * len(head)]
+    """One line per plan under a two-line header with units: the degrees; memory per rank in GiB (params, grads,
+    optimizer state, activations, FSDP buffers, total; fit); communication per optimizer step in GB (expert
+    all-to-all, FSDP/data-parallel, CP K/V) and time per step in seconds (communication, compute, their sum)."""
+    segments = [
+        f"{'rep':>4} {'shard':>5} {'cp':>3} {'ep':>3} {'eps':>4} {'mb':>4} ",
+        f" {'param':>7} {'grad':>7} {'optim':>7} {'act':>7} {'fsdp':>6} {'total':>7} fit ",
+        f" {'a2a':>8} {'fsdp':>8} {'cp':>7} ",
+        f" {'comm':>7} {'comp':>7} {'step':>7}",
+    ]
+    titles = ["degrees; mb: micro-batches", "memory per rank, GiB", "comm per step, GB", "time per step, s"]
+    groups = "|".join(f" {t:<{len(seg) - 1}}" for t, seg in zip(titles, segments)).rstrip()
+    head = "|".join(segments)
+    lines = [groups, head, "-" * len(head)]
     for p in plans:
         L, m, c = p.layout, {k: v / GIB for k, v in p.memory.items()}, p.comm
         fsdp_gb = sum(v["bytes"] for k, v in c.items() if k not in ("expert_a2a", "cp_kv_allgather")) / 1e9
@@ -182,7 +189,45 @@ def format_table(plans: list[Plan]) -> str:
             f"{m['params']:>7.2f} {m['grads']:>7.2f} {m['optimizer']:>7.2f} {m['activations']:>7.2f} "
             f"{m.get('fsdp_buffers', 0.0):>6.2f} {p.memory_total / GIB:>7.2f} {'yes' if p.fits else ' NO'} | "
             f"{c.get('expert_a2a', {}).get('bytes', 0) / 1e9:>8.2f} {fsdp_gb:>8.2f} "
-            f"{c.get('cp_kv_allgather', {}).get('bytes', 0) / 1e9:>7.2f} {p.comm_s:>7.3f} {p.compute_s:>7.3f} "
+            f"{c.get('cp_kv_allgather', {}).get('bytes', 0) / 1e9:>7.2f} | {p.comm_s:>7.3f} {p.compute_s:>7.3f} "
             f"{p.step_s:>7.3f}"
         )
     return "\n".join(lines)
+
+
+def launch_overrides(plan: Plan, shape: TrainingShape, *, model: str) -> list[str]:
+    """The `recipes/pretrain.py` overrides that train `model` (a preset name or YAML path) with this plan's layout
+    and `shape` (batch, sequence length, dtypes, activation checkpointing, FSDP)."""
+    L = plan.layout
+    out = [
+        f"model={Path(model).stem}",  # a YAML path: put the file into configs/model/ first
+        f"parallel.dp_replicate={L.dp_replicate}",
+        f"parallel.dp_shard={L.dp_shard}",
+        f"parallel.cp={L.cp}",
+        f"parallel.ep={L.ep}",
+        f"parallel.fsdp={'true' if shape.fsdp else 'false'}",
+        f"parallel.activation_checkpointing={shape.activation_checkpointing}",
+        f"train.global_batch_size={shape.global_batch}",
+        f"train.micro_batch_size={shape.micro_batch}",
+        f"data.seq_len={shape.seq_len}",
+        f"model.dtype={shape.param_dtype}",
+        f"train.dtype={shape.compute_dtype}",
+    ]
+    if shape.fsdp and shape.compute_dtype != shape.param_dtype:
+        out.append(f"parallel.fsdp_param_dtype={shape.compute_dtype}")
+    return out
+
+
+def launch_command(plan: Plan, shape: TrainingShape, cluster: ClusterSpec, *, model: str) -> str:
+    """A torchrun command line for one node of `cluster` (run it on every node; see docs/multinode.md)."""
+    rdzv = (
+        ' --rdzv-backend c10d --rdzv-endpoint "$HEAD_NODE:29500" --rdzv-id "$JOB_ID"'
+        if cluster.num_nodes > 1
+        else " --standalone"
+    )
+    nodes = f" --nnodes {cluster.num_nodes}" if cluster.num_nodes > 1 else ""
+    return (
+        f"torchrun{nodes} --nproc-per-node {cluster.gpus_per_node}{rdzv} recipes/pretrain.py "
+        + " ".join(launch_overrides(plan, shape, model=model))
+        + " data.source=tokens data.path=DATA.bin output_dir=OUT"
+    )

@@ -25,8 +25,14 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
+from automoe.parallel import flight_recorder
 from automoe.shapes import config_diff, tensor_shape_mismatches
 from automoe.train.checkpoint_storage import (
     FaultPointWriter,
@@ -114,9 +120,51 @@ def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
     return path
 
 
+def check_step_dir(path: str | Path, *, key: str) -> Path:
+    """`path` as a complete `step_<N>` checkpoint directory, or a ValueError naming `key` and what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{key}={str(path)!r} is not a directory")
+    if not _STEP_DIR.match(path.name):
+        inside = [p.name for _, p in step_dirs(path) if is_complete(p)]
+        if not inside:
+            inside = [p.name for _, p in step_dirs(path / "checkpoints") if is_complete(p)]
+        hint = f"it holds {', '.join(inside)}: pick one" if inside else "it holds no complete step_<N> directory"
+        raise ValueError(f"{key}={str(path)!r} is not a step_<N> checkpoint directory ({hint})")
+    if not is_complete(path):
+        raise ValueError(f"{key}={str(path)!r} has no {MARKER} marker: the save did not finish; pick another")
+    return path
+
+
+def saved_step(path: str | Path) -> int:
+    """The step a complete checkpoint was written after (from its `trainer_state.json`)."""
+    return int(read_json(Path(path) / STATE_FILE)["step"])
+
+
+def saved_config(path: str | Path) -> dict:
+    """The resolved job config a checkpoint was written with, as a dict (ValueError naming the file)."""
+    saved_file = Path(path) / CONFIG_FILE
+    try:
+        return OmegaConf.to_container(OmegaConf.create(saved_file.read_text()))
+    except Exception as e:  # noqa: BLE001 - any parse failure is reported with the file name
+        raise ValueError(f"checkpoint file {saved_file} is missing or corrupt: {e}") from None
+
+
+def config_changes(path: str | Path, config_yaml: str, *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key=this run's value (checkpoint: saved value)` for every setting that differs from the checkpoint's
+    config, keys in `ignore` (and their sub-keys) left out."""
+    mine = OmegaConf.to_container(OmegaConf.create(config_yaml))
+    return [
+        f"{key}={new!r} (checkpoint: {old!r})"
+        for key, old, new in config_diff(saved_config(path), mine)
+        if not any(key == k or key.startswith(k + ".") for k in ignore)
+    ]
+
+
 def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        with flight_recorder.collective("barrier (checkpoint)", None):
+            dist.barrier()
 
 
 def _remove_every_other_file(path: Path) -> None:
@@ -297,8 +345,16 @@ class Checkpointer:
                 f"could not read the tensors of checkpoint {path} (files {shards}): corrupt? {cause}"
             ) from e
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        loader.load_state_dict(trainer_state["loader"])
+        scheduler.load_state_dict(trainer_state["scheduler"])  # its step counter; shape: apply_optim_config
+        try:
+            loader.load_state_dict(trainer_state["loader"])
+        except ValueError as e:
+            raise ValueError(
+                f"cannot resume {path} on this data: {e}. To train these weights on other data (or with another "
+                f"data order), start a new run from them: checkpoint.init_from={path} (and "
+                "checkpoint.init_optimizer=true to keep the AdamW moments), with checkpoint.resume=null and a "
+                "fresh output_dir"
+            ) from None
         rng_file = path / "rng" / f"rank_{self.rank}.json"
         if not rng_file.is_file():
             warnings.warn(
@@ -313,33 +369,82 @@ class Checkpointer:
         logger.info("resumed from %s (step %d, saved by %d ranks)", path, step, trainer_state["world_size"])
         return step
 
+    def load_weights(
+        self, path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """`checkpoint.init_from`: only the model's tensors (and, given `optimizer`, the AdamW state) of `path`,
+        into objects built in this run's layout. No step, scheduler, loader position or RNG state is read."""
+        path = Path(path)
+        if not is_complete(path):
+            raise ValueError(f"checkpoint {path} has no {MARKER} marker: it is incomplete")
+        saved_model_cfg = self._saved_model_config(path)
+        if optimizer is None:
+            model_sd = get_model_state_dict(model)
+            state = {"model": model_sd}
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+        reader = SafeFileSystemReader(str(path))
+        try:
+            metadata = reader.read_metadata()
+        except FileNotFoundError:
+            raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
+        check_shard_files(path, metadata)
+        self._check_shapes(path, model_sd, metadata, saved_model_cfg)
+        if optimizer is not None and not any(k.startswith("optim.state.") for k in metadata.state_dict_metadata):
+            raise ValueError(f"checkpoint.init_optimizer=true but {path} holds no optimizer state")
+        try:
+            with single_process_ok():
+                dcp.load(state, storage_reader=reader)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps ranks' failures
+            cause = (str(e).strip() or type(e).__name__).splitlines()[-1]
+            raise ValueError(f"could not read the tensors of checkpoint {path}: corrupt? {cause}") from e
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        what = "weights and optimizer moments" if optimizer is not None else "weights"
+        logger.info("initialized the %s from %s (step, schedule and data position start at 0)", what, path)
+
     def _saved_model_config(self, path: Path) -> dict:
         """The `model` section of the checkpoint's `config.yaml` (ValueError naming the file if unreadable)."""
-        saved_file = path / CONFIG_FILE
-        try:
-            return OmegaConf.to_container(OmegaConf.create(saved_file.read_text())).get("model", {})
-        except Exception as e:  # noqa: BLE001 - any parse failure is reported with the file name
-            raise ValueError(f"checkpoint file {saved_file} is missing or corrupt: {e}") from None
+        return saved_config(path).get("model", {})
 
     def _check_shapes(self, path: Path, model_sd: dict, metadata: Any, saved_model_cfg: dict) -> None:
-        """The checkpoint must hold exactly this model's tensors with the same global shapes: a message naming
-        the tensors and the model config fields that differ, instead of an error deep inside `dcp.load`."""
         expected = {key: tuple(value.shape) for key, value in model_sd.items()}  # DTensor: the global shape
-        mismatches = tensor_shape_mismatches(expected, stored_tensor_shapes(metadata, prefix="model."))
-        mine = OmegaConf.to_container(OmegaConf.create(self.config_yaml)).get("model", {})
+        check_model_shapes(path, expected, metadata, saved_model_cfg=saved_model_cfg, config_yaml=self.config_yaml)
+
+
+def check_model_shapes(
+    path: str | Path,
+    expected: dict[str, tuple[int, ...]],
+    metadata: Any = None,
+    *,
+    saved_model_cfg: dict | None = None,
+    config_yaml: str,
+) -> None:
+    """The checkpoint at `path` must hold exactly the tensors `expected` (name -> global shape) with those
+    shapes: a ValueError naming the tensors and the `model.*` fields that differ, instead of an error deep
+    inside `dcp.load`. Reads only `.metadata` and `config.yaml` (given `metadata`, not even that)."""
+    path = Path(path)
+    if metadata is None:
+        try:
+            metadata = SafeFileSystemReader(str(path)).read_metadata()
+        except FileNotFoundError:
+            raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
+    if saved_model_cfg is None:
+        saved_model_cfg = saved_config(path).get("model", {})
+    mismatches = tensor_shape_mismatches(expected, stored_tensor_shapes(metadata, prefix="model."))
+    if mismatches:
+        mine = OmegaConf.to_container(OmegaConf.create(config_yaml)).get("model", {})
         fields = [f"model.{k}={w!r} (checkpoint has {v!r})" for k, v, w in config_diff(saved_model_cfg, mine)]
-        if mismatches:
-            more = f" (+{len(mismatches) - _SHOW} more)" if len(mismatches) > _SHOW else ""
-            raise ValueError(
-                f"checkpoint {path} was written for another model shape: "
-                f"{'; '.join(fields) or 'the model config is unchanged'}; tensors: "
-                + "; ".join(mismatches[:_SHOW])
-                + more
-            )
-        if fields:
-            logger.warning(
-                "resuming %s with a changed model config (same tensor shapes): %s", path, "; ".join(fields)
-            )
+        more = f" (+{len(mismatches) - _SHOW} more)" if len(mismatches) > _SHOW else ""
+        raise ValueError(
+            f"checkpoint {path} was written for another model shape: "
+            f"{'; '.join(fields) or 'the model config is unchanged'}; tensors: "
+            + "; ".join(mismatches[:_SHOW])
+            + more
+        )
 
 
 def stored_tensor_shapes(metadata: Any, *, prefix: str = "") -> dict[str, tuple[int, ...]]:

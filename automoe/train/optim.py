@@ -16,16 +16,22 @@ def is_bias(name: str) -> bool:
     return leaf == "bias" or leaf.startswith("b_")
 
 
+def _decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decayed, not decayed) trainable parameters: matrices (>= 2-D) decay; norms and biases do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and not is_bias(name) else no_decay).append(p)
+    return decay, no_decay
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over `model`'s trainable parameters: weight decay on matrices (>= 2-D), none on norms and biases.
 
     Biases are told by name (`is_bias`), since per-expert biases are 2-D. Works on sharded (DTensor)
     parameters; call after `parallelize` and materialization.
     """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and not is_bias(name) else no_decay).append(p)
+    decay, no_decay = _decay_split(model)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -71,3 +77,42 @@ def build_scheduler(
         min_ratio=cfg.min_lr_ratio,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=fn)
+
+
+def apply_optim_config(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    cfg: OptimConfig,
+    *,
+    total_steps: int,
+) -> None:
+    """After a checkpoint's optimizer and scheduler state were loaded: this run's settings win.
+
+    Kept from the checkpoint: the AdamW moments and per-parameter step counts, and the scheduler's step counter
+    (`last_epoch`). Taken from `cfg` and `total_steps` (= train.steps): lr, betas, eps, weight decay and the
+    schedule's shape and length, so a resumed run trains with what its config.yaml says, not with the saved
+    run's values (which `Optimizer.load_state_dict` and `LambdaLR.load_state_dict` would otherwise restore).
+    With unchanged settings every value is recomputed exactly as before (bitwise).
+    """
+    decay_ids = {id(p) for p in _decay_split(model)[0]}
+    fn = WarmupDecay(
+        warmup_steps=cfg.warmup_steps,
+        total_steps=total_steps,
+        schedule=cfg.schedule,
+        min_ratio=cfg.min_lr_ratio,
+    )
+    for group in optimizer.param_groups:
+        decays = any(id(p) in decay_ids for p in group["params"])
+        group.update(
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay if decays else 0.0,
+            initial_lr=cfg.lr,
+        )
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    scheduler.lr_lambdas = [fn] * len(optimizer.param_groups)
+    step = scheduler.last_epoch
+    for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * lr_lambda(step)  # what LambdaLR.get_lr computes at this step
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

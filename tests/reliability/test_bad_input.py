@@ -389,7 +389,7 @@ def test_bad_inputs_fail_fast_on_every_rank_under_torchrun(tmp_path):
             ["checkpoint.resume=latest", "model.moe.num_experts=4"],
             "model.moe.num_experts=4 (checkpoint has 8)",
         ),
-        # raised by the loader after the meshes exist
+        # raised by the start-up check (automoe.train.build.check_layout), before the meshes exist
         (
             "global batch not divisible by micro x dp",
             tmp_path / "b",

@@ -223,9 +223,52 @@ def test_presets_are_package_data():
     package = Path(str(resources.files("automoe"))).resolve()
     assert inputs.PRESETS.parent.resolve() == package
     assert (inputs.PRESETS / "model" / "mixtral_8x7b.yaml").is_file()
-    assert (inputs.PRESETS / "cluster" / "h100x8.yaml").is_file()
+    assert (inputs.CLUSTERS / "h100x8.yaml").is_file() and inputs.CLUSTERS.resolve().is_relative_to(package)
     repo = Path(__file__).resolve().parents[2]
     package_data = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     patterns = package_data["automoe"]
     rel = inputs.PRESETS.relative_to(package).as_posix()
     assert any(Path(f"{rel}/model/tiny.yaml").match(p) or p == f"{rel}/**/*.yaml" for p in patterns), patterns
+    clusters = inputs.CLUSTERS.resolve().relative_to(package).as_posix()
+    assert any(Path(f"{clusters}/h100x8.yaml").match(p) for p in patterns), patterns
+
+
+def test_table_header_names_units():
+    cfg = planner.load_model_config("qwen3_30b_a3b")
+    shape = planner.TrainingShape(global_batch=64, seq_len=4096, activation_checkpointing="full")
+    plans, _ = planner.plan(cfg, shape, planner.load_cluster("h100x8"))
+    header = planner.format_table(plans[:1]).splitlines()[0]
+    assert "memory per rank, GiB" in header and "comm per step, GB" in header and "time per step, s" in header
+
+
+def _plan_cli(capsys, *argv: str) -> str:
+    from automoe.plan import main
+
+    main(list(argv))
+    return capsys.readouterr().out
+
+
+def test_cli_prints_the_overrides_of_the_chosen_layout_and_they_launch_it(capsys, tmp_path):
+    """The printed command composes onto the job schema and fits its world size (as the docs test checks the docs)."""
+    from automoe.train.build import check_layout
+    from tests.doc_commands import compose_job, parse
+
+    out = _plan_cli(capsys, "--model", "qwen3_30b_a3b", "--cluster", "h100x8", "--nodes", "4",
+                    "--global-batch", "256", "--seq-len", "4096", "--ac", "full")
+    assert "chosen: rep4-shard8-cp1-ep8" in out
+    line = next(x.strip() for x in out.splitlines() if x.strip().startswith("torchrun"))
+    cmd = parse(line, where="plan")
+    assert cmd.world_size == 32
+    job = compose_job(cmd, tmp_path)
+    dims = check_layout(job, cmd.world_size)
+    assert (dims.dp_replicate, dims.dp_shard, dims.cp, dims.ep) == (4, 8, 1, 8)
+    assert (job.train.global_batch_size, job.data.seq_len, job.parallel.activation_checkpointing) == (256, 4096, "full")
+    assert job.model.num_layers == 48 and job.train.dtype == "bfloat16"
+
+
+def test_cli_says_when_no_layout_fits(capsys):
+    out = _plan_cli(capsys, "--model", "deepseek_v3", "--cluster", "h100x8", "--global-batch", "8")
+    assert "NO LAYOUT FITS in 80 GiB per rank" in out and "--ac full" in out and "more --nodes" in out
+    assert "chosen:" not in out
+    out = _plan_cli(capsys, "--model", "tiny", "--cluster", "cpu2", "--global-batch", "3", "--max-cp", "1")
+    assert "NO VALID LAYOUT for 2 ranks" in out

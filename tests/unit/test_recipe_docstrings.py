@@ -58,3 +58,14 @@ def test_documented_command_composes(recipe, args):
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
         cfg = compose(config_name, overrides=args)
     assert isinstance(OmegaConf.to_object(cfg), JobConfig)
+
+
+def test_documented_commands_fit_their_world_size(tmp_path):
+    """The docstrings' launch lines (torchrun --nproc-per-node N) fit the layout their overrides ask for."""
+    from automoe.train.build import check_layout
+    from tests.doc_commands import compose_job, docstring_commands
+
+    commands = [cmd for recipe in RECIPES for cmd in docstring_commands(recipe)]
+    assert len(commands) >= len(RECIPES)
+    for cmd in commands:
+        check_layout(compose_job(cmd, tmp_path), cmd.world_size)
