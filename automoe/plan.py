@@ -22,7 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", required=True, help="preset in configs/model (tiny, mixtral_8x7b, ...) or a YAML path"
     )
     p.add_argument(
-        "--cluster", default=None, help="preset in automoe/planner/clusters (h100x8, h200x8, cpu2) or a YAML path"
+        "--cluster",
+        default=None,
+        help="preset in automoe/planner/clusters (h100x8, h200x8, cpu2) or a YAML path",
     )
     cl = p.add_argument_group("cluster overrides")
     cl.add_argument("--gpus-per-node", type=int)
@@ -74,9 +76,7 @@ def verdict(plans: list, shape, cluster, *, model: str) -> str:
             f"({smallest.memory_total / planner.GIB - cluster.memory_gib:.1f} GiB too much). Try "
             + ", ".join(hints)
         )
-    note = (
-        f" (first copy {model} into configs/model/)" if model.endswith(".yaml") or "/" in model else ""
-    )
+    note = f" (first copy {model} into configs/model/)" if model.endswith(".yaml") or "/" in model else ""
     return (
         f"chosen: {best.layout.name()} ({best.memory_total / planner.GIB:.1f} of {per_rank}, ~{best.step_s:.2f} "
         f"s per step); launch it with{note}:\n  "

@@ -126,11 +126,13 @@ def run_shape(name: str, shape: dict, args) -> dict:
     # The compiled flex backward is probed only after the timings: each refused attempt recompiles the code
     # object of flex_attention, and once dynamo's recompile limit is used up the compiled forward runs eager.
     times: dict[tuple[str, str], list[float]] = {
-        (key, mode): [] for key in fns for mode in modes
+        (key, mode): []
+        for key in fns
+        for mode in modes
         if (key, mode) != ("flex_compiled", "fwd+bwd") and runs(key, mode, args.warmup)
     }
     for _ in range(args.repeats):  # interleaved: one call of every backend per repeat
-        for (key, mode) in times:
+        for key, mode in times:
             t0 = time.perf_counter()
             _step(fns[key], q, k, v, dy, modes[mode])
             times[(key, mode)].append((time.perf_counter() - t0) * 1e3)
@@ -140,21 +142,32 @@ def run_shape(name: str, shape: dict, args) -> dict:
     for (key, mode), ts in times.items():
         rows.append({"backend": key, "mode": mode, "median_ms": statistics.median(ts), "min_ms": min(ts)})
     docs = [int(r.max()) + 1 for r in doc_BS]
-    return {"shape": name, **shape, "documents_per_row": docs, "block_mask_build_ms": mask_s * 1e3,
-            "flex_compile_ms": compile_ms, "rows": rows, "not_runnable": notes}
+    return {
+        "shape": name,
+        **shape,
+        "documents_per_row": docs,
+        "block_mask_build_ms": mask_s * 1e3,
+        "flex_compile_ms": compile_ms,
+        "rows": rows,
+        "not_runnable": notes,
+    }
 
 
 def print_table(result: dict) -> None:
     r = result
-    print(f"\n{r['shape']}: B={r['B']} S={r['S']} H={r['H']} G={r['G']} A={r['A']}, documents per row "
-          f"{r['documents_per_row']}; flex BlockMask build {r['block_mask_build_ms']:.1f} ms, first compiled "
-          f"call (compile) {r['flex_compile_ms']:.0f} ms")
+    print(
+        f"\n{r['shape']}: B={r['B']} S={r['S']} H={r['H']} G={r['G']} A={r['A']}, documents per row "
+        f"{r['documents_per_row']}; flex BlockMask build {r['block_mask_build_ms']:.1f} ms, first compiled "
+        f"call (compile) {r['flex_compile_ms']:.0f} ms"
+    )
     base = {row["mode"]: row["median_ms"] for row in r["rows"] if row["backend"] == "causal"}
     print(f"{'backend':<14}{'mode':<9}{'median ms':>11}{'min ms':>9}{'x causal':>10}")
     for row in sorted(r["rows"], key=lambda x: (x["mode"], x["median_ms"])):
         ratio = row["median_ms"] / base[row["mode"]]
-        print(f"{row['backend']:<14}{row['mode']:<9}{row['median_ms']:>11.2f}{row['min_ms']:>9.2f}"
-              f"{ratio:>10.2f}")
+        print(
+            f"{row['backend']:<14}{row['mode']:<9}{row['median_ms']:>11.2f}{row['min_ms']:>9.2f}"
+            f"{ratio:>10.2f}"
+        )
     for key, note in r["not_runnable"].items():
         print(f"{key}: {note}")
 

@@ -89,12 +89,12 @@ def main() -> None:
         "overrides": overrides,
     }
     with MachineLoadMeter() as machine:
-        results = run_distributed(
-            _worker, 2, overrides, args.warmup, args.block, args.rounds, timeout_s=600
-        )
+        results = run_distributed(_worker, 2, overrides, args.warmup, args.block, args.rounds, timeout_s=600)
     times = results[0]  # rank 0's clock (both ranks step in lockstep)
     ratios = [on / off for off, on in zip(times[False], times[True])]
-    report["blocks_ms"] = {mode: [round(t * 1e3, 1) for t in times[det]] for mode, det in (("off", False), ("on", True))}
+    report["blocks_ms"] = {
+        mode: [round(t * 1e3, 1) for t in times[det]] for mode, det in (("off", False), ("on", True))
+    }
     report["summary"] = {
         "step_ms_off": round(statistics.median(times[False]) * 1e3, 1),
         "step_ms_on": round(statistics.median(times[True]) * 1e3, 1),
@@ -104,7 +104,9 @@ def main() -> None:
     report["machine_busy"] = round(machine.busy, 3)
     report["loadavg_before_after"] = [machine.loadavg_before, machine.loadavg_after]
     s = report["summary"]
-    print(f"blocks off (ms/step): {report['blocks_ms']['off']}\nblocks on  (ms/step): {report['blocks_ms']['on']}")
+    print(
+        f"blocks off (ms/step): {report['blocks_ms']['off']}\nblocks on  (ms/step): {report['blocks_ms']['on']}"
+    )
     print(
         f"{args.model} {args.layout} {args.dtype}, 2 ranks: median step {s['step_ms_off']:.0f} ms off, "
         f"{s['step_ms_on']:.0f} ms on; on/off median over {args.rounds} rounds {s['ratio_on_off_median']:.3f}"

@@ -67,11 +67,23 @@ def read_automoe(src: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def automoe_to_hf(
-    src: Path, dst: Path, *, family: str, max_shard_size: str, dtype: str | None, expert_layout: str = "per_expert"
+    src: Path,
+    dst: Path,
+    *,
+    family: str,
+    max_shard_size: str,
+    dtype: str | None,
+    expert_layout: str = "per_expert",
 ) -> None:
     cfg, state = read_automoe(src)
     files = save_hf_checkpoint(
-        state, cfg, dst, family=family, max_shard_size=max_shard_size, dtype=dtype, expert_layout=expert_layout
+        state,
+        cfg,
+        dst,
+        family=family,
+        max_shard_size=max_shard_size,
+        dtype=dtype,
+        expert_layout=expert_layout,
     )
     print(f"wrote {len(files)} files to {dst}")
 

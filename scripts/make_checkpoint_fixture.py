@@ -56,7 +56,9 @@ OVERRIDES = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / f"checkpoint_v{FORMAT_VERSION}")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "tests" / "fixtures" / f"checkpoint_v{FORMAT_VERSION}"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
@@ -73,7 +75,9 @@ def main() -> None:
         shutil.rmtree(args.out, ignore_errors=True)
         args.out.mkdir(parents=True)
         shutil.copytree(run_dir / "checkpoints" / f"step_{SAVED_STEP}", args.out / f"step_{SAVED_STEP}")
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         expected = {
             "format": FORMAT_VERSION,
             "nproc": NPROC,
@@ -84,7 +88,9 @@ def main() -> None:
         }
         (args.out / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    print(f"wrote {args.out} ({size / 1024:.0f} KB), step {SAVED_STEP + 1} loss {expected['next_step_loss']:.6f}")
+    print(
+        f"wrote {args.out} ({size / 1024:.0f} KB), step {SAVED_STEP + 1} loss {expected['next_step_loss']:.6f}"
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def snapshot(into: Path) -> Path:
 
 
 def run_once(root: Path, output_dir: Path, extra: list[str], timeout_s: float) -> dict:
-    cmd = torchrun_command(2, root / "recipes" / "pretrain.py", *OVERRIDES, f"output_dir={output_dir}", *extra)
+    cmd = torchrun_command(
+        2, root / "recipes" / "pretrain.py", *OVERRIDES, f"output_dir={output_dir}", *extra
+    )
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     try:

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 "$VENV/bin/ruff" check automoe tests scripts recipes
+"$VENV/bin/ruff" format --check automoe tests scripts recipes
 "$VENV/bin/python" -m pytest -q "$@"

@@ -34,8 +34,15 @@ def rounding_atol(dtype: torch.dtype, *, terms: int, scale: float | Tensor, dept
     return 2.0 * depth * max(terms, 1) * unit_roundoff(dtype) * max(scale, torch.finfo(dtype).tiny)
 
 
-def assert_close_rounding(actual: Tensor, expected: Tensor, *, terms: int, depth: int = 1,
-                          scale: float | Tensor | None = None, msg: str | None = None) -> None:
+def assert_close_rounding(
+    actual: Tensor,
+    expected: Tensor,
+    *,
+    terms: int,
+    depth: int = 1,
+    scale: float | Tensor | None = None,
+    msg: str | None = None,
+) -> None:
     """`actual == expected` up to reordering error (see the module docstring); `scale` defaults to max|expected|.
 
     The comparison runs in the reference's dtype (rounding of the lower-precision side is what is bounded).
@@ -44,11 +51,23 @@ def assert_close_rounding(actual: Tensor, expected: Tensor, *, terms: int, depth
     scale = expected if scale is None else scale
     atol = rounding_atol(dtype, terms=terms, scale=scale, depth=depth)
     prefix = f"{msg}: " if msg else ""
-    torch.testing.assert_close(actual, expected, rtol=0.0, atol=atol, check_dtype=False,
-                               msg=lambda m: f"{prefix}{m}\n(tolerance: terms={terms}, depth={depth}, atol={atol:.3g})")
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=0.0,
+        atol=atol,
+        check_dtype=False,
+        msg=lambda m: f"{prefix}{m}\n(tolerance: terms={terms}, depth={depth}, atol={atol:.3g})",
+    )
 
 
 def assert_equal(actual: Tensor, expected: Tensor, *, msg: str | None = None) -> None:
     """Bitwise equality, for results exact by construction (same kernels, shapes and process; integers; copies)."""
-    torch.testing.assert_close(actual, expected, rtol=0.0, atol=0.0, equal_nan=True,
-                               msg=None if msg is None else lambda m: f"{msg}: {m}")
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=0.0,
+        atol=0.0,
+        equal_nan=True,
+        msg=None if msg is None else lambda m: f"{msg}: {m}",
+    )

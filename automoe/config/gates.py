@@ -18,10 +18,16 @@ class GateSpec:
 
     target: str | type  # "module:Class" of the gate nn.Module (imported when a layer is built), or the class
     balancing_probs: bool = False  # probs_TE feed the Switch/GShard aux loss (weighted by aux_loss_coeff)
-    own_loss: bool = False  # returns its own gate_loss, already weighted by aux_loss_coeff, instead of the aux loss
+    own_loss: bool = (
+        False  # returns its own gate_loss, already weighted by aux_loss_coeff, instead of the aux loss
+    )
     router_logits: bool = False  # returns logits_TE, so the router z-loss (z_loss_coeff) applies
-    selection_bias: bool = False  # a per-expert selection bias and `update_bias(delta_E)`: gate_bias_update_factor
-    own_fields: tuple[str, ...] = ()  # MoEConfig fields only this gate reads (set with another gate: a warning)
+    selection_bias: bool = (
+        False  # a per-expert selection bias and `update_bias(delta_E)`: gate_bias_update_factor
+    )
+    own_fields: tuple[
+        str, ...
+    ] = ()  # MoEConfig fields only this gate reads (set with another gate: a warning)
 
     @property
     def uses_aux_loss_coeff(self) -> bool:
@@ -51,7 +57,9 @@ def gates_with(capability: str) -> list[str]:
 
 register_gate(
     "topk",
-    GateSpec("automoe.moe.gates.topk:TopKGate", balancing_probs=True, router_logits=True, selection_bias=True),
+    GateSpec(
+        "automoe.moe.gates.topk:TopKGate", balancing_probs=True, router_logits=True, selection_bias=True
+    ),
 )
 register_gate(
     "fake_balanced",
@@ -60,5 +68,9 @@ register_gate(
         own_fields=("fake_gate_noise", "fake_gate_skip_first_n_experts"),
     ),
 )
-register_gate("noisy_topk", GateSpec("automoe.moe.gates.noisy:NoisyTopKGate", own_loss=True, router_logits=True))
-register_gate("hybrid", GateSpec("automoe.moe.gates.hybrid:HybridGate", balancing_probs=True, router_logits=True))
+register_gate(
+    "noisy_topk", GateSpec("automoe.moe.gates.noisy:NoisyTopKGate", own_loss=True, router_logits=True)
+)
+register_gate(
+    "hybrid", GateSpec("automoe.moe.gates.hybrid:HybridGate", balancing_probs=True, router_logits=True)
+)

@@ -75,8 +75,12 @@ class TrainConfig:
     val_max_batches: Optional[int] = 4  # global batches per validation; None = the whole val split
     nan_policy: str = "stop"  # non-finite loss or grad norm: stop (raise) | skip (drop the update)
     nan_max_skips: int = 10  # skip policy: stop after this many consecutive skipped steps
-    first_loss_guard: bool = True  # after loading weights (hf.init_from): stop if step 1's loss >= ln(vocab) - 1
-    deterministic: bool = False  # deterministic algorithms and kernels: bitwise repeatable runs, some speed cost
+    first_loss_guard: bool = (
+        True  # after loading weights (hf.init_from): stop if step 1's loss >= ln(vocab) - 1
+    )
+    deterministic: bool = (
+        False  # deterministic algorithms and kernels: bitwise repeatable runs, some speed cost
+    )
 
     def __post_init__(self) -> None:
         check_choice("train.dtype", self.dtype, COMPUTE_DTYPES)
@@ -104,7 +108,9 @@ class CheckpointConfig:
     resume: Optional[str] = (
         None  # null (fresh start) | latest (newest complete; fresh if none) | a step_<N> dir
     )
-    init_from: Optional[str] = None  # a step_<N> dir: start a new run from its weights (step, data, schedule reset)
+    init_from: Optional[str] = (
+        None  # a step_<N> dir: start a new run from its weights (step, data, schedule reset)
+    )
     init_optimizer: bool = False  # with init_from: also load its AdamW moments (hyperparameters from optim.*)
     keep_last_n: int = 2  # complete checkpoints kept (older ones deleted); 0 keeps all
     async_save: bool = (
@@ -163,7 +169,9 @@ class HFConfig:
 
     init_from: Optional[str] = None  # HF dir (config.json + safetensors): its weights replace the random init
     export_to: Optional[str] = None  # finetune recipe: write the final model here as an HF dir; null = don't
-    family: Optional[str] = None  # export layout: a family of automoe.hf.FAMILIES (qwen2_moe, ...); null = init_from's
+    family: Optional[str] = (
+        None  # export layout: a family of automoe.hf.FAMILIES (qwen2_moe, ...); null = init_from's
+    )
 
 
 @dataclass

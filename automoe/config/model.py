@@ -43,7 +43,9 @@ class ModelConfig:
     # --- which blocks are MoE ---
     num_dense_layers: int = 1  # the first N blocks use a dense FFN (DeepSeek first_k_dense_replace)
     moe_layer_freq: int = 1  # after those, every n-th layer index (i % n == 0) is MoE, the rest dense
-    dense_layers: list[int] = field(default_factory=list)  # further dense blocks by index (Qwen mlp_only_layers)
+    dense_layers: list[int] = field(
+        default_factory=list
+    )  # further dense blocks by index (Qwen mlp_only_layers)
 
     # --- numerics ---
     norm_eps: float = 1e-5  # epsilon inside every RMSNorm
@@ -51,9 +53,13 @@ class ModelConfig:
     max_seq_len: int = 256  # largest position + 1 the RoPE tables cover (positions index them directly)
     tie_embeddings: bool = False  # output head reuses the token-embedding matrix (one parameter)
     qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE (Qwen3)
-    qk_norm_scope: str = "head"  # head: per head over head_dim (Qwen3) | projection: over all of q / k (OLMoE)
+    qk_norm_scope: str = (
+        "head"  # head: per head over head_dim (Qwen3) | projection: over all of q / k (OLMoE)
+    )
     attention_bias: bool = False  # biases on the q/k/v/o projections (Llama/Qwen3 attention_bias)
-    qkv_bias: bool = False  # biases on q/k/v only, none on o (Qwen2 / Qwen2-MoE); exclusive with attention_bias
+    qkv_bias: bool = (
+        False  # biases on q/k/v only, none on o (Qwen2 / Qwen2-MoE); exclusive with attention_bias
+    )
     init_std: float = 0.02  # truncated-normal init std; o_proj and down projections: / sqrt(2 * num_layers)
     dtype: str = "float32"  # parameter dtype of every module (mixed precision is the parallel code's job)
 

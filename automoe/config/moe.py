@@ -33,14 +33,18 @@ class MoEConfig:
     # --- routing ---
     gate: str = "topk"  # topk | fake_balanced | noisy_topk | hybrid
     score_func: str = "softmax"  # softmax | sigmoid: turns router logits into scores
-    softmax_before_topk: bool = True  # E-softmax, top-k (Qwen3, Mixtral+norm_topk_prob); False: K-softmax (GPT-OSS)
+    softmax_before_topk: bool = (
+        True  # E-softmax, top-k (Qwen3, Mixtral+norm_topk_prob); False: K-softmax (GPT-OSS)
+    )
     num_expert_groups: int = 1  # group-limited routing: experts split into this many groups (1 = off)
     num_limited_groups: int = 1  # groups a token may route to (DeepSeek-V3 topk_group)
     norm_topk_prob: bool = False  # renormalize the K selected weights to sum to 1
     route_scale: float = 1.0  # multiply routing weights by this (DeepSeek-V3 routed_scaling_factor)
     router_bias: bool = False  # learnable bias on the router logits (GPT-OSS)
     router_dtype: Optional[str] = "float32"  # dtype of router math; None = the input's dtype
-    correction_bias: bool = False  # keep an fp32 per-expert selection bias (DeepSeek-V3 e_score_correction_bias)
+    correction_bias: bool = (
+        False  # keep an fp32 per-expert selection bias (DeepSeek-V3 e_score_correction_bias)
+    )
     fake_gate_noise: float = 0.0  # fake_balanced gate: 0 = perfectly balanced, 1 = random experts and weights
     fake_gate_skip_first_n_experts: int = 0  # fake_balanced gate: never route to the first n experts
     train_gate: bool = True  # False freezes the router weights (and disables the bias update)
@@ -55,9 +59,13 @@ class MoEConfig:
     # --- experts ---
     expert_activation: str = "swiglu"  # swiglu | geglu | relu2 | gelu | relu
     expert_bias: bool = False  # biases on the expert up/down projections (GPT-OSS)
-    swiglu_limit: Optional[float] = None  # clamp gate to <= limit and up to [-limit, limit] (GPT-OSS); None = off
+    swiglu_limit: Optional[float] = (
+        None  # clamp gate to <= limit and up to [-limit, limit] (GPT-OSS); None = off
+    )
     expert_dropout: float = 0.0  # dropout on the expert hidden activation, training only
-    capacity_factor: Optional[float] = None  # None = dropless; else capacity = ceil(cf * T * K / E) slots per expert
+    capacity_factor: Optional[float] = (
+        None  # None = dropless; else capacity = ceil(cf * T * K / E) slots per expert
+    )
     experts_backend: str = "auto"  # auto | loop | grouped_mm | bmm: how local experts are computed
     dtype: str = "float32"  # parameter dtype of the layer
 
@@ -107,7 +115,9 @@ class MoEConfig:
                 f"num_limited_groups={Gk} kept groups of {E // G}"
             )
         if G > 1 and self.has_correction_bias and E // G < 2:
-            raise ValueError(f"MoEConfig.num_expert_groups={G}: group scores sum the top-2, need >= 2 experts per group")
+            raise ValueError(
+                f"MoEConfig.num_expert_groups={G}: group scores sum the top-2, need >= 2 experts per group"
+            )
         if self.gate_bias_update_factor < 0:
             raise ValueError(f"MoEConfig.gate_bias_update_factor={self.gate_bias_update_factor} must be >= 0")
         if self.gate_bias_update_factor > 0 and not self.train_gate:
@@ -133,7 +143,9 @@ class MoEConfig:
         if not 0.0 <= self.expert_dropout < 1.0:
             raise ValueError(f"MoEConfig.expert_dropout={self.expert_dropout} must be in [0, 1)")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"MoEConfig.capacity_factor={self.capacity_factor} must be > 0 or None (dropless)")
+            raise ValueError(
+                f"MoEConfig.capacity_factor={self.capacity_factor} must be > 0 or None (dropless)"
+            )
         if self.swiglu_limit is not None:
             if self.swiglu_limit <= 0:
                 raise ValueError(f"MoEConfig.swiglu_limit={self.swiglu_limit} must be > 0 or None")
@@ -149,9 +161,14 @@ class MoEConfig:
     def _idle_gate_settings(self) -> list[str]:
         """Set fields the chosen gate does not read, from what the registered gates declare."""
         spec = gate_spec(self.gate)
-        idle = [name for name, used in (("aux_loss_coeff", spec.uses_aux_loss_coeff),
-                                        ("z_loss_coeff", spec.router_logits))
-                if getattr(self, name) > 0 and not used]
+        idle = [
+            name
+            for name, used in (
+                ("aux_loss_coeff", spec.uses_aux_loss_coeff),
+                ("z_loss_coeff", spec.router_logits),
+            )
+            if getattr(self, name) > 0 and not used
+        ]
         defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
         others = {f for other in GATES.values() for f in other.own_fields if f not in spec.own_fields}
         return idle + [f for f in sorted(others) if getattr(self, f) != defaults[f]]
@@ -164,6 +181,8 @@ class MoEConfig:
             warn("shared_expert_gate=True has no effect with num_shared_experts=0")
         idle = self._idle_gate_settings()
         if idle:
-            warn(f"{' / '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect with gate={self.gate!r}")
+            warn(
+                f"{' / '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect with gate={self.gate!r}"
+            )
         if self.score_func == "sigmoid" and not self.softmax_before_topk:
             warn("softmax_before_topk=False has no effect with score_func='sigmoid'")

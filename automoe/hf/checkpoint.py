@@ -115,7 +115,9 @@ def validate_checkpoint(
         per_expert = hf_expert_shapes(spec, shapes[spec.ours])
         for e in range(cfg.moe.num_experts):
             want.update(zip(spec.hf_keys(e), per_expert))
-    wrong = [f"{k} {list(reader.shape(k))} (expected {list(s)})" for k, s in want.items() if reader.shape(k) != s]
+    wrong = [
+        f"{k} {list(reader.shape(k))} (expected {list(s)})" for k, s in want.items() if reader.shape(k) != s
+    ]
     for key, shape in want.items():
         if scale_key(key) in scales and reader.shape(scale_key(key)) != quant.scale_shape(shape):
             wrong.append(
@@ -169,7 +171,9 @@ class HFCheckpoint:
         """[len(ids), ...] stacked automoe slices of the chosen experts (only their tensors / rows are read)."""
         if self.plan.layout == "fused":
             return fused_to_ours(self._rows(spec.fused_key, ids)).to(dtype)
-        return torch.stack([expert_to_ours(spec, [self._get(k) for k in spec.hf_keys(e)]).to(dtype) for e in ids])
+        return torch.stack(
+            [expert_to_ours(spec, [self._get(k) for k in spec.hf_keys(e)]).to(dtype) for e in ids]
+        )
 
     def read(self, key: str, *, experts: ExpertSelection = None) -> Tensor:
         """The automoe tensor `key`; for stacked expert tensors only the selected experts' rows."""
@@ -303,7 +307,9 @@ def load_hf_weights(model: nn.Module, path: str | Path) -> HFLoadReport:
         model.tie_weights()
     persistent = set(model.state_dict())
     tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in persistent)]
-    not_written = [_clean_key(n) for n, t in tensors if _storage(t) not in written and _storage(t) is not None]
+    not_written = [
+        _clean_key(n) for n, t in tensors if _storage(t) not in written and _storage(t) is not None
+    ]
     return HFLoadReport(list(ckpt.reader.read_keys), not_written)
 
 

@@ -53,4 +53,9 @@ def update_gate_biases(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict
 
 def _bias_update_enabled(layer: MoE) -> bool:
     cfg = layer.cfg
-    return layer.training and cfg.train_gate and cfg.gate_bias_update_factor > 0 and layer.gate_spec.selection_bias
+    return (
+        layer.training
+        and cfg.train_gate
+        and cfg.gate_bias_update_factor > 0
+        and layer.gate_spec.selection_bias
+    )

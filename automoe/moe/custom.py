@@ -49,12 +49,18 @@ class LogitsGate(nn.Module):
         """User modules keep their own initialization."""
 
 
-def moe_from_modules(experts: list[nn.Module], gate: nn.Module, *, top_k: int, dim: int,
-                     aux_loss_coeff: float = 0.0) -> MoE:
+def moe_from_modules(
+    experts: list[nn.Module], gate: nn.Module, *, top_k: int, dim: int, aux_loss_coeff: float = 0.0
+) -> MoE:
     """An MoE layer over user-supplied experts and a logits-producing gate (textbook top-k MoE)."""
     if not 1 <= top_k <= len(experts):
         raise ValueError(f"top_k={top_k} must be in [1, number of experts={len(experts)}]")
-    cfg = MoEConfig(dim=dim, num_experts=len(experts), num_activated_experts=top_k, aux_loss_coeff=aux_loss_coeff,
-                    experts_backend="loop")
+    cfg = MoEConfig(
+        dim=dim,
+        num_experts=len(experts),
+        num_activated_experts=top_k,
+        aux_loss_coeff=aux_loss_coeff,
+        experts_backend="loop",
+    )
     routed_gate = LogitsGate(gate, num_experts=len(experts), top_k=top_k)
     return MoE(cfg, gate=routed_gate, experts=ModuleListExperts(experts))

@@ -25,8 +25,9 @@ class LocalDispatcher:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def dispatch(self, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor,
-                 valid_TK: Tensor | None) -> tuple[Tensor, Tensor, LocalDispatchContext]:
+    def dispatch(
+        self, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, valid_TK: Tensor | None
+    ) -> tuple[Tensor, Tensor, LocalDispatchContext]:
         K = indices_TK.shape[1]
         idx_N = flat_slots(indices_TK, valid_TK, self.num_experts)
         order_N, counts_E = sort_by_expert(idx_N, self.num_experts)

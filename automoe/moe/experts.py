@@ -246,7 +246,11 @@ class GroupedExperts(nn.Module):
         """The GEMM engine for this call: loop | grouped_mm | split | bmm."""
         if self.backend in ("loop", "bmm"):
             return self.backend
-        if self.backend == "auto" and x_ND.device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
+        if (
+            self.backend == "auto"
+            and x_ND.device.type == "cuda"
+            and torch.are_deterministic_algorithms_enabled()
+        ):
             return "split"  # train.deterministic: cuBLAS GEMMs repeat bit for bit; torch does not say grouped GEMM does
         ok = grouped_mm_supported(x_ND.device, x_ND.dtype, dim=self.dim, hidden=self.inter_dim)
         if self.backend == "grouped_mm" and not ok:

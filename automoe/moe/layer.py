@@ -85,13 +85,17 @@ class MoE(nn.Module):
     balancing losses (a scalar with graph, or None) and `self.expert_load` the load accumulated this step.
     """
 
-    def __init__(self, cfg: MoEConfig, *, gate: nn.Module | None = None, experts: nn.Module | None = None) -> None:
+    def __init__(
+        self, cfg: MoEConfig, *, gate: nn.Module | None = None, experts: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.top_k = cfg.num_activated_experts
         self.gate = gate if gate is not None else build_gate(cfg)
-        self.gate_spec = gate_spec(cfg.gate)  # what the gate declares: which losses apply, whether it has a bias
+        self.gate_spec = gate_spec(
+            cfg.gate
+        )  # what the gate declares: which losses apply, whether it has a bias
         self.experts = experts if experts is not None else GroupedExperts(cfg)
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
         self.dispatcher: TokenDispatcher = LocalDispatcher(cfg.num_experts)
@@ -100,8 +104,12 @@ class MoE(nn.Module):
         # evaluation, valid tokens this step, and token-slots dropped by the capacity limit. int64, so they are
         # exact counts whatever the module's dtype: `model.to(torch.bfloat16)` casts floating buffers only (a bf16
         # counter stops counting exactly at 2^8 per expert, an fp32 one at 2^24).
-        for name, shape in (("expert_load", (cfg.num_experts,)), ("eval_expert_load", (cfg.num_experts,)),
-                            ("step_tokens", ()), ("dropped_slots", ())):
+        for name, shape in (
+            ("expert_load", (cfg.num_experts,)),
+            ("eval_expert_load", (cfg.num_experts,)),
+            ("step_tokens", ()),
+            ("dropped_slots", ()),
+        ):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.int64), persistent=False)
         self.aux_loss: Tensor | None = None
         self.loss_values: dict[str, float] = {}
@@ -165,8 +173,15 @@ class MoE(nn.Module):
             self.dropped_slots += num_slots - valid_TK.sum()
         return load_E
 
-    def _record(self, route: RouterOutput, valid_T: Tensor | None, valid_TK: Tensor | None, *, batch: int,
-                documents: tuple[Tensor, int] | None = None) -> None:
+    def _record(
+        self,
+        route: RouterOutput,
+        valid_T: Tensor | None,
+        valid_TK: Tensor | None,
+        *,
+        batch: int,
+        documents: tuple[Tensor, int] | None = None,
+    ) -> None:
         self._count(route, valid_T, valid_TK)
         if not (self.training and torch.is_grad_enabled()):
             self.aux_loss, self.loss_values = None, {}
@@ -183,10 +198,19 @@ class MoE(nn.Module):
                 global_load = reducer.sum_over_batch(self.expert_load.clone())
                 global_tokens = reducer.sum_over_batch(self.step_tokens.clone())
             document_T, num_documents = documents if documents is not None else (None, 1)
-            aux = losses.aux_loss(route.probs_TE, route.indices_TK, valid_T, batch=batch, scope=cfg.aux_loss_type,
-                                  reducer=reducer, global_load_E=global_load, global_tokens=global_tokens,
-                                  document_T=document_T, num_documents=num_documents,
-                                  step_per_unit=self.step_per_unit)
+            aux = losses.aux_loss(
+                route.probs_TE,
+                route.indices_TK,
+                valid_T,
+                batch=batch,
+                scope=cfg.aux_loss_type,
+                reducer=reducer,
+                global_load_E=global_load,
+                global_tokens=global_tokens,
+                document_T=document_T,
+                num_documents=num_documents,
+                step_per_unit=self.step_per_unit,
+            )
             terms.append(cfg.aux_loss_coeff * aux)
             values["aux_loss"] = aux.detach()
         if cfg.z_loss_coeff > 0 and route.logits_TE is not None:

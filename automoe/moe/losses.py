@@ -79,8 +79,14 @@ def _sum_per_sequence(x_TE: Tensor, batch: int, sequence_T: Tensor | None, num_s
     return x_TE.new_zeros(num_sequences, x_TE.shape[-1]).index_add(0, sequence_T, x_TE)
 
 
-def _load_BE(indices_TK: Tensor, m_T: Tensor, batch: int, num_experts: int, sequence_T: Tensor | None = None,
-             num_sequences: int = 0) -> Tensor:
+def _load_BE(
+    indices_TK: Tensor,
+    m_T: Tensor,
+    batch: int,
+    num_experts: int,
+    sequence_T: Tensor | None = None,
+    num_sequences: int = 0,
+) -> Tensor:
     """Per-sequence expert load over valid tokens: [B, E] float32 (no grad)."""
     T, K = indices_TK.shape
     one_hot = torch.zeros(T, num_experts, device=indices_TK.device, dtype=torch.float32)
@@ -88,10 +94,20 @@ def _load_BE(indices_TK: Tensor, m_T: Tensor, batch: int, num_experts: int, sequ
     return _sum_per_sequence(one_hot, batch, sequence_T, num_sequences)
 
 
-def aux_loss(probs_TE: Tensor, indices_TK: Tensor, valid_T: Tensor | None, *, batch: int, scope: str,
-             reducer: StatsReducer, global_load_E: Tensor | None = None,
-             global_tokens: Tensor | None = None, document_T: Tensor | None = None,
-             num_documents: int = 1, step_per_unit: Tensor | None = None) -> Tensor:
+def aux_loss(
+    probs_TE: Tensor,
+    indices_TK: Tensor,
+    valid_T: Tensor | None,
+    *,
+    batch: int,
+    scope: str,
+    reducer: StatsReducer,
+    global_load_E: Tensor | None = None,
+    global_tokens: Tensor | None = None,
+    document_T: Tensor | None = None,
+    num_documents: int = 1,
+    step_per_unit: Tensor | None = None,
+) -> Tensor:
     """Unweighted Switch-style balance loss sum_e f_e * P_e (gradient only through P).
 
     f_e = L_e * E / (K * T) and P_e = sum_t p_te / T over valid tokens.
@@ -139,8 +155,9 @@ def aux_loss(probs_TE: Tensor, indices_TK: Tensor, valid_T: Tensor | None, *, ba
     return loss if step_per_unit is None else loss / step_per_unit[_MICRO_BATCHES]
 
 
-def z_loss(logits_TE: Tensor, valid_T: Tensor | None, *, reducer: StatsReducer,
-           step_per_unit: Tensor | None = None) -> Tensor:
+def z_loss(
+    logits_TE: Tensor, valid_T: Tensor | None, *, reducer: StatsReducer, step_per_unit: Tensor | None = None
+) -> Tensor:
     """Router z-loss mean_t(logsumexp_e(logits_te))^2 over valid tokens (ST-MoE): this micro-batch's, or with
     `step_per_unit` its share of the mean over every valid token of the step."""
     T = logits_TE.shape[0]

@@ -51,8 +51,9 @@ class TokenDispatcher(Protocol):
     `combine` inverts it and applies the routing weights. Both are autograd-transparent.
     """
 
-    def dispatch(self, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor,
-                 valid_TK: Tensor | None) -> tuple[Tensor, Tensor, Any]:
+    def dispatch(
+        self, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, valid_TK: Tensor | None
+    ) -> tuple[Tensor, Tensor, Any]:
         """-> (x_ND rows for the local experts, counts_E int64 per local expert, ctx for combine)."""
         ...
 

@@ -30,4 +30,3 @@ def apply_ac(model: nn.Module, mode: str) -> None:
             target.forward = functools.partial(_checkpointed, target.forward)
             wrapped += 1
     logger.info("applied activation checkpointing (%s) to %d modules", mode, wrapped)
-

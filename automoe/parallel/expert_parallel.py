@@ -42,12 +42,16 @@ class WireStats:
 
     rows_sent: int = 0
     rows_remote: int = 0
-    slots_remote: Tensor | int = 0  # a 0-d tensor: reading it as int is left to the caller (no host sync here)
+    slots_remote: Tensor | int = (
+        0  # a 0-d tensor: reading it as int is left to the caller (no host sync here)
+    )
 
 
 def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> Tensor:
     """Variable-size all_to_all_single with autograd: its backward is the reverse all-to-all of the grads."""
-    flight_recorder.record("all_to_all_single (autograd)", group, x, send_splits=in_splits, recv_splits=out_splits)
+    flight_recorder.record(
+        "all_to_all_single (autograd)", group, x, send_splits=in_splits, recv_splits=out_splits
+    )
     return fc.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
 
 
@@ -71,7 +75,8 @@ class AllToAllDispatcher:
         T, K = indices_TK.shape
         # 1) unique (token, rank) pairs, sorted by destination rank
         token_M, dest_M, counts_X, local_MK, hit_MK = rank_pairs(
-            indices_TK, valid_TK, experts_per_rank=self.experts_per_rank, num_ranks=self.num_ranks)
+            indices_TK, valid_TK, experts_per_rank=self.experts_per_rank, num_ranks=self.num_ranks
+        )
         pair_slot_M = token_M * self.num_ranks + dest_M
         # 2) exchange pair counts (one int per peer: an even all-to-all)
         recv_counts_X = torch.empty_like(counts_X)
@@ -85,7 +90,9 @@ class AllToAllDispatcher:
         x_YD = _a2a(x_MD, recv_splits, send_splits, self.group)
         local_YK = torch.empty(sum(recv_splits), K, dtype=local_MK.dtype, device=local_MK.device)
         with flight_recorder.collective("all_to_all_single", self.group, local_MK, send_splits=send_splits):
-            dist.all_to_all_single(local_YK, local_MK.contiguous(), recv_splits, send_splits, group=self.group)
+            dist.all_to_all_single(
+                local_YK, local_MK.contiguous(), recv_splits, send_splits, group=self.group
+            )
         w_MK = expand_rows(weights_TK, pair_slot_M, slots_per_row=self.num_ranks) * hit_MK
         w_YK = _a2a(w_MK, recv_splits, send_splits, self.group)
         # 4) expand received rows to local-expert-major slots

@@ -66,7 +66,9 @@ class FlightRecorder:
             self._names[key] = f"{desc}{ranks}"
         return self._names[key]
 
-    def record(self, op: str, group: dist.ProcessGroup | str | None, *tensors: Tensor, **extra: Any) -> dict[str, Any]:
+    def record(
+        self, op: str, group: dist.ProcessGroup | str | None, *tensors: Tensor, **extra: Any
+    ) -> dict[str, Any]:
         """Append one collective (state `issued`); -> its entry (the caller may mark it `completed`)."""
         name = self.group_name(group)
         self.seq += 1
@@ -88,8 +90,9 @@ class FlightRecorder:
         return entry
 
     @contextlib.contextmanager
-    def collective(self, op: str, group: dist.ProcessGroup | str | None, *tensors: Tensor,
-                   **extra: Any) -> Iterator[None]:
+    def collective(
+        self, op: str, group: dist.ProcessGroup | str | None, *tensors: Tensor, **extra: Any
+    ) -> Iterator[None]:
         """Record a blocking collective around its call: `completed` once it returns."""
         entry = self.record(op, group, *tensors, **extra)
         yield
@@ -118,8 +121,17 @@ def torch_flight_recorder(last: int = CAPACITY) -> list[dict[str, Any]] | None:
         entries = json.loads(dump(includeCollectives=True, onlyActive=False)).get("entries", [])
     except Exception:  # noqa: BLE001 -- a report must not fail on a private torch API
         return None
-    keys = ("collective_seq_id", "process_group", "profiling_name", "input_sizes", "input_dtypes", "state",
-            "retired", "time_created_ns", "timeout_ms")
+    keys = (
+        "collective_seq_id",
+        "process_group",
+        "profiling_name",
+        "input_sizes",
+        "input_dtypes",
+        "state",
+        "retired",
+        "time_created_ns",
+        "timeout_ms",
+    )
     return [{k: e.get(k) for k in keys} for e in entries[-last:]]
 
 
@@ -187,7 +199,8 @@ def first_disagreement(reports: dict[int, dict[str, Any]], group: str) -> tuple[
     """(n, rank -> its n-th collective on `group`) for the first n where the ranks that recorded it issued
     different calls (`_signature`); None when they agree on everything they all still hold."""
     by_rank = {
-        rank: {e["group_seq"]: e for e in r["collectives"] if e["group"] == group} for rank, r in reports.items()
+        rank: {e["group_seq"]: e for e in r["collectives"] if e["group"] == group}
+        for rank, r in reports.items()
     }
     by_rank = {rank: entries for rank, entries in by_rank.items() if entries}
     if len(by_rank) < 2:

@@ -31,8 +31,13 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "floa
         moe = getattr(block, "moe", None)
         if moe is not None and dims.ep_enabled:
             # expert weights are already Shard(0) over ep: FSDP adds sharding over the expert-data axis
-            fully_shard(moe.experts, mesh=dims.expert_fsdp_mesh, mp_policy=mp, reshard_after_forward=True,
-                        shard_placement_fn=_expert_placement(dims.ep_shard))
+            fully_shard(
+                moe.experts,
+                mesh=dims.expert_fsdp_mesh,
+                mp_policy=mp,
+                reshard_after_forward=True,
+                shard_placement_fn=_expert_placement(dims.ep_shard),
+            )
         fully_shard(block, mesh=dense_mesh, mp_policy=mp)
     fully_shard(model, mesh=dense_mesh, mp_policy=mp)
     logger.info("applied FSDP2 over %s (params gathered in %s)", dense_mesh.mesh_dim_names, param_dtype)

@@ -70,7 +70,11 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
 
 def _mesh_group(mesh) -> dist.ProcessGroup | str:
     """The group of a 1-D mesh, or a name for an N-D one (a flight-recorder label)."""
-    return mesh.get_group() if mesh.ndim == 1 else f"mesh{list(mesh.mesh_dim_names or ())}{mesh.mesh.flatten().tolist()}"
+    return (
+        mesh.get_group()
+        if mesh.ndim == 1
+        else f"mesh{list(mesh.mesh_dim_names or ())}{mesh.mesh.flatten().tolist()}"
+    )
 
 
 def _all_reduce_avg(t: Tensor, mesh) -> None:
@@ -99,7 +103,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
     for params in groups.values():
         norm = get_total_norm([p.grad for p in params], 2.0)
         if isinstance(norm, DTensor):
-            with flight_recorder.collective("all_reduce (grad norm, DTensor)", _mesh_group(norm.device_mesh), norm):
+            with flight_recorder.collective(
+                "all_reduce (grad norm, DTensor)", _mesh_group(norm.device_mesh), norm
+            ):
                 norm = norm.full_tensor()
         squares.append(norm.float().square())
     if not squares:

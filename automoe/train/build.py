@@ -66,7 +66,8 @@ def _check_hf_init(cfg: JobConfig) -> tuple[str | None, list[str]]:
 
     _, notes = check_hf_init(cfg.model, cfg.hf.init_from)
     return cfg.hf.init_from, [
-        f"hf.init_from: {note}: kept (every tensor shape is unchanged; the function may differ)" for note in notes
+        f"hf.init_from: {note}: kept (every tensor shape is unchanged; the function may differ)"
+        for note in notes
     ]
 
 
@@ -75,11 +76,15 @@ def _load_hf_init(model: torch.nn.Module, hf_dir: str) -> tuple[str, ...]:
     from automoe.hf import load_hf_weights
 
     report = load_hf_weights(model, hf_dir)
-    logger.info("initialized from HF checkpoint %s (%d tensors read on rank 0)", hf_dir, len(report.read_keys))
+    logger.info(
+        "initialized from HF checkpoint %s (%d tensors read on rank 0)", hf_dir, len(report.read_keys)
+    )
     if report.not_written:
         logger.warning(
             "hf.init_from=%s did not write %d model tensors (they keep their random init): %s",
-            hf_dir, len(report.not_written), ", ".join(report.not_written),
+            hf_dir,
+            len(report.not_written),
+            ", ".join(report.not_written),
         )
     return tuple(report.not_written)
 
@@ -242,7 +247,9 @@ def build_trainer(
     seed_all(train.seed)  # torch (the init), Python's and numpy's global RNGs: train.seed seeds every RNG
     model.init_weights()  # also fills the non-persistent buffers (RoPE tables, load counters)
     not_loaded: tuple[str, ...] = ()
-    if plan.hf_init is not None:  # HF weights overwrite every parameter; each rank reads only its shard's experts
+    if (
+        plan.hf_init is not None
+    ):  # HF weights overwrite every parameter; each rank reads only its shard's experts
         not_loaded = _load_hf_init(model, plan.hf_init)
     model.train()
     counts = num_params(model)

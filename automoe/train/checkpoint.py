@@ -129,7 +129,9 @@ def check_step_dir(path: str | Path, *, key: str) -> Path:
         inside = [p.name for _, p in step_dirs(path) if is_complete(p)]
         if not inside:
             inside = [p.name for _, p in step_dirs(path / "checkpoints") if is_complete(p)]
-        hint = f"it holds {', '.join(inside)}: pick one" if inside else "it holds no complete step_<N> directory"
+        hint = (
+            f"it holds {', '.join(inside)}: pick one" if inside else "it holds no complete step_<N> directory"
+        )
         raise ValueError(f"{key}={str(path)!r} is not a step_<N> checkpoint directory ({hint})")
     if not is_complete(path):
         raise ValueError(f"{key}={str(path)!r} has no {MARKER} marker: the save did not finish; pick another")
@@ -239,7 +241,11 @@ class Checkpointer:
                 "loader": loader.state_dict(),
             }
             write_json(
-                path / STATE_FILE, trainer_state, faults=self.faults, fault_point="save.state_partial", step=step
+                path / STATE_FILE,
+                trainer_state,
+                faults=self.faults,
+                fault_point="save.state_partial",
+                step=step,
             )
             self.faults.at("save.state_written", step)
             (path / CONFIG_FILE).write_text(self.config_yaml)
@@ -274,7 +280,9 @@ class Checkpointer:
         if self.rank == 0:
             self.faults.at("save.before_marker", step)
             marker = {"step": step, "world_size": self.world_size, "time": time.time()}
-            write_json(path / MARKER, marker, faults=self.faults, fault_point="save.marker_partial", step=step)
+            write_json(
+                path / MARKER, marker, faults=self.faults, fault_point="save.marker_partial", step=step
+            )
             fsync_dir(path)
             self.faults.at("save.marker_written", step)
             self._prune(step)
@@ -299,7 +307,9 @@ class Checkpointer:
             # Remove the marker first: a crash mid-delete must not leave a "complete" partial directory.
             (p / MARKER).unlink(missing_ok=True)
             self.faults.at("prune.marker_removed", step)
-            self.faults.at("prune.files_half_removed", step, damage=functools.partial(_remove_every_other_file, p))
+            self.faults.at(
+                "prune.files_half_removed", step, damage=functools.partial(_remove_every_other_file, p)
+            )
             shutil.rmtree(p, ignore_errors=True)
 
     # ---- load ----
@@ -391,7 +401,9 @@ class Checkpointer:
             raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
         check_shard_files(path, metadata)
         self._check_shapes(path, model_sd, metadata, saved_model_cfg)
-        if optimizer is not None and not any(k.startswith("optim.state.") for k in metadata.state_dict_metadata):
+        if optimizer is not None and not any(
+            k.startswith("optim.state.") for k in metadata.state_dict_metadata
+        ):
             raise ValueError(f"checkpoint.init_optimizer=true but {path} holds no optimizer state")
         try:
             with single_process_ok():
@@ -412,7 +424,9 @@ class Checkpointer:
 
     def _check_shapes(self, path: Path, model_sd: dict, metadata: Any, saved_model_cfg: dict) -> None:
         expected = {key: tuple(value.shape) for key, value in model_sd.items()}  # DTensor: the global shape
-        check_model_shapes(path, expected, metadata, saved_model_cfg=saved_model_cfg, config_yaml=self.config_yaml)
+        check_model_shapes(
+            path, expected, metadata, saved_model_cfg=saved_model_cfg, config_yaml=self.config_yaml
+        )
 
 
 def check_model_shapes(

@@ -29,15 +29,18 @@ class FirstLossError(ValueError):
 
 def imported_weights(cfg) -> str | None:
     """`key=value` of the setting the run's weights were imported from (None: not imported)."""
-    for key, value in (("hf.init_from", cfg.hf.init_from),
-                       ("checkpoint.init_from", getattr(cfg.checkpoint, "init_from", None))):
+    for key, value in (
+        ("hf.init_from", cfg.hf.init_from),
+        ("checkpoint.init_from", getattr(cfg.checkpoint, "init_from", None)),
+    ):
         if value is not None:
             return f"{key}={value}"
     return None
 
 
-def check_first_loss(loss: float, vocab_size: int, *, source: str, enabled: bool,
-                     not_loaded: Sequence[str] = ()) -> str:
+def check_first_loss(
+    loss: float, vocab_size: int, *, source: str, enabled: bool, not_loaded: Sequence[str] = ()
+) -> str:
     """-> the line to log for the first step's `loss` after loading from `source`; raises FirstLossError when
     the guard is `enabled` and the loss is no better than random. `not_loaded`: tensors the load did not write."""
     uniform = math.log(vocab_size)
@@ -45,7 +48,9 @@ def check_first_loss(loss: float, vocab_size: int, *, source: str, enabled: bool
     unwritten = ""
     if not_loaded:
         more = f" (+{len(not_loaded) - _SHOW} more)" if len(not_loaded) > _SHOW else ""
-        unwritten = f"; the load did not write {len(not_loaded)} tensors: {', '.join(list(not_loaded)[:_SHOW])}{more}"
+        unwritten = (
+            f"; the load did not write {len(not_loaded)} tensors: {', '.join(list(not_loaded)[:_SHOW])}{more}"
+        )
     line = (
         f"first step after loading {source}: loss {loss:.4f}, ln(vocab_size={vocab_size}) = {uniform:.4f} "
         f"(a uniform guess); better than random below {limit:.4f}{unwritten}"

@@ -242,7 +242,9 @@ def save_expert_load_heatmap(metrics_path: str | Path, png_path: str | Path) -> 
         len(layers), 1, figsize=(10, 1.2 + 1.6 * len(layers)), squeeze=False, sharex=True
     )
     for ax, layer in zip(axes[:, 0], layers):
-        step_loads = torch.tensor([r["moe"][layer]["load"] for r in records], dtype=torch.float64)  # (steps, E)
+        step_loads = torch.tensor(
+            [r["moe"][layer]["load"] for r in records], dtype=torch.float64
+        )  # (steps, E)
         shares = (step_loads / step_loads.sum(1, keepdim=True).clamp_min(1)).T  # (E, steps)
         num_experts = shares.shape[0]
         image = ax.imshow(

@@ -144,13 +144,24 @@ class Trainer:
         grad_norm = parallel.clip_grad_norm_(self.model, self.cfg.optim.max_grad_norm).item()
         # One all-reduce for every logged sum; the loss is the global mean CE of the step.
         self.phase = "loss/metrics all-reduce"
-        sums = parallel.sum_over_ranks(torch.cat([ce_sum.view(1), aux_sum.view(1), dropped_per_layer]), self.dims)
+        sums = parallel.sum_over_ranks(
+            torch.cat([ce_sum.view(1), aux_sum.view(1), dropped_per_layer]), self.dims
+        )
         num_tokens = micro_batches[0]["global_num_tokens"]
         loss = sums[0].item() / num_tokens
         aux_loss = sums[1].item() / (len(micro_batches) * self.dims.world_size)
-        if self.weights_source is not None and self.step == 1:  # every rank: the same global loss, one verdict
-            self.metrics.info(check_first_loss(loss, self.cfg.model.vocab_size, source=self.weights_source,
-                                               enabled=self.cfg.train.first_loss_guard, not_loaded=self.not_loaded))
+        if (
+            self.weights_source is not None and self.step == 1
+        ):  # every rank: the same global loss, one verdict
+            self.metrics.info(
+                check_first_loss(
+                    loss,
+                    self.cfg.model.vocab_size,
+                    source=self.weights_source,
+                    enabled=self.cfg.train.first_loss_guard,
+                    not_loaded=self.not_loaded,
+                )
+            )
         lr = self.optimizer.param_groups[0]["lr"]
         healthy = self._check_finite(loss, grad_norm)  # the same verdict on every rank
         if healthy:
@@ -257,8 +268,13 @@ class Trainer:
             rank = dist.get_rank() if dist.is_initialized() else 0
             try:
                 report = flight_recorder.write_hang_report(
-                    self.output_dir, rank=rank, world_size=self.dims.world_size, step=self.step,
-                    phase=self.phase, error=e, timeout_s=timeout,
+                    self.output_dir,
+                    rank=rank,
+                    world_size=self.dims.world_size,
+                    step=self.step,
+                    phase=self.phase,
+                    error=e,
+                    timeout_s=timeout,
                 )
             except OSError as write_error:  # the collective's failure is the news, not this
                 report = f"(not written: {write_error})"
@@ -307,10 +323,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step, refusing to save weights that are no longer finite."""
-        local_ok = all(
-            bool(torch.isfinite(local_view(p)).all())
-            for p in self.model.parameters()
-        )
+        local_ok = all(bool(torch.isfinite(local_view(p)).all()) for p in self.model.parameters())
         num_bad = parallel.sum_over_ranks(
             torch.tensor(float(not local_ok), device=self.device), self.dims
         ).item()

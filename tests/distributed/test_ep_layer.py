@@ -21,16 +21,46 @@ from tests.distributed.spawn import run_distributed
 from tests.tolerance import assert_close_rounding, assert_equal
 
 CASES = {
-    "softmax-top2": (MoEConfig(dim=16, moe_inter_dim=24, num_experts=8, num_activated_experts=2,
-                               aux_loss_coeff=0.01, z_loss_coeff=0.001), [3, 1, 2, 2]),
-    "dedup-top4-shared-padding": (MoEConfig(dim=16, moe_inter_dim=24, num_experts=8, num_activated_experts=4,
-                                            num_shared_experts=1, norm_topk_prob=True, aux_loss_coeff=0.01,
-                                            aux_loss_type="sequence"), [2, 2, 1, 3]),
-    "zero-token-rank": (MoEConfig(dim=16, moe_inter_dim=24, num_experts=4, num_activated_experts=2,
-                                  experts_backend="loop"), [2, 0, 1, 1]),
+    "softmax-top2": (
+        MoEConfig(
+            dim=16,
+            moe_inter_dim=24,
+            num_experts=8,
+            num_activated_experts=2,
+            aux_loss_coeff=0.01,
+            z_loss_coeff=0.001,
+        ),
+        [3, 1, 2, 2],
+    ),
+    "dedup-top4-shared-padding": (
+        MoEConfig(
+            dim=16,
+            moe_inter_dim=24,
+            num_experts=8,
+            num_activated_experts=4,
+            num_shared_experts=1,
+            norm_topk_prob=True,
+            aux_loss_coeff=0.01,
+            aux_loss_type="sequence",
+        ),
+        [2, 2, 1, 3],
+    ),
+    "zero-token-rank": (
+        MoEConfig(dim=16, moe_inter_dim=24, num_experts=4, num_activated_experts=2, experts_backend="loop"),
+        [2, 0, 1, 1],
+    ),
     # every token routes to experts 0..1 (rank 0): the other ranks' experts receive nothing
-    "idle-experts": (MoEConfig(dim=16, moe_inter_dim=24, num_experts=8, num_activated_experts=2,
-                               score_func="sigmoid", correction_bias=True), [2, 1, 1, 2]),
+    "idle-experts": (
+        MoEConfig(
+            dim=16,
+            moe_inter_dim=24,
+            num_experts=8,
+            num_activated_experts=2,
+            score_func="sigmoid",
+            correction_bias=True,
+        ),
+        [2, 1, 1, 2],
+    ),
 }
 SEQ = 5
 
@@ -107,20 +137,30 @@ def _check_case(rank: int, world: int, case: str, ep: int) -> dict:
     lo = (rank % ep) * local
     for name in ref_grads:
         if name.startswith("experts."):
-            ref_grads[name] = ref_grads[name][lo:lo + local]
+            ref_grads[name] = ref_grads[name][lo : lo + local]
     # Outputs: two chained contractions (D, then F) plus the K-way combine, in another order than the reference.
     assert_close_rounding(y.detach(), ref_y_mine, terms=max(cfg.dim, cfg.moe_inter_dim), depth=3)
     # The loss sums this rank's y * target terms, each carrying the outputs' error: bound by their absolute sum.
-    assert_close_rounding(loss.detach(), torch.tensor(ref_loss_mine), terms=y.numel(), depth=4,
-                          scale=(y.detach() * targets[rank]).abs().sum())
+    assert_close_rounding(
+        loss.detach(),
+        torch.tensor(ref_loss_mine),
+        terms=y.numel(),
+        depth=4,
+        scale=(y.detach() * targets[rank]).abs().sum(),
+    )
     # Gradients: backward through the same chain, then a sum over every routed slot of the global batch.
     num_slots = sum(sizes) * SEQ * cfg.num_activated_experts
     for name, g in grads.items():
-        assert_close_rounding(g, ref_grads[name], terms=num_slots + max(cfg.dim, cfg.moe_inter_dim), depth=3,
-                              msg=name)
+        assert_close_rounding(
+            g, ref_grads[name], terms=num_slots + max(cfg.dim, cfg.moe_inter_dim), depth=3, msg=name
+        )
     wire = layer.dispatcher.wire
-    return {"rows_remote": wire.rows_remote, "slots_remote": int(wire.slots_remote), "load": layer.expert_load.clone(),
-            "ref_load": reference.expert_load.clone()}
+    return {
+        "rows_remote": wire.rows_remote,
+        "slots_remote": int(wire.slots_remote),
+        "load": layer.expert_load.clone(),
+        "ref_load": reference.expert_load.clone(),
+    }
 
 
 @pytest.mark.distributed
@@ -131,6 +171,8 @@ def test_ep_layer_matches_single_process(world, ep):
     for case in CASES:
         per_rank = [r[case] for r in results]
         total_load = sum(r["load"] for r in per_rank)
-        assert_equal(total_load, per_rank[0]["ref_load"])  # integer counts: the reference saw every slice once
+        assert_equal(
+            total_load, per_rank[0]["ref_load"]
+        )  # integer counts: the reference saw every slice once
         if case.startswith("dedup"):  # several of a token's experts on one rank: it crossed the wire once
             assert sum(r["rows_remote"] for r in per_rank) < sum(r["slots_remote"] for r in per_rank)

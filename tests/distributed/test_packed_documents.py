@@ -28,10 +28,26 @@ SEQ, VOCAB, EOS, PAD = 16, 64, 61, 62
 
 
 def _cfg() -> ModelConfig:
-    moe = MoEConfig(num_experts=4, num_activated_experts=2, moe_inter_dim=16, num_shared_experts=1,
-                    aux_loss_coeff=0.01, aux_loss_type="sequence", z_loss_coeff=0.001)
-    return ModelConfig(vocab_size=VOCAB, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_inter_dim=48,
-                       num_dense_layers=1, max_seq_len=SEQ, moe=moe)
+    moe = MoEConfig(
+        num_experts=4,
+        num_activated_experts=2,
+        moe_inter_dim=16,
+        num_shared_experts=1,
+        aux_loss_coeff=0.01,
+        aux_loss_type="sequence",
+        z_loss_coeff=0.001,
+    )
+    return ModelConfig(
+        vocab_size=VOCAB,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_inter_dim=48,
+        num_dense_layers=1,
+        max_seq_len=SEQ,
+        moe=moe,
+    )
 
 
 def _micro_batch() -> dict:
@@ -41,8 +57,9 @@ def _micro_batch() -> dict:
     stream = []
     for n in (5, 9, 3, 12, 4):
         stream += torch.randint(0, EOS, (n - 1,), generator=g).tolist() + [EOS]
-    data = TokenDataset(np.array(stream), seq_len=SEQ, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD,
-                        document_masking=True)
+    data = TokenDataset(
+        np.array(stream), seq_len=SEQ, vocab_size=VOCAB, eos_id=EOS, pad_id=PAD, document_masking=True
+    )
     (mb,) = make_micro_batches(data, np.array([0, PAD_ROW, 1]), micro_batch_size=3, dp_rank=0, dp_size=1)
     assert mb["num_documents"] == 3
     return mb
@@ -60,8 +77,13 @@ def _build(cfg: ModelConfig, dims: ParallelDims, pcfg: ParallelConfig) -> Transf
 
 def _step(model, dims, mb) -> tuple[float, list[float], dict]:
     cpu = torch.device("cpu")
-    ce_sum, _ = forward_backward(model, [mb], dims=dims, device=cpu,
-                                 ce_sum_fn=lambda m: micro_batch_ce_sum(model, m, dims=dims, device=cpu))
+    ce_sum, _ = forward_backward(
+        model,
+        [mb],
+        dims=dims,
+        device=cpu,
+        ce_sum_fn=lambda m: micro_batch_ce_sum(model, m, dims=dims, device=cpu),
+    )
     finalize_grads(model, dims)
     aux = [layer.loss_values["aux_loss"].item() for _, layer in moe_layers(model)]
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

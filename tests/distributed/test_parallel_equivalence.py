@@ -24,15 +24,35 @@ from tests.distributed.spawn import run_distributed
 from tests.tolerance import assert_equal, rounding_atol
 
 SEQ, MICRO, STEPS, VOCAB = 8, 1, 3, 64
-WORLD_MAX = 4  # the largest world in LAYOUTS: at most 4 data-parallel ranks x 2 micro-batches of MICRO sequences
+WORLD_MAX = (
+    4  # the largest world in LAYOUTS: at most 4 data-parallel ranks x 2 micro-batches of MICRO sequences
+)
 
 
 def _model_cfg(aux_type: str, num_experts: int = 4) -> ModelConfig:
-    moe = MoEConfig(num_experts=num_experts, num_activated_experts=min(2, num_experts - 1), moe_inter_dim=16, num_shared_experts=1,
-                    aux_loss_coeff=0.01, aux_loss_type=aux_type, z_loss_coeff=0.001, gate_bias_update_factor=0.01,
-                    score_func="sigmoid", norm_topk_prob=True)
-    return ModelConfig(vocab_size=VOCAB, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_inter_dim=48,
-                       num_dense_layers=1, max_seq_len=SEQ, moe=moe)
+    moe = MoEConfig(
+        num_experts=num_experts,
+        num_activated_experts=min(2, num_experts - 1),
+        moe_inter_dim=16,
+        num_shared_experts=1,
+        aux_loss_coeff=0.01,
+        aux_loss_type=aux_type,
+        z_loss_coeff=0.001,
+        gate_bias_update_factor=0.01,
+        score_func="sigmoid",
+        norm_topk_prob=True,
+    )
+    return ModelConfig(
+        vocab_size=VOCAB,
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_inter_dim=48,
+        num_dense_layers=1,
+        max_seq_len=SEQ,
+        moe=moe,
+    )
 
 
 def _build(cfg: ModelConfig, dims: ParallelDims, pcfg: ParallelConfig) -> Transformer:
@@ -54,7 +74,11 @@ def _micro_batches(tokens: torch.Tensor, rows: slice, num_tokens: int) -> list[d
     """The loader's micro-batch dicts for `rows` of the global batch (`num_tokens` labels in all)."""
     mine = tokens[rows]
     return [
-        {"input_ids": mine[i:i + MICRO, :-1], "labels": mine[i:i + MICRO, 1:], "global_num_tokens": num_tokens}
+        {
+            "input_ids": mine[i : i + MICRO, :-1],
+            "labels": mine[i : i + MICRO, 1:],
+            "global_num_tokens": num_tokens,
+        }
         for i in range(0, len(mine), MICRO)
     ]
 
@@ -64,13 +88,18 @@ def _train_step(model, opt, dims, micro_batches, grads_out=None) -> tuple[float,
     AdamW, bias update); -> (global loss, aux loss, grad norm) as the trainer logs them."""
     cpu = torch.device("cpu")
     ce_total, aux_total = forward_backward(
-        model, micro_batches, dims=dims, device=cpu,
+        model,
+        micro_batches,
+        dims=dims,
+        device=cpu,
         ce_sum_fn=lambda mb: micro_batch_ce_sum(model, mb, dims=dims, device=cpu),
     )
     finalize_grads(model, dims)
     norm = clip_grad_norm_(model, 0.5)
     if grads_out is not None:
-        grads_out.update({n: _full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads_out.update(
+            {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+        )
     opt.step()
     update_gate_biases(model, sum_fn=lambda t: sum_over_ranks(t, dims))
     opt.zero_grad(set_to_none=True)
@@ -90,9 +119,15 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _worker(rank: int, world: int, layout: dict) -> dict:
-    pcfg = ParallelConfig(ep=layout["ep"], cp=layout["cp"], dp_replicate=layout.get("dp_replicate", 1),
-                          fsdp=layout["fsdp"], activation_checkpointing=layout.get("ac", "none"),
-                          fsdp_param_dtype=layout.get("param_dtype", "float32"), cp_load_balance=True)
+    pcfg = ParallelConfig(
+        ep=layout["ep"],
+        cp=layout["cp"],
+        dp_replicate=layout.get("dp_replicate", 1),
+        fsdp=layout["fsdp"],
+        activation_checkpointing=layout.get("ac", "none"),
+        fsdp_param_dtype=layout.get("param_dtype", "float32"),
+        cp_load_balance=True,
+    )
     cfg = _model_cfg(layout.get("aux", "micro_batch"), layout.get("experts", 4))
     fp32 = pcfg.fsdp_param_dtype == "float32"
     # fp32 layouts vs the single process: the same math with other GEMM row counts and other CP/EP/FSDP reduction
@@ -105,8 +140,13 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
     # bf16 mixed precision (params gathered and computed in bf16, fp32 master weights and reductions) is held to
     # bf16 accuracy instead: 2e-2 ~ 5 bf16 unit roundoffs (2^-8) on the loss-level quantities
     tol = rounding_atol(torch.float32, terms=terms, depth=step_depth, scale=1.0) if fp32 else 2e-2
-    dims = ParallelDims(world_size=world, dp_replicate=pcfg.dp_replicate, cp=pcfg.cp, ep=pcfg.ep,
-                        num_experts=cfg.moe.num_experts)
+    dims = ParallelDims(
+        world_size=world,
+        dp_replicate=pcfg.dp_replicate,
+        cp=pcfg.cp,
+        ep=pcfg.ep,
+        num_experts=cfg.moe.num_experts,
+    )
     dims.build_meshes()
     model = _build(cfg, dims, pcfg)
     if dims.ep_enabled and pcfg.fsdp and cfg.moe.num_experts // dims.ep < dims.ep_shard:
@@ -123,33 +163,47 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
         tokens = _global_batch(step, num_seqs)
         num_tokens = num_seqs * SEQ
         mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        got = _train_step(model, opts[0], dims, _micro_batches(tokens, mine, num_tokens),
-                          grads if step == 0 else None)
-        want = _train_step(reference, opts[1], single, _micro_batches(tokens, slice(None), num_tokens),
-                           ref_grads if step == 0 else None)
+        got = _train_step(
+            model, opts[0], dims, _micro_batches(tokens, mine, num_tokens), grads if step == 0 else None
+        )
+        want = _train_step(
+            reference,
+            opts[1],
+            single,
+            _micro_batches(tokens, slice(None), num_tokens),
+            ref_grads if step == 0 else None,
+        )
         for name, g, w in zip(("loss", "aux", "grad_norm"), got, want):
             step_tol = (step + 1) * tol if fp32 else tol  # one step's bound per step taken (see above)
             # relative: loss, aux and grad norm are sums of non-negative terms, |w| is their magnitude
             assert abs(g - w) <= step_tol * abs(w), f"step {step} {name}: {g} vs {w}"
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():  # the first step's gradients: one step's bound
-        assert _rel_err(g, ref_grads[name]) <= tol, f"grad {name}: relative error {_rel_err(g, ref_grads[name])}"
+        assert _rel_err(g, ref_grads[name]) <= tol, (
+            f"grad {name}: relative error {_rel_err(g, ref_grads[name])}"
+        )
     ref_params = dict(reference.named_parameters()) if fp32 else {}  # bf16: routing flips diverge AdamW
     for name, p in model.named_parameters():
         if name not in ref_params:
             continue
         err = _rel_err(_full(p.detach()), ref_params[name].detach())
-        assert err <= STEPS * tol, f"param {name} after {STEPS} steps: relative error {err}"  # a trajectory margin
+        assert err <= STEPS * tol, (
+            f"param {name} after {STEPS} steps: relative error {err}"
+        )  # a trajectory margin
     biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("correction_bias")}
     ref_biases = dict(reference.named_buffers())
     for name, b in biases.items():
-        if fp32:  # +-factor * sign(load deviation) of identical integer loads: bitwise (bf16 routing may flip ties)
+        if (
+            fp32
+        ):  # +-factor * sign(load deviation) of identical integer loads: bitwise (bf16 routing may flip ties)
             assert_equal(b, ref_biases[name], msg=name)
         assert b.abs().sum() > 0, "the bias update never ran"
         gathered = [torch.empty_like(b) for _ in range(world)]
         dist.all_gather(gathered, b)
         for x in gathered:
-            assert_equal(x, b, msg="biases diverged across ranks")  # every rank applies the same reduced loads
+            assert_equal(
+                x, b, msg="biases diverged across ranks"
+            )  # every rank applies the same reduced loads
     return True
 
 

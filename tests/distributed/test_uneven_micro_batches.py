@@ -41,8 +41,15 @@ class Net(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.emb = nn.Embedding(V, D)
-        cfg = MoEConfig(dim=D, moe_inter_dim=8, num_experts=E, num_activated_experts=K, aux_loss_coeff=AUX_COEFF,
-                        aux_loss_type=scope, z_loss_coeff=Z_COEFF)
+        cfg = MoEConfig(
+            dim=D,
+            moe_inter_dim=8,
+            num_experts=E,
+            num_activated_experts=K,
+            aux_loss_coeff=AUX_COEFF,
+            aux_loss_type=scope,
+            z_loss_coeff=Z_COEFF,
+        )
         self.moe = MoE(cfg)
         self.moe.init_weights(std=0.5)
 
@@ -59,7 +66,7 @@ def micro_batches() -> list[list[dict]]:
         for padded in ranks:
             ids = torch.randint(0, V, (ROWS, SEQ + 1), generator=g)
             labels = ids[:, 1:].clone()
-            labels[ROWS - padded:] = IGNORE_INDEX
+            labels[ROWS - padded :] = IGNORE_INDEX
             mbs.append({"input_ids": ids[:, :-1], "labels": labels, "global_num_tokens": 1})
         out.append(mbs)
     return out

@@ -23,8 +23,14 @@ def _resume(fixture: Path, out: Path, *extra: str):
     expected = json.loads((fixture / "expected.json").read_text())
     step = expected["saved_step"]
     shutil.copytree(fixture / f"step_{step}", out / "checkpoints" / f"step_{step}")
-    run = run_recipe(expected["nproc"], out, *expected["overrides"], "checkpoint.interval=0",
-                     "checkpoint.resume=latest", *extra)
+    run = run_recipe(
+        expected["nproc"],
+        out,
+        *expected["overrides"],
+        "checkpoint.interval=0",
+        "checkpoint.resume=latest",
+        *extra,
+    )
     return expected, run
 
 
@@ -38,7 +44,9 @@ def test_an_old_checkpoint_resumes_to_the_recorded_loss(fixture, tmp_path):
     # The loss of the next step is one forward over the checkpoint's weights and data position, so only the
     # writer's CPU kernels can differ: a chain of 4 reductions per block plus the head, over at most 32 terms
     # (the fixture's widest contraction), of magnitude ~ the loss.
-    num_layers = int(next(o for o in expected["overrides"] if o.startswith("model.num_layers=")).split("=")[1])
+    num_layers = int(
+        next(o for o in expected["overrides"] if o.startswith("model.num_layers=")).split("=")[1]
+    )
     atol = rounding_atol(torch.float32, terms=32, scale=expected["next_step_loss"], depth=4 * num_layers + 1)
     assert abs(records[0]["loss"] - expected["next_step_loss"]) <= atol, (records[0]["loss"], expected)
 

@@ -54,14 +54,23 @@ def run_in_order(page: str, cwd) -> list[str]:
     for cmd in markdown_commands(REPO / page):
         data = [] if any(a.startswith("data=") for a in cmd.args) else ["data=synthetic"]
         argv = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cmd.world_size}",
-            str(REPO / "recipes" / cmd.recipe), *data, *SMALL, *scaled(cmd.args),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={cmd.world_size}",
+            str(REPO / "recipes" / cmd.recipe),
+            *data,
+            *SMALL,
+            *scaled(cmd.args),
         ]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{cmd.where}: {' '.join(cmd.args)}\n{output[-3000:]}"
-        assert "finished step" in output and "the run is complete" not in output, f"{cmd.where}\n{output[-2000:]}"
+        assert "finished step" in output and "the run is complete" not in output, (
+            f"{cmd.where}\n{output[-2000:]}"
+        )
         outputs.append(output)
     return outputs
 

@@ -185,7 +185,11 @@ def hf_qwen2_moe():
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.08 * torch.randn_like(p))
+            p.copy_(
+                1.0 + 0.1 * torch.randn_like(p)
+                if name.endswith("norm.weight")
+                else 0.08 * torch.randn_like(p)
+            )
     return model
 
 
@@ -204,7 +208,11 @@ def test_qwen2_moe_ep2_fsdp_fine_tune_matches_transformers_and_exports(tmp_path)
         run.output[-3000:]
     )
     saved = yaml.safe_load((out / "config.yaml").read_text())["model"]
-    assert (saved["qkv_bias"], saved["moe"]["shared_expert_gate"], saved["moe"]["shared_expert_inter_dim"]) == (
+    assert (
+        saved["qkv_bias"],
+        saved["moe"]["shared_expert_gate"],
+        saved["moe"]["shared_expert_inter_dim"],
+    ) == (
         True,
         True,
         40,

@@ -31,15 +31,24 @@ def test_help_lists_exactly_the_selectable_groups(tmp_path):
     section = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     listed = set(re.findall(r"^(\w+):", section, flags=re.M))
     defaults = yaml.safe_load((REPO / "configs" / "config.yaml").read_text())["defaults"]
-    groups = {next(iter(d)) for d in defaults if isinstance(d, dict) and not next(iter(d)).startswith("override")}
+    groups = {
+        next(iter(d)) for d in defaults if isinstance(d, dict) and not next(iter(d)).startswith("override")
+    }
     assert listed == groups, (listed, groups)
     assert "cluster" not in listed
 
 
 @pytest.mark.timeout(300)
 def test_multirun_writes_under_outputs_not_the_working_directory(tmp_path):
-    argv = [sys.executable, str(PRETRAIN), "-m", *FAST, "parallel=single", "train.steps=1",
-            f"output_dir={tmp_path}/a,{tmp_path}/b"]
+    argv = [
+        sys.executable,
+        str(PRETRAIN),
+        "-m",
+        *FAST,
+        "parallel=single",
+        "train.steps=1",
+        f"output_dir={tmp_path}/a,{tmp_path}/b",
+    ]
     proc = run(argv, tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert (tmp_path / "a" / "metrics.jsonl").is_file() and (tmp_path / "b" / "metrics.jsonl").is_file()
@@ -54,8 +63,20 @@ def test_bench_checkpoint_runs_from_a_fresh_clone(tmp_path):
     (clone / "scripts").mkdir(parents=True)
     shutil.copy(REPO / "scripts" / "bench_checkpoint.py", clone / "scripts")
     (clone / "configs").symlink_to(REPO / "configs")
-    argv = [sys.executable, str(clone / "scripts" / "bench_checkpoint.py"), "--models", "tiny", "--worlds", "1",
-            "--repeats", "1", "--warmup", "1", "--json", str(tmp_path / "out.json")]
+    argv = [
+        sys.executable,
+        str(clone / "scripts" / "bench_checkpoint.py"),
+        "--models",
+        "tiny",
+        "--worlds",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--json",
+        str(tmp_path / "out.json"),
+    ]
     proc = run(argv, clone, timeout=540)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert (clone / "bench_results").is_dir() and (tmp_path / "out.json").is_file()

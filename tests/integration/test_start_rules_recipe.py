@@ -31,7 +31,9 @@ def test_resume_of_finished_run_then_extension_with_new_schedule(finished_ep2, t
     shutil.copytree(finished_ep2, run_dir)
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     # 1. resuming the finished run: nothing to train, exit 0, say so and how to extend it; no new wandb run
-    done = check_ok(run_recipe(2, run_dir, *SAVE_AT_END, "logging.wandb.mode=offline", "checkpoint.resume=latest"))
+    done = check_ok(
+        run_recipe(2, run_dir, *SAVE_AT_END, "logging.wandb.mode=offline", "checkpoint.resume=latest")
+    )
     assert "the run is complete" in done.output and "train.steps=12 checkpoint.resume=latest" in done.output
     assert sorted((run_dir / "wandb").glob("offline-run-*")) == wandb_runs
     # 2. the command: more steps, another lr and schedule: the command line wins, the changes are logged
@@ -47,8 +49,11 @@ def test_resume_of_finished_run_then_extension_with_new_schedule(finished_ep2, t
             "checkpoint.interval=8",
         )
     )
-    for change in ("train.steps=8 (checkpoint: 6)", "optim.lr=0.001 (checkpoint: 0.003)",
-                   "optim.schedule='constant' (checkpoint: 'cosine')"):
+    for change in (
+        "train.steps=8 (checkpoint: 6)",
+        "optim.lr=0.001 (checkpoint: 0.003)",
+        "optim.schedule='constant' (checkpoint: 'cosine')",
+    ):
         assert change in more.output, more.output[-3000:]
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))
@@ -73,9 +78,15 @@ def test_init_from_on_another_layout_and_other_data(finished_ep2, tmp_path):
     )
     assert resume.returncode != 0 and "checkpoint.init_from=" in resume.output, resume.output[-3000:]
     check_ok(
-        run_recipe(1, tmp_path / "init", "parallel=single", f"checkpoint.init_from={step6}",
-                   "checkpoint.init_optimizer=true", *other_data,
-                   "train.first_loss_guard=false")  # 6 steps in: not yet better than ln(V) - 1
+        run_recipe(
+            1,
+            tmp_path / "init",
+            "parallel=single",
+            f"checkpoint.init_from={step6}",
+            "checkpoint.init_optimizer=true",
+            *other_data,
+            "train.first_loss_guard=false",
+        )  # 6 steps in: not yet better than ln(V) - 1
     )
     fresh_first = read_metrics(finished_ep2 / "metrics.jsonl")[0]
     init = read_metrics(tmp_path / "init" / "metrics.jsonl")
@@ -110,7 +121,9 @@ def test_refusal_printed_once_after_the_config_dump(tmp_path):
     message = "does not match the world size 2"
     assert run.output.count(message) == 1, run.output[-3000:]
     assert run.output.index("resolved config:") < run.output.index(message)
-    assert "Error executing job" not in run.output and "automoe/train" not in run.output  # no worker traceback
+    assert (
+        "Error executing job" not in run.output and "automoe/train" not in run.output
+    )  # no worker traceback
     assert not (tmp_path / "config.yaml").exists()
 
 

@@ -49,7 +49,9 @@ def test_faults_fire_only_for_their_rank_step_and_attempt():
     assert poisons(hooks, 3) and not poisons(hooks, 4)
     assert hooks.crashes_at("save.begin", 4) and not hooks.crashes_at("save.begin", 2)
     assert not poisons(faults.from_spec("nan_at_step:3:1", rank=0), 3)
-    assert not poisons(faults.from_spec("nan_at_step:3:1:1", rank=1, attempt=0), 3)  # meant for the first restart
+    assert not poisons(
+        faults.from_spec("nan_at_step:3:1:1", rank=1, attempt=0), 3
+    )  # meant for the first restart
     assert poisons(faults.from_spec("nan_at_step:3:1:1", rank=1, attempt=1), 3)
     none = faults.from_spec(None)
     assert isinstance(none, faults.NullFaults)

@@ -31,7 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_ranks(world: int, output_dir, *overrides: str, fault: str, timeout: float) -> list[tuple[int, str]]:
+def launch_ranks(
+    world: int, output_dir, *overrides: str, fault: str, timeout: float
+) -> list[tuple[int, str]]:
     """`python recipes/pretrain.py` once per rank (RANK/WORLD_SIZE/MASTER_* set by hand); -> (exit code, output)."""
     port = _free_port()
     procs = []
@@ -47,9 +49,18 @@ def launch_ranks(world: int, output_dir, *overrides: str, fault: str, timeout: f
             "MASTER_PORT": str(port),
             "AUTOMOE_FAULT": fault,
         }
-        cmd = [sys.executable, str(REPO / "recipes" / "pretrain.py"), *FAST, f"output_dir={output_dir}", *overrides]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        cmd = [
+            sys.executable,
+            str(REPO / "recipes" / "pretrain.py"),
+            *FAST,
+            f"output_dir={output_dir}",
+            *overrides,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     results = []
     for proc in procs:
         try:
@@ -64,8 +75,14 @@ def launch_ranks(world: int, output_dir, *overrides: str, fault: str, timeout: f
 
 @pytest.mark.timeout(240)
 def test_a_rank_that_skips_a_collective_is_named_by_the_hang_reports(tmp_path):
-    results = launch_ranks(2, tmp_path, "train.steps=6", f"parallel.collective_timeout_s={TIMEOUT_S}",
-                           fault="skip_collective:3:1", timeout=200)
+    results = launch_ranks(
+        2,
+        tmp_path,
+        "train.steps=6",
+        f"parallel.collective_timeout_s={TIMEOUT_S}",
+        fault="skip_collective:3:1",
+        timeout=200,
+    )
     context = "\n".join(f"--- rank {r} (exit {rc}) ---\n{out[-3000:]}" for r, (rc, out) in enumerate(results))
     assert all(rc != 0 for rc, _ in results), context
     for rank, (_, out) in enumerate(results):
@@ -79,7 +96,11 @@ def test_a_rank_that_skips_a_collective_is_named_by_the_hang_reports(tmp_path):
     group = next(g for g, e in r0["last_per_group"].items() if e["phase"] == GATE_BIAS_PHASE)
     pending = r0["last_per_group"][group]
     assert (pending["op"], pending["dtype"], pending["state"], pending["step"]) == (
-        "all_reduce (sum over ranks)", "int64", "issued", 3)
+        "all_reduce (sum over ranks)",
+        "int64",
+        "issued",
+        3,
+    )
     # rank 1 left that all-reduce out and went on into step 4
     assert r1["step"] == 4 and r1["phase"].startswith("forward/backward"), (r1["step"], r1["phase"])
     assert not [e for e in r1["collectives"] if e["step"] == 3 and e["phase"] == GATE_BIAS_PHASE]
@@ -92,6 +113,12 @@ def test_a_rank_that_skips_a_collective_is_named_by_the_hang_reports(tmp_path):
     # before it, every blocking collective of that group returned (the autograd all-to-alls are only issued)
     earlier = [e for e in r0["collectives"] if e["group"] == group and e["group_seq"] < n]
     assert earlier and all(e["state"] == "completed" for e in earlier if "autograd" not in e["op"])
-    cli = subprocess.run([sys.executable, "-m", "automoe.parallel.flight_recorder", str(tmp_path)], cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    cli = subprocess.run(
+        [sys.executable, "-m", "automoe.parallel.flight_recorder", str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 0 and f"DIVERGED at collective #{n}" in cli.stdout, cli.stdout + cli.stderr

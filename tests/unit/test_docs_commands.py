@@ -42,6 +42,12 @@ def test_multinode_commands_set_batch_sequence_and_data(cmd, tmp_path):
     """Cluster-sized runs state what they train on: batch, sequence length and a token file, not the defaults
     of the 2-CPU main job (16 x 128 byte tokens)."""
     given = {a.split("=", 1)[0] for a in cmd.args}
-    assert {"train.global_batch_size", "train.micro_batch_size", "data.seq_len", "data.source", "data.path"} <= given
+    assert {
+        "train.global_batch_size",
+        "train.micro_batch_size",
+        "data.seq_len",
+        "data.source",
+        "data.path",
+    } <= given
     job = compose_job(cmd, tmp_path)
     assert job.data.source == "tokens" and job.data.seq_len >= 1024 and cmd.world_size >= 8

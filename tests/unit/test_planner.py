@@ -253,8 +253,21 @@ def test_cli_prints_the_overrides_of_the_chosen_layout_and_they_launch_it(capsys
     from automoe.train.build import check_layout
     from tests.doc_commands import compose_job, parse
 
-    out = _plan_cli(capsys, "--model", "qwen3_30b_a3b", "--cluster", "h100x8", "--nodes", "4",
-                    "--global-batch", "256", "--seq-len", "4096", "--ac", "full")
+    out = _plan_cli(
+        capsys,
+        "--model",
+        "qwen3_30b_a3b",
+        "--cluster",
+        "h100x8",
+        "--nodes",
+        "4",
+        "--global-batch",
+        "256",
+        "--seq-len",
+        "4096",
+        "--ac",
+        "full",
+    )
     assert "chosen: rep4-shard8-cp1-ep8" in out
     line = next(x.strip() for x in out.splitlines() if x.strip().startswith("torchrun"))
     cmd = parse(line, where="plan")
@@ -262,7 +275,11 @@ def test_cli_prints_the_overrides_of_the_chosen_layout_and_they_launch_it(capsys
     job = compose_job(cmd, tmp_path)
     dims = check_layout(job, cmd.world_size)
     assert (dims.dp_replicate, dims.dp_shard, dims.cp, dims.ep) == (4, 8, 1, 8)
-    assert (job.train.global_batch_size, job.data.seq_len, job.parallel.activation_checkpointing) == (256, 4096, "full")
+    assert (job.train.global_batch_size, job.data.seq_len, job.parallel.activation_checkpointing) == (
+        256,
+        4096,
+        "full",
+    )
     assert job.model.num_layers == 48 and job.train.dtype == "bfloat16"
 
 

@@ -45,11 +45,16 @@ def test_every_shape_suffix_uses_legend_letters():
         for lineno, name, suffix in suffixed_names(path):
             unknown = sorted(set(suffix) - letters)
             if unknown:
-                bad.append(f"{path.relative_to(ROOT)}:{lineno}: {name} ({', '.join(unknown)} not in the legend)")
+                bad.append(
+                    f"{path.relative_to(ROOT)}:{lineno}: {name} ({', '.join(unknown)} not in the legend)"
+                )
     assert not bad, "shape suffixes outside docs/architecture.md's legend:\n" + "\n".join(sorted(set(bad)))
 
 
 def test_files_do_not_carry_their_own_legend():
-    own = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "automoe").rglob("*.py"))
-           if re.search(r"^Letters:|\bLetters: ", p.read_text(), flags=re.M)]
+    own = [
+        str(p.relative_to(ROOT))
+        for p in sorted((ROOT / "automoe").rglob("*.py"))
+        if re.search(r"^Letters:|\bLetters: ", p.read_text(), flags=re.M)
+    ]
     assert not own, f"per-file legends (use docs/architecture.md's): {own}"

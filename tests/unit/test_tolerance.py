@@ -18,6 +18,7 @@ def test_reordered_sums_stay_within_the_bound_and_a_lost_term_does_not(dtype):
     for other in (backward, blocked):
         assert_close_rounding(other, forward, terms=n, scale=scale)
 
+
 def test_an_error_of_one_term_fails():
     """A lost or doubled term of the largest size is a bug the rule sees (fp32, n = 1000: atol = 1.2e-4 x term)."""
     x = torch.randn(8, 1000, generator=torch.Generator().manual_seed(1))
@@ -39,5 +40,7 @@ def test_the_tolerance_grows_with_length_depth_and_scale():
 def test_empty_tensors_compare_and_have_no_scale():
     """A rank that received no rows compares empty outputs: nothing to bound, no error."""
     empty = torch.zeros(0, 4)
-    assert rounding_atol(torch.float32, terms=10, scale=empty) == rounding_atol(torch.float32, terms=10, scale=0.0)
+    assert rounding_atol(torch.float32, terms=10, scale=empty) == rounding_atol(
+        torch.float32, terms=10, scale=0.0
+    )
     assert_close_rounding(empty, empty.clone(), terms=10)

@@ -79,7 +79,9 @@ class NoisyTopKGate(nn.Module):
             logits_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE
         else:
             logits_TE = clean_TE
-        top_values, top_indices = logits_TE.topk(min(K + 1, E), dim=-1)  # (T, K+1): K+1 kept for the load estimate
+        top_values, top_indices = logits_TE.topk(
+            min(K + 1, E), dim=-1
+        )  # (T, K+1): K+1 kept for the load estimate
         indices_TK = top_indices[:, :K]
         gates_TK = torch.softmax(top_values[:, :K], dim=-1)
 

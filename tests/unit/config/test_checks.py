@@ -7,7 +7,9 @@ from automoe.config.checks import check_choice, check_experts_split, check_seque
 
 def test_experts_split_names_fields_and_layer():
     check_experts_split(8, 4)
-    with pytest.raises(ValueError, match=r"model\.moe\.num_experts=6 is not divisible by parallel\.ep=4") as info:
+    with pytest.raises(
+        ValueError, match=r"model\.moe\.num_experts=6 is not divisible by parallel\.ep=4"
+    ) as info:
         check_experts_split(6, 4, where="layers.1.moe")
     assert str(info.value).startswith("layers.1.moe: ")
     assert "num_experts % ep = 6 % 4" in str(info.value)

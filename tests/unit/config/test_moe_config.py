@@ -13,8 +13,10 @@ from automoe.config.moe import MoEConfig
         ({"num_activated_experts": 9}, "num_activated_experts=9"),
         ({"num_expert_groups": 3}, "num_expert_groups=3"),
         ({"num_expert_groups": 4, "num_limited_groups": 5}, "num_limited_groups=5"),
-        ({"num_experts": 8, "num_expert_groups": 4, "num_limited_groups": 1, "num_activated_experts": 4},
-         "num_activated_experts=4"),
+        (
+            {"num_experts": 8, "num_expert_groups": 4, "num_limited_groups": 1, "num_activated_experts": 4},
+            "num_activated_experts=4",
+        ),
         ({"gate_bias_update_factor": 0.01, "train_gate": False}, "gate_bias_update_factor=0.01"),
         ({"gate": "switch"}, "gate='switch'"),
         ({"score_func": "tanh"}, "score_func='tanh'"),

@@ -23,8 +23,9 @@ def test_ids_positions_and_count():
 
 def _dataset(document_masking: bool) -> TokenDataset:
     stream = np.array([1, 2, EOS, 3, 4, 5, EOS, 6, EOS, 7, 8, 1, 2], dtype=np.int64)
-    return TokenDataset(stream, seq_len=4, vocab_size=11, eos_id=EOS, pad_id=PAD,
-                        document_masking=document_masking)
+    return TokenDataset(
+        stream, seq_len=4, vocab_size=11, eos_id=EOS, pad_id=PAD, document_masking=document_masking
+    )
 
 
 def test_loader_yields_document_fields_and_one_document_per_padding_row():
@@ -43,8 +44,14 @@ def test_loader_yields_document_fields_and_one_document_per_padding_row():
     [("stdlib", None, True), ("synthetic", None, False), ("synthetic", True, True), ("stdlib", False, False)],
 )
 def test_document_masking_default_is_on_for_real_documents_only(source, setting, on):
-    cfg = DataConfig(source=source, document_masking=setting, max_bytes=20_000, synthetic_num_tokens=4096,
-                     val_fraction=0.1, seq_len=32)
+    cfg = DataConfig(
+        source=source,
+        document_masking=setting,
+        max_bytes=20_000,
+        synthetic_num_tokens=4096,
+        val_fraction=0.1,
+        seq_len=32,
+    )
     assert cfg.masks_documents is on
     train, val = build_datasets(cfg)
     assert train.document_masking is on and val.document_masking is on

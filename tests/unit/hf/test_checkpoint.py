@@ -147,5 +147,9 @@ def test_ep2_load_into_sharded_model_reads_own_experts_and_matches_transformers(
         # our EP model vs transformers: reordering error over 4 reductions per layer plus the head, each at most
         # the widest contraction (as in test_parity)
         c = hf_config("deepseek_v3")
-        assert_close_rounding(res["logits"], ref, terms=max(c.hidden_size, c.intermediate_size, 16),
-                              depth=4 * c.num_hidden_layers + 1)
+        assert_close_rounding(
+            res["logits"],
+            ref,
+            terms=max(c.hidden_size, c.intermediate_size, 16),
+            depth=4 * c.num_hidden_layers + 1,
+        )

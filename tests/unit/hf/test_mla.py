@@ -18,7 +18,9 @@ PRESETS = Path(__file__).resolve().parents[3] / "configs" / "model"
 def _assert_mla_close(got: torch.Tensor, ref: torch.Tensor, cfg: ModelConfig) -> None:
     """Same MLA math on other row counts / sequence lengths: reordering error along the longest chain, q_a (dim),
     q_b (q_lora_rank), scores (head dim), values (S), o_proj (heads * v_head_dim): 5 reductions of <= dim terms."""
-    assert_close_rounding(got, ref, terms=max(cfg.dim, cfg.num_heads * cfg.v_head_dim, cfg.q_lora_rank), depth=5)
+    assert_close_rounding(
+        got, ref, terms=max(cfg.dim, cfg.num_heads * cfg.v_head_dim, cfg.q_lora_rank), depth=5
+    )
 
 
 def load_preset(name: str) -> ModelConfig:
@@ -90,7 +92,9 @@ def test_padding_is_never_attended_to():
     )
     # without the padding rows, row 0 is a shorter sequence; its RoPE positions shift, so compare the prefix
     _assert_mla_close(masked[0, :3], alone[0, :3], model.cfg)  # 10 vs 12 keys and rows
-    _assert_mla_close(masked[1], attn(x_BSD[1:], cos[1:], sin[1:], positions_BS=positions_BS[1:])[0], model.cfg)
+    _assert_mla_close(
+        masked[1], attn(x_BSD[1:], cos[1:], sin[1:], positions_BS=positions_BS[1:])[0], model.cfg
+    )
     assert torch.isfinite(masked).all()
 
 

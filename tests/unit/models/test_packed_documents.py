@@ -18,9 +18,19 @@ EOS, VOCAB = 49, 50
 
 def mla_yarn_cfg() -> ModelConfig:
     return tiny_cfg(
-        attention="mla", num_kv_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=8, v_head_dim=8, rope_interleave=True, rope_scaling="yarn", yarn_factor=4.0,
-        yarn_original_max_seq_len=16, yarn_mscale=1.0, yarn_mscale_all_dim=1.0,
+        attention="mla",
+        num_kv_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        rope_interleave=True,
+        rope_scaling="yarn",
+        yarn_factor=4.0,
+        yarn_original_max_seq_len=16,
+        yarn_mscale=1.0,
+        yarn_mscale_all_dim=1.0,
     )
 
 
@@ -29,8 +39,10 @@ def packed_rows(lengths: list[list[int]], seed: int = 0) -> tuple[torch.Tensor, 
     g = torch.Generator().manual_seed(seed)
     rows, docs = [], []
     for row_lengths in lengths:
-        row_docs = [torch.cat([torch.randint(0, EOS, (n - 1,), generator=g), torch.tensor([EOS])])
-                    for n in row_lengths]
+        row_docs = [
+            torch.cat([torch.randint(0, EOS, (n - 1,), generator=g), torch.tensor([EOS])])
+            for n in row_lengths
+        ]
         docs.append(row_docs)
         rows.append(torch.cat(row_docs))
     return torch.stack(rows), docs
@@ -81,8 +93,9 @@ def test_packed_window_logits_equal_each_document_run_alone(kind):
             if pad_BS[b, start:end].any():
                 break
             # the same math on other row counts and over masked keys: reordering error only
-            assert_close_rounding(packed[b, start:end], want, **model_rounding(cfg),
-                                  msg=f"row {b} document {d}")
+            assert_close_rounding(
+                packed[b, start:end], want, **model_rounding(cfg), msg=f"row {b} document {d}"
+            )
             start = end
     assert (packed[0, 5:] - unmasked[0, 5:]).abs().max() > 1e-3  # without the mask the documents do interact
 
@@ -127,7 +140,9 @@ def test_context_parallel_pieces_of_a_packed_window_match_the_whole(layout, padd
     """The CP seam with documents (fake gather in one process); restarting positions order the keys."""
     cfg = tiny_cfg(qk_norm=True)
     model = build(cfg).eval()
-    tokens_BS, _ = packed_rows([[3, 7, 6], [9, 7]])  # documents cross the chunk boundaries (S=16, chunks of 4)
+    tokens_BS, _ = packed_rows(
+        [[3, 7, 6], [9, 7]]
+    )  # documents cross the chunk boundaries (S=16, chunks of 4)
     B, S = tokens_BS.shape
     ids_BS = documents.document_ids(tokens_BS, EOS)
     pad_BS = None
@@ -143,15 +158,20 @@ def test_context_parallel_pieces_of_a_packed_window_match_the_whole(layout, padd
         recorders = [RecordKV() for _ in attns]
         for attn, rec in zip(attns, recorders):
             attn.kv_gather = rec
-        gathered = model(tokens_BS, positions_BS=pos_BS, padding_mask_BS=pad_BS, document_ids_BS=ids_BS,
-                         num_documents=n)
+        gathered = model(
+            tokens_BS, positions_BS=pos_BS, padding_mask_BS=pad_BS, document_ids_BS=ids_BS, num_documents=n
+        )
         assert_close_rounding(gathered, whole, **model_rounding(cfg))
         pieces = _cp_layout(S, layout)
         order = torch.cat(pieces)
         for idx in pieces:
             for attn, rec in zip(attns, recorders):
                 attn.kv_gather = ReplayKV(rec, idx, order, cfg)
-            got = model(tokens_BS[:, idx], positions_BS=pos_BS[:, idx],
-                        padding_mask_BS=None if pad_BS is None else pad_BS[:, idx],
-                        document_ids_BS=ids_BS[:, idx], num_documents=n)
+            got = model(
+                tokens_BS[:, idx],
+                positions_BS=pos_BS[:, idx],
+                padding_mask_BS=None if pad_BS is None else pad_BS[:, idx],
+                document_ids_BS=ids_BS[:, idx],
+                num_documents=n,
+            )
             assert_close_rounding(got, whole[:, idx], **model_rounding(cfg))  # half the rows per GEMM

@@ -71,8 +71,10 @@ def test_changing_a_future_token_never_changes_past_logits(qk_norm):
     changed = tokens.clone()
     changed[:, t] = (tokens[:, t] + 1) % cfg.vocab_size
     routes = []  # each MoE gate's [B*S, K] expert choices, in call order
-    hooks = [m.gate.register_forward_hook(lambda mod, args, out: routes.append(out.indices_TK.view(2, 16, -1)))
-             for _, m in moe_layers(model)]
+    hooks = [
+        m.gate.register_forward_hook(lambda mod, args, out: routes.append(out.indices_TK.view(2, 16, -1)))
+        for _, m in moe_layers(model)
+    ]
     with torch.no_grad():
         a, b = model(tokens), model(changed)
     for h in hooks:
@@ -83,8 +85,12 @@ def test_changing_a_future_token_never_changes_past_logits(qk_norm):
     num_routes = len(routes) // 2
     for layer_a, layer_b in zip(routes[:num_routes], routes[num_routes:]):
         assert_equal(layer_a[:, :t], layer_b[:, :t])
-    assert_close_rounding(b[:, :t], a[:, :t], terms=max(cfg.dim, cfg.ffn_inter_dim, cfg.moe.moe_inter_dim),
-                          depth=4 * cfg.num_layers + 1)
+    assert_close_rounding(
+        b[:, :t],
+        a[:, :t],
+        terms=max(cfg.dim, cfg.ffn_inter_dim, cfg.moe.moe_inter_dim),
+        depth=4 * cfg.num_layers + 1,
+    )
     assert (a[:, t] - b[:, t]).abs().max() > 1e-4
 
 
@@ -200,7 +206,9 @@ def test_context_parallel_pieces_match_full_sequence(layout, padded):
         for attn, rec in zip(attns, recorders):
             attn.kv_gather = rec
         full = model(tokens, positions_BS=pos, padding_mask_BS=pad)
-        assert_close_rounding(full, plain, **model_rounding(cfg))  # masked path == is_causal path (other kernel)
+        assert_close_rounding(
+            full, plain, **model_rounding(cfg)
+        )  # masked path == is_causal path (other kernel)
 
         pieces = _cp_layout(S, layout)
         order = torch.cat(pieces)

@@ -13,8 +13,13 @@ D = 8
 def _model(num_layers=2, **kw) -> torch.nn.ModuleList:
     torch.manual_seed(0)
     layers = torch.nn.ModuleList(
-        MoE(MoEConfig(dim=D, moe_inter_dim=8, num_experts=4, num_activated_experts=2, score_func="sigmoid", **kw))
-        for _ in range(num_layers))
+        MoE(
+            MoEConfig(
+                dim=D, moe_inter_dim=8, num_experts=4, num_activated_experts=2, score_func="sigmoid", **kw
+            )
+        )
+        for _ in range(num_layers)
+    )
     for layer in layers:
         layer.init_weights(std=0.5)
     return layers
@@ -80,7 +85,9 @@ def test_loads_are_reduced_in_one_call_and_the_reduced_load_drives_the_update():
     assert calls == [torch.Size([2, 4])]
     for layer, load in zip(model, local):
         total = load + load.flip(-1) * 3
-        assert_equal(layer.gate.correction_bias, torch.sign(total.double().mean() - total).float())  # 0 + 1.0 * sign: exact
+        assert_equal(
+            layer.gate.correction_bias, torch.sign(total.double().mean() - total).float()
+        )  # 0 + 1.0 * sign: exact
 
 
 def test_bias_is_saved_in_state_dict_and_update_balances_a_skewed_gate():

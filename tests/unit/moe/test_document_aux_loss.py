@@ -33,16 +33,27 @@ def _reference(probs, idx, valid_T):
         for d in range(NUM_DOCUMENTS):
             tokens = (torch.arange(B * S) // S == b) & (DOCUMENTS_BS.reshape(-1) == d) & valid_T
             if tokens.any():
-                losses.append(aux_loss(probs[tokens], idx[tokens], None, batch=1, scope="sequence",
-                                       reducer=IdentityReducer()))
+                losses.append(
+                    aux_loss(
+                        probs[tokens], idx[tokens], None, batch=1, scope="sequence", reducer=IdentityReducer()
+                    )
+                )
     return torch.stack(losses).mean()
 
 
 def test_sequence_aux_loss_is_the_mean_of_per_document_losses():
     logits, probs, idx = _routing()
     valid_T = _valid_T()
-    got = aux_loss(probs, idx, valid_T, batch=B, scope="sequence", reducer=IdentityReducer(),
-                   document_T=DOCUMENTS_BS.reshape(-1), num_documents=NUM_DOCUMENTS)
+    got = aux_loss(
+        probs,
+        idx,
+        valid_T,
+        batch=B,
+        scope="sequence",
+        reducer=IdentityReducer(),
+        document_T=DOCUMENTS_BS.reshape(-1),
+        num_documents=NUM_DOCUMENTS,
+    )
     want = _reference(probs, idx, valid_T)
     # per document: a mean over <= 8 tokens, a sum over E = 6, the mean over 5 documents (counts are exact)
     assert_close_rounding(got, want, terms=8, depth=3)
@@ -59,8 +70,17 @@ def test_other_scopes_ignore_document_ids():
     step = dict(global_load_E=torch.tensor([9.0, 3.0, 8.0, 5.0, 10.0, 7.0]), global_tokens=torch.tensor(21.0))
     for scope in ("micro_batch", "global"):
         plain = aux_loss(probs, idx, _valid_T(), batch=B, scope=scope, reducer=IdentityReducer(), **step)
-        with_docs = aux_loss(probs, idx, _valid_T(), batch=B, scope=scope, reducer=IdentityReducer(), **step,
-                             document_T=DOCUMENTS_BS.reshape(-1), num_documents=NUM_DOCUMENTS)
+        with_docs = aux_loss(
+            probs,
+            idx,
+            _valid_T(),
+            batch=B,
+            scope=scope,
+            reducer=IdentityReducer(),
+            **step,
+            document_T=DOCUMENTS_BS.reshape(-1),
+            num_documents=NUM_DOCUMENTS,
+        )
         assert_equal(with_docs, plain)
 
 
@@ -99,8 +119,16 @@ def test_documents_split_over_context_parallel_ranks_reduce_to_the_whole():
 
     def local_loss(rank, reducer):
         t = tokens[rank]
-        return aux_loss(probs[t], idx[t], valid_T[t], batch=B, scope="sequence", reducer=reducer,
-                        document_T=DOCUMENTS_BS.reshape(-1)[t], num_documents=NUM_DOCUMENTS)
+        return aux_loss(
+            probs[t],
+            idx[t],
+            valid_T[t],
+            batch=B,
+            scope="sequence",
+            reducer=reducer,
+            document_T=DOCUMENTS_BS.reshape(-1)[t],
+            num_documents=NUM_DOCUMENTS,
+        )
 
     other = _Recorder()
     local_loss(1, other)

@@ -25,8 +25,16 @@ ABOVE_2_24 = 2**24 + 1  # the first integer float32 cannot hold (bf16 stops at 2
 
 
 def _layer(**kw) -> MoE:
-    cfg = MoEConfig(dim=D, moe_inter_dim=8, num_experts=E, num_activated_experts=K, score_func="sigmoid",
-                    gate_bias_update_factor=1e-3, capacity_factor=1.0, **kw)
+    cfg = MoEConfig(
+        dim=D,
+        moe_inter_dim=8,
+        num_experts=E,
+        num_activated_experts=K,
+        score_func="sigmoid",
+        gate_bias_update_factor=1e-3,
+        capacity_factor=1.0,
+        **kw,
+    )
     torch.manual_seed(0)
     layer = MoE(cfg)
     layer.init_weights(std=0.5)
@@ -100,10 +108,24 @@ def test_bias_update_after_a_bf16_cast_equals_the_fp32_one():
 
 
 def test_whole_model_cast_keeps_counters_integer_and_biases_fp32():
-    moe = MoEConfig(moe_inter_dim=16, num_experts=E, num_activated_experts=K, score_func="sigmoid",
-                    gate_bias_update_factor=1e-3)
-    cfg = ModelConfig(vocab_size=40, dim=16, num_layers=2, num_heads=2, num_kv_heads=1, ffn_inter_dim=32,
-                      num_dense_layers=0, max_seq_len=16, moe=moe)
+    moe = MoEConfig(
+        moe_inter_dim=16,
+        num_experts=E,
+        num_activated_experts=K,
+        score_func="sigmoid",
+        gate_bias_update_factor=1e-3,
+    )
+    cfg = ModelConfig(
+        vocab_size=40,
+        dim=16,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        ffn_inter_dim=32,
+        num_dense_layers=0,
+        max_seq_len=16,
+        moe=moe,
+    )
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")  # the builder's path: meta -> empty -> init
@@ -127,8 +149,16 @@ def test_global_aux_loss_reads_int64_counts_above_2_pow_24():
     idx = probs.topk(K, dim=-1).indices
     load = torch.tensor([ABOVE_2_24, 2**24 - 5, 2**24 + 2, 2**24 + 2])
     tokens = load.sum() // K
-    got = aux_loss(probs, idx, None, batch=1, scope="global", reducer=IdentityReducer(), global_load_E=load,
-                   global_tokens=tokens)
+    got = aux_loss(
+        probs,
+        idx,
+        None,
+        batch=1,
+        scope="global",
+        reducer=IdentityReducer(),
+        global_load_E=load,
+        global_tokens=tokens,
+    )
     ref = (load.double() * E / (K * tokens.double()) * probs.double().mean(0)).sum()
     # fp32 vs the float64 reference rounded to fp32: the ratio rounded once, a mean over T = 16, a sum over E
     assert_close_rounding(got, ref.float(), terms=16, depth=3)

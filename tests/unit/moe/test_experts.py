@@ -114,7 +114,9 @@ def test_loop_oracle_matches_row_reference(act, bias, limit):
     m = _make("loop", act=act, bias=bias, limit=limit)
     x, counts, _ = _inputs()
     with torch.no_grad():
-        assert_close_rounding(m(x, counts), _row_reference(m, x, counts, act, limit), terms=Y_TERMS, depth=Y_DEPTH)
+        assert_close_rounding(
+            m(x, counts), _row_reference(m, x, counts, act, limit), terms=Y_TERMS, depth=Y_DEPTH
+        )
 
 
 @pytest.mark.parametrize("act,bias,limit", CASES)
@@ -203,7 +205,9 @@ def test_dropout_only_in_training_and_matches_loop(fast_backend):
     x, counts, dy = _inputs()
     m_drop, m_plain = _make(fast_backend, dropout=0.3), _make(fast_backend)
     with torch.no_grad():
-        assert_equal(m_drop.eval()(x, counts), m_plain(x, counts))  # eval: the same kernels on the same shapes
+        assert_equal(
+            m_drop.eval()(x, counts), m_plain(x, counts)
+        )  # eval: the same kernels on the same shapes
     m_drop.train()
     torch.manual_seed(5)
     y, g = _run(m_drop, x, counts, dy)

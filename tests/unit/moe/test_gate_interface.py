@@ -39,7 +39,9 @@ class ToyGate(nn.Module):
         logits_TE = x_TD @ self.weight.T
         probs_TE = torch.softmax(logits_TE, dim=-1)
         indices_TK = (probs_TE.detach() + self.bias_E).topk(self.top_k, dim=-1).indices
-        return RouterOutput(probs_TE.gather(1, indices_TK), indices_TK, probs_TE=probs_TE, logits_TE=logits_TE)
+        return RouterOutput(
+            probs_TE.gather(1, indices_TK), indices_TK, probs_TE=probs_TE, logits_TE=logits_TE
+        )
 
 
 TOY = GateSpec(ToyGate, balancing_probs=True, router_logits=True, selection_bias=True)
@@ -62,8 +64,9 @@ def test_a_registered_toy_gate_trains_balances_and_updates_its_bias(monkeypatch)
     assert layer.gate.weight.grad.abs().sum() > 0
     load_E = layer.expert_load.clone()
     update_gate_biases(nn.ModuleList([layer]))
-    torch.testing.assert_close(layer.gate.bias_E, 0.1 * torch.sign(load_E.double().mean() - load_E).float(), rtol=0,
-                               atol=0)
+    torch.testing.assert_close(
+        layer.gate.bias_E, 0.1 * torch.sign(load_E.double().mean() - load_E).float(), rtol=0, atol=0
+    )
 
 
 def test_config_checks_come_from_the_declaration(monkeypatch):
@@ -81,8 +84,12 @@ def test_built_in_gates_do_what_they_declare(name):
     spec = GATES[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # declared-idle settings warn; here they are set on purpose
-        layer = _layer(gate=name, aux_loss_coeff=0.01, z_loss_coeff=0.001,
-                       gate_bias_update_factor=0.1 if spec.selection_bias else 0.0)
+        layer = _layer(
+            gate=name,
+            aux_loss_coeff=0.01,
+            z_loss_coeff=0.001,
+            gate_bias_update_factor=0.1 if spec.selection_bias else 0.0,
+        )
     layer(torch.randn(2, 5, D))
     assert ("aux_loss" in layer.loss_values) == spec.balancing_probs
     assert ("gate_loss" in layer.loss_values) == spec.own_loss

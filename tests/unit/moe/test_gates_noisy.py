@@ -127,7 +127,10 @@ def test_training_forward_matches_reference():
     assert_close_rounding(out.weights_TK, ref_gates_TE.gather(1, out.indices_TK), terms=D, depth=2)
     # we picked the top k: else a kept gate of the reference is 0 and the sum drops by a whole gate (>> rounding
     # of its E-term softmax denominator plus this K-term sum)
-    assert (ref_gates_TE.gather(1, out.indices_TK).sum(-1) > 1 - rounding_atol(torch.float32, terms=E + K, scale=1.0)).all()
+    assert (
+        ref_gates_TE.gather(1, out.indices_TK).sum(-1)
+        > 1 - rounding_atol(torch.float32, terms=E + K, scale=1.0)
+    ).all()
     clean = x @ gate.w_gate.T
     assert_close_rounding(out.logits_TE, clean, terms=D)  # F.linear vs matmul: one D-term contraction
     assert_close_rounding(out.probs_TE, torch.softmax(clean, -1), terms=D, depth=2)  # + the E-term softmax

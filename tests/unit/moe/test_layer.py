@@ -116,7 +116,9 @@ def test_aux_and_z_loss_gradients_reach_the_router():
     (g_losses,) = torch.autograd.grad(coeff * aux + zcoeff * z, w)
     assert g_losses.abs().sum() > 0
     # one backward adds the two logit gradients before the T = 12 term contraction with x, the reference after it
-    assert_close_rounding(g_total, g_task + g_losses, terms=12, depth=2, scale=(g_task.abs() + g_losses.abs()).max())
+    assert_close_rounding(
+        g_total, g_task + g_losses, terms=12, depth=2, scale=(g_task.abs() + g_losses.abs()).max()
+    )
     # logits over D, then a mean over the T = 12 tokens, then a sum (aux) / logsumexp (z) over E: 3 stages
     assert_close_rounding(layer.loss_values["aux_loss"], aux.detach(), terms=12, depth=3)
     assert_close_rounding(layer.loss_values["z_loss"], z.detach(), terms=12, depth=3)
@@ -130,7 +132,9 @@ def test_aux_loss_gradient_is_nonzero_and_scales_with_coefficient():
         aux = collect_aux_loss(layer)
         grads.append(torch.zeros(4, D) if aux is None else torch.autograd.grad(aux, layer.gate.weight)[0])
     assert grads[0].abs().sum() == 0 and grads[1].abs().sum() > 0
-    assert_equal(grads[2], 2 * grads[1])  # same kernels and shapes; a factor 2 is exact and commutes with rounding
+    assert_equal(
+        grads[2], 2 * grads[1]
+    )  # same kernels and shapes; a factor 2 is exact and commutes with rounding
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

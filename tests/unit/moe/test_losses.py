@@ -47,8 +47,10 @@ def test_sequence_aux_is_mean_of_per_sequence_losses_and_skips_empty_sequences()
     valid[16:] = False  # third sequence is all padding
     valid[2] = False
     got = aux_loss(probs, idx, valid, batch=3, scope="sequence", reducer=IdentityReducer())
-    per_seq = [_reference_aux(probs[b * 8:(b + 1) * 8], idx[b * 8:(b + 1) * 8], valid[b * 8:(b + 1) * 8], 6, 2)
-               for b in range(2)]
+    per_seq = [
+        _reference_aux(probs[b * 8 : (b + 1) * 8], idx[b * 8 : (b + 1) * 8], valid[b * 8 : (b + 1) * 8], 6, 2)
+        for b in range(2)
+    ]
     # per sequence: a mean over its 8 tokens, a sum over E = 6, then the mean over sequences: 3 stages
     assert_close_rounding(got, (per_seq[0] + per_seq[1]) / 2, terms=8, depth=3)
 
@@ -57,10 +59,20 @@ def test_global_aux_uses_supplied_load():
     _, probs, idx = _routing()
     load = torch.tensor([10.0, 0.0, 4.0, 6.0, 8.0, 4.0])
     tokens = torch.tensor(16.0)
-    got = aux_loss(probs, idx, None, batch=1, scope="global", reducer=IdentityReducer(), global_load_E=load,
-                   global_tokens=tokens)
+    got = aux_loss(
+        probs,
+        idx,
+        None,
+        batch=1,
+        scope="global",
+        reducer=IdentityReducer(),
+        global_load_E=load,
+        global_tokens=tokens,
+    )
     ref = (load * 6 / (2 * 16) * probs.mean(0)).sum()
-    assert_close_rounding(got, ref, terms=16, depth=2)  # a mean over T = 16, a sum over E = 6, in our op order
+    assert_close_rounding(
+        got, ref, terms=16, depth=2
+    )  # a mean over T = 16, a sum over E = 6, in our op order
 
 
 class _OtherHalfReducer:
@@ -80,8 +92,10 @@ def _split_stats_equal_full(scope):
     _, probs, idx = _routing(T=16, seed=3)
     B, S = 2, 8
     full = aux_loss(probs, idx, None, batch=B, scope=scope, reducer=IdentityReducer())
-    halves = [torch.arange(S).view(1, S)[:, :4] + torch.tensor([[0], [8]]),
-              torch.arange(S).view(1, S)[:, 4:] + torch.tensor([[0], [8]])]
+    halves = [
+        torch.arange(S).view(1, S)[:, :4] + torch.tensor([[0], [8]]),
+        torch.arange(S).view(1, S)[:, 4:] + torch.tensor([[0], [8]]),
+    ]
     recorder = []
 
     class _Record:

@@ -41,7 +41,13 @@ def test_entries_count_per_group_and_keep_the_last_ones():
     assert all(e["state"] == "completed" for e in stats)  # returned from the `with`
     last = rec.entries[-1]
     assert (last["op"], last["sizes"], last["dtype"], last["step"], last["phase"], last["state"]) == (
-        "all_reduce (sum over ranks)", [[3, 8]], "int64", 2, "gate-bias", "issued")
+        "all_reduce (sum over ranks)",
+        [[3, 8]],
+        "int64",
+        2,
+        "gate-bias",
+        "issued",
+    )
     small = FlightRecorder(capacity=2)
     for _ in range(5):
         small.record("barrier", G)
@@ -50,8 +56,16 @@ def test_entries_count_per_group_and_keep_the_last_ones():
 
 def test_reports_name_the_first_collective_where_the_ranks_differ(tmp_path):
     for rank, rec in enumerate((_rank(skip_third=False), _rank(skip_third=True))):
-        path = write_hang_report(tmp_path, rank=rank, world_size=2, step=rec.step, phase=rec.phase,
-                                 error=RuntimeError("timed out"), timeout_s=5.0, recorder=rec)
+        path = write_hang_report(
+            tmp_path,
+            rank=rank,
+            world_size=2,
+            step=rec.step,
+            phase=rec.phase,
+            error=RuntimeError("timed out"),
+            timeout_s=5.0,
+            recorder=rec,
+        )
         assert path.name == f"hang_rank{rank}.json"
     reports = read_hang_reports(tmp_path)
     assert sorted(reports) == [0, 1] and reports[1]["collectives_recorded"] == 5

@@ -64,7 +64,9 @@ def test_round_trip_restores_everything(tmp_path, env):
     assert after["optim"].keys() == before["optim"].keys()
     for pid, state in before["optim"].items():
         for name, value in state.items():
-            assert_equal(torch.as_tensor(after["optim"][pid][name]), torch.as_tensor(value), msg=f"{pid}.{name}")
+            assert_equal(
+                torch.as_tensor(after["optim"][pid][name]), torch.as_tensor(value), msg=f"{pid}.{name}"
+            )
     assert after["lr"] == before["lr"]
     assert after["sched"] == before["sched"]
     assert after["loader"] == before["loader"]

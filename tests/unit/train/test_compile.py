@@ -42,7 +42,9 @@ def test_compiled_steps_match_eager_fp32(tmp_path, env):
     # the attention and MoE sublayers and the head.
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     terms = max(tokens, cfg.model.vocab_size, cfg.model.dim, cfg.model.moe.moe_inter_dim)
-    atol = rounding_atol(torch.float32, terms=terms, scale=eager[0]["loss"], depth=2 * cfg.model.num_layers + 1)
+    atol = rounding_atol(
+        torch.float32, terms=terms, scale=eager[0]["loss"], depth=2 * cfg.model.num_layers + 1
+    )
     assert abs(compiled[0]["loss"] - eager[0]["loss"]) <= atol, (compiled[0]["loss"], eager[0]["loss"], atol)
     # later steps: after AdamW updates, a trajectory margin (the 1e-5); a wrong backend or a lost
     # gradient moves the loss by orders of magnitude more

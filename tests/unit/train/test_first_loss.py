@@ -42,7 +42,9 @@ def trained_hf(tmp_path_factory):
     trainer = build_trainer(cfg, env)
     trainer.fit()
     last = read_metrics(root / "pretrain" / "metrics.jsonl")[-1]["loss"]
-    assert last < LN_V - MARGIN_NATS - 0.3, last  # the fixture is what the test needs: clearly better than random
+    assert last < LN_V - MARGIN_NATS - 0.3, (
+        last
+    )  # the fixture is what the test needs: clearly better than random
     save_hf_checkpoint(trainer.model, cfg.model, root / "hf", family="qwen3_moe")
     return root / "hf"
 
@@ -61,8 +63,9 @@ def _with_experts(src, dst, replace):
 
 
 def _finetune(tmp_path, hf_dir, *overrides):
-    return make_job(tmp_path, *QWEN3_SHAPE, f"hf.init_from={hf_dir}", "train.steps=2", "train.val_interval=0",
-                    *overrides)
+    return make_job(
+        tmp_path, *QWEN3_SHAPE, f"hf.init_from={hf_dir}", "train.steps=2", "train.val_interval=0", *overrides
+    )
 
 
 def test_a_good_import_logs_its_first_loss_next_to_ln_v(trained_hf, tmp_path, env, caplog):
@@ -70,15 +73,21 @@ def test_a_good_import_logs_its_first_loss_next_to_ln_v(trained_hf, tmp_path, en
         build_trainer(_finetune(tmp_path, trained_hf), env).fit()
     first = read_metrics(tmp_path / "metrics.jsonl")[0]["loss"]
     assert first < LN_V - MARGIN_NATS
-    assert f"first step after loading hf.init_from={trained_hf}: loss {first:.4f}, ln(vocab_size=35) = " \
+    assert (
+        f"first step after loading hf.init_from={trained_hf}: loss {first:.4f}, ln(vocab_size=35) = "
         f"{LN_V:.4f}" in caplog.text
+    )
 
 
-def test_random_experts_stop_the_run_with_the_loss_and_ln_v_then_the_override_proceeds(trained_hf, tmp_path,
-                                                                                        env, caplog):
+def test_random_experts_stop_the_run_with_the_loss_and_ln_v_then_the_override_proceeds(
+    trained_hf, tmp_path, env, caplog
+):
     g = torch.Generator().manual_seed(0)
-    garbage = _with_experts(trained_hf, tmp_path / "hf_random_experts",
-                            lambda name, t: torch.randn(t.shape, generator=g, dtype=t.dtype))
+    garbage = _with_experts(
+        trained_hf,
+        tmp_path / "hf_random_experts",
+        lambda name, t: torch.randn(t.shape, generator=g, dtype=t.dtype),
+    )
     trainer = build_trainer(_finetune(tmp_path / "guarded", garbage), env)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(FirstLossError) as err:
@@ -114,7 +123,9 @@ def test_loader_reports_every_parameter_it_did_not_write(trained_hf):
     # a parameter the checkpoint plan never sees (hidden from the state dict) keeps its init and is named
     block = model.layers["1"]
     block.extra_scale = torch.nn.Parameter(torch.ones(3))
-    block.register_state_dict_post_hook(lambda module, sd, prefix, meta: sd.__delitem__(prefix + "extra_scale"))
+    block.register_state_dict_post_hook(
+        lambda module, sd, prefix, meta: sd.__delitem__(prefix + "extra_scale")
+    )
     assert load_hf_weights(model, trained_hf).not_written == ["layers.1.extra_scale"]
 
 

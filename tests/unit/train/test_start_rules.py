@@ -47,8 +47,12 @@ def test_resume_takes_schedule_and_optimizer_settings_from_the_command_line(tmp_
     fn = trainer.scheduler.lr_lambdas[0]
     assert (fn.total_steps, fn.schedule) == (10, "constant")
     message = " ".join(r.getMessage() for r in caplog.records)
-    for change in ("train.steps=10 (checkpoint: 6)", "optim.lr=0.001 (checkpoint: 0.003)",
-                   "optim.schedule='constant' (checkpoint: 'cosine')", "optim.beta2=0.99 (checkpoint: 0.95)"):
+    for change in (
+        "train.steps=10 (checkpoint: 6)",
+        "optim.lr=0.001 (checkpoint: 0.003)",
+        "optim.schedule='constant' (checkpoint: 'cosine')",
+        "optim.beta2=0.99 (checkpoint: 0.95)",
+    ):
         assert change in message, message
     trainer.fit()
     got = lrs(tmp_path)
@@ -59,8 +63,9 @@ def test_resume_extends_the_schedule_to_the_new_length(tmp_path, env):
     """train.steps raised on resume: the cosine now spans the new length (the lr the uninterrupted 10-step run
     would use from step 7 on), not the checkpoint's 6."""
     build_trainer(make_job(tmp_path / "a", "checkpoint.interval=6", "train.val_interval=0"), env).fit()
-    build_trainer(make_job(tmp_path / "a", "train.steps=10", "checkpoint.resume=latest", "train.val_interval=0"),
-                  env).fit()
+    build_trainer(
+        make_job(tmp_path / "a", "train.steps=10", "checkpoint.resume=latest", "train.val_interval=0"), env
+    ).fit()
     fn = WarmupDecay(warmup_steps=2, total_steps=10, schedule="cosine", min_ratio=0.1)
     got = lrs(tmp_path / "a")
     for step in range(7, 11):
@@ -72,7 +77,9 @@ def test_resume_of_a_finished_run_says_it_is_complete(tmp_path, env):
     plan = plan_start(make_job(tmp_path, "checkpoint.resume=latest"), env)
     assert plan.start_step == 6 and "the run is complete" in plan.done and "train.steps=" in plan.done
     assert plan_start(make_job(tmp_path, "checkpoint.resume=latest", "train.steps=8"), env).done is None
-    early = plan_start(make_job(tmp_path, "checkpoint.resume=latest", "train.steps=8", "train.stop_at_step=6"), env)
+    early = plan_start(
+        make_job(tmp_path, "checkpoint.resume=latest", "train.steps=8", "train.stop_at_step=6"), env
+    )
     assert "train.stop_at_step=6 is already reached" in early.done
 
 
@@ -90,11 +97,19 @@ def test_init_from_takes_weights_only_on_other_data(tmp_path, env):
     weights = {k: v.clone() for k, v in src.model.state_dict().items()}
     other_data = ("data.synthetic_num_tokens=6000", "data.seed=3")
     with pytest.raises(ValueError, match="checkpoint.init_from="):  # the resume refusal points at init_from
-        build_trainer(make_job(tmp_path / "x", f"checkpoint.resume={tmp_path}/a/checkpoints/step_4",
-                               *other_data), env)
+        build_trainer(
+            make_job(tmp_path / "x", f"checkpoint.resume={tmp_path}/a/checkpoints/step_4", *other_data), env
+        )
     # 4 steps in, the source is barely better than random: the first-loss guard would refuse the import
-    new = build_trainer(make_job(tmp_path / "b", f"checkpoint.init_from={tmp_path}/a/checkpoints/step_4",
-                                 *other_data, "train.first_loss_guard=false"), env)
+    new = build_trainer(
+        make_job(
+            tmp_path / "b",
+            f"checkpoint.init_from={tmp_path}/a/checkpoints/step_4",
+            *other_data,
+            "train.first_loss_guard=false",
+        ),
+        env,
+    )
     assert new.step == 0 and new.init_from_weights and new.loader.state_dict()["sample_offset"] == 0
     assert new.scheduler.last_epoch == 0 and not new.optimizer.state  # fresh moments
     for key, value in weights.items():
@@ -107,9 +122,18 @@ def test_init_from_takes_weights_only_on_other_data(tmp_path, env):
 def test_init_from_with_optimizer_keeps_the_moments(tmp_path, env):
     src = build_trainer(make_job(tmp_path / "a", "checkpoint.interval=3", "train.stop_at_step=3"), env)
     src.fit()
-    moments = {k: {n: t.clone() for n, t in s.items()} for k, s in src.optimizer.state_dict()["state"].items()}
-    new = build_trainer(make_job(tmp_path / "b", f"checkpoint.init_from={tmp_path}/a/checkpoints/step_3",
-                                 "checkpoint.init_optimizer=true", "optim.lr=5e-4"), env)
+    moments = {
+        k: {n: t.clone() for n, t in s.items()} for k, s in src.optimizer.state_dict()["state"].items()
+    }
+    new = build_trainer(
+        make_job(
+            tmp_path / "b",
+            f"checkpoint.init_from={tmp_path}/a/checkpoints/step_3",
+            "checkpoint.init_optimizer=true",
+            "optim.lr=5e-4",
+        ),
+        env,
+    )
     got = new.optimizer.state_dict()["state"]
     for pid, state in moments.items():
         for name, value in state.items():
@@ -136,7 +160,9 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, env):
     offline = ("logging.wandb.mode=offline", "train.val_interval=0")
     build_trainer(make_job(tmp_path, "checkpoint.interval=2", "train.stop_at_step=2", *offline), env).fit()
     run_id = (tmp_path / WANDB_ID_FILE).read_text().strip()
-    build_trainer(make_job(tmp_path, "checkpoint.interval=2", "checkpoint.resume=latest", *offline), env).fit()
+    build_trainer(
+        make_job(tmp_path, "checkpoint.interval=2", "checkpoint.resume=latest", *offline), env
+    ).fit()
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs
     other = tmp_path / "fresh"
