@@ -333,7 +333,7 @@ class Checkpointer:
                 f"checkpoint file {path / STATE_FILE} has format {trainer_state.get('format')!r}, "
                 f"this automoe reads format {FORMAT_VERSION}: resume it with the automoe version that wrote it "
                 "(docs/checkpoints.md lists which version writes which format), or export its weights there "
-                "(scripts/convert_hf.py) and start a new run from them"
+                "(python -m automoe.convert) and start a new run from them"
             )
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}

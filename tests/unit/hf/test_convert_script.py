@@ -1,7 +1,4 @@
-"""scripts/convert_hf.py round trip: HF -> automoe (DCP and torch.save) -> HF gives back the same tensors."""
-
-import importlib.util
-from pathlib import Path
+"""`python -m automoe.convert` round trip: HF -> automoe (DCP and torch.save) -> HF gives back the same tensors."""
 
 import pytest
 
@@ -9,14 +6,11 @@ from tests.tolerance import assert_equal
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "convert_hf.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("convert_hf", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import automoe.convert
+
+    return automoe.convert
 
 
 @pytest.mark.parametrize("fmt", ["dcp", "torch"])
