@@ -33,9 +33,7 @@ class MoEConfig:
     # --- routing ---
     gate: str = "topk"  # topk | fake_balanced | noisy_topk | hybrid
     score_func: str = "softmax"  # softmax | sigmoid: turns router logits into scores
-    softmax_before_topk: bool = (
-        True  # E-softmax, top-k (Qwen3, Mixtral+norm_topk_prob); False: K-softmax (GPT-OSS)
-    )
+    softmax_before_topk: bool = True  # softmax, top-k (Qwen3, Mixtral+norm_topk_prob); False: GPT-OSS
     num_expert_groups: int = 1  # group-limited routing: experts split into this many groups (1 = off)
     num_limited_groups: int = 1  # groups a token may route to (DeepSeek-V3 topk_group)
     norm_topk_prob: bool = False  # renormalize the K selected weights to sum to 1
