@@ -337,14 +337,7 @@ class Checkpointer:
             )
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        reader = SafeFileSystemReader(str(path))
-        try:
-            # fail here, with the file named, rather than deep inside dcp.load
-            metadata = reader.read_metadata()
-        except FileNotFoundError:
-            raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
-        check_shard_files(path, metadata)
-        self._check_shapes(path, model_sd, metadata, saved_model_cfg)
+        reader, metadata = self._checked_reader(path, model_sd, saved_model_cfg)
         try:
             with single_process_ok():
                 dcp.load(state, storage_reader=reader)
@@ -394,13 +387,7 @@ class Checkpointer:
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-        reader = SafeFileSystemReader(str(path))
-        try:
-            metadata = reader.read_metadata()
-        except FileNotFoundError:
-            raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
-        check_shard_files(path, metadata)
-        self._check_shapes(path, model_sd, metadata, saved_model_cfg)
+        reader, metadata = self._checked_reader(path, model_sd, saved_model_cfg)
         if optimizer is not None and not any(
             k.startswith("optim.state.") for k in metadata.state_dict_metadata
         ):
@@ -421,6 +408,18 @@ class Checkpointer:
     def _saved_model_config(self, path: Path) -> dict:
         """The `model` section of the checkpoint's `config.yaml` (ValueError naming the file if unreadable)."""
         return saved_config(path).get("model", {})
+
+    def _checked_reader(self, path: Path, model_sd: dict, saved_model_cfg: Any) -> tuple[Any, Any]:
+        """The DCP reader of `path` and its metadata, after the shard files and every tensor shape were checked:
+        fail here, with the file or tensor named, rather than deep inside dcp.load."""
+        reader = SafeFileSystemReader(str(path))
+        try:
+            metadata = reader.read_metadata()
+        except FileNotFoundError:
+            raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
+        check_shard_files(path, metadata)
+        self._check_shapes(path, model_sd, metadata, saved_model_cfg)
+        return reader, metadata
 
     def _check_shapes(self, path: Path, model_sd: dict, metadata: Any, saved_model_cfg: dict) -> None:
         expected = {key: tuple(value.shape) for key, value in model_sd.items()}  # DTensor: the global shape
