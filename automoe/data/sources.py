@@ -1,4 +1,5 @@
-"""Where documents come from: Python's stdlib sources, text and JSONL files, and a synthetic Markov chain.
+"""Where documents come from: Python's stdlib sources, text and JSONL files, a Hugging Face `datasets` dataset
+from local files, and a synthetic Markov chain.
 
 Readers yield `(name, text)` documents lazily in a deterministic (sorted) order; `documents_to_tokens`
 concatenates them into one token stream with an EOS after every document.
@@ -73,6 +74,64 @@ def iter_jsonl_documents(files: Iterable[Path], *, text_field: str = "text") -> 
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise ValueError(f"{where}: no string field DataConfig.text_field={text_field!r}")
                 yield where, record[text_field]
+
+
+# data files `datasets.load_dataset` reads with a packaged builder (no script, no download), by suffix
+DATASET_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".arrow": "arrow",
+}
+
+
+def iter_datasets_documents(
+    path: str | Path, *, text_field: str = "text", split: str = "train", streaming: bool = False
+) -> Iterator[tuple[str, str]]:
+    """One document per record of a Hugging Face `datasets` dataset read from local files only: a directory
+    written by `save_to_disk` (a `DatasetDict` gives `split`), or data files (json/jsonl/parquet/csv/txt/arrow;
+    a directory of them) read with the matching packaged builder. `streaming` reads record by record (for
+    datasets larger than memory or disk cache). The text is the string column `text_field`."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            "source 'datasets' needs the Hugging Face datasets library: pip install datasets"
+        ) from None
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"dataset {str(path)!r} does not exist (local files or a save_to_disk directory)")
+    if path.is_dir() and any(
+        (path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")
+    ):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"dataset {str(path)!r} has splits {list(ds)}, not split={split!r}")
+            ds = ds[split]
+        if streaming:
+            ds = ds.to_iterable_dataset()
+    else:
+        files = [p for p in list_files(path, "*") if p.suffix in DATASET_BUILDERS]
+        builders = {DATASET_BUILDERS[p.suffix] for p in files}
+        if len(builders) != 1:
+            raise ValueError(
+                f"dataset {str(path)!r}: expected data files of one kind ({sorted(DATASET_BUILDERS)}), found "
+                f"{sorted(builders) or 'none'}"
+            )
+        ds = datasets.load_dataset(
+            builders.pop(), data_files=[str(p) for p in files], split="train", streaming=streaming
+        )
+    columns = ds.column_names
+    if columns is not None and text_field not in columns:
+        raise ValueError(f"dataset {str(path)!r} has columns {columns}, no text field {text_field!r}")
+    for index, record in enumerate(ds):
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"dataset {str(path)!r} record {index}: {text_field!r} is not a string")
+        yield f"{path}[{index}]", text
 
 
 def cap_bytes(docs: Iterable[tuple[str, str]], max_bytes: int | None) -> Iterator[tuple[str, str]]:

@@ -1,7 +1,9 @@
 """Pre-tokenized corpora on disk: a flat uint16/uint32 token file read through `numpy.memmap`.
 
 Layout: `corpus.bin` holds the raw little-endian ids; `corpus.json` beside it (same stem) holds
-`{"format", "dtype", "num_tokens", "vocab_size", "bos_id", "eos_id", "pad_id", "tokenizer"}`.
+`{"format", "dtype", "num_tokens", "vocab_size", "bos_id", "eos_id", "pad_id", "tokenizer"}` plus, from
+`prepare_data`, the tokenizer's `tokenizer_path`, `tokenizer_fingerprint` and `add_bos` (`tokenizer_info`): training
+compares them with the model's tokenizer.
 The sidecar is written last, so a file without one is an unfinished write.
 """
 
@@ -44,6 +46,7 @@ class TokenFileWriter:
         bos_id: int | None = None,
         pad_id: int | None = None,
         tokenizer: str = "byte",
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(path)
         self.dtype = np.dtype(dtype_for_vocab(vocab_size)).newbyteorder("<")
@@ -56,6 +59,7 @@ class TokenFileWriter:
             "eos_id": eos_id,
             "pad_id": pad_id,
             "tokenizer": tokenizer,
+            **(extra or {}),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         sidecar_path(self.path).unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from automoe import init
 from automoe.config.model import ModelConfig
+from automoe.models.kv_cache import LayerKVCache
 from automoe.models.norms import RMSNorm
 from automoe.models.rope import apply_rotary
 from automoe.tensors import torch_dtype
@@ -75,7 +76,8 @@ class Attention(nn.Module):
     `positions_BS` must then increase along the row (global token indices in any chunk layout, e.g.
     load-balanced zigzag; with document ids, positions restarting per document will do). `document_ids_BS`
     (packed documents) makes it block-causal: a query sees only its own document's keys. Padding
-    (`padding_mask_BS` True) is never attended to by real tokens.
+    (`padding_mask_BS` True) is never attended to by real tokens. With `kv_cache` (decoding) the new keys and
+    values are appended to the cached ones and query s attends to every cached key and the new ones up to s.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -107,6 +109,7 @@ class Attention(nn.Module):
         positions_BS: Tensor,
         padding_mask_BS: Tensor | None = None,
         document_ids_BS: Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
     ) -> Tensor:
         B, S, _ = x_BSD.shape
         q_flat, k_flat = self.q_proj(x_BSD), self.k_proj(x_BSD)  # (B, S, H*A) / (B, S, G*A)
@@ -121,12 +124,26 @@ class Attention(nn.Module):
         k_BGSA = apply_rotary(k_BSGA.transpose(1, 2), cos_BSA, sin_BSA)
         v_BGSA = v_BSGA.transpose(1, 2)
 
-        if self.kv_gather is None and padding_mask_BS is None and document_ids_BS is None:
+        if kv_cache is not None:
+            y_BHSA = self._cached(q_BHSA, k_BGSA, v_BGSA, kv_cache)
+        elif self.kv_gather is None and padding_mask_BS is None and document_ids_BS is None:
             # Fast path: no mask tensor, so flash-style kernels (which support GQA natively) can run.
             y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BGSA, v_BGSA, is_causal=True, enable_gqa=True)
         else:
             y_BHSA = self._masked(q_BHSA, k_BGSA, v_BGSA, positions_BS, padding_mask_BS, document_ids_BS)
         return self.o_proj(y_BHSA.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+    def _cached(self, q_BHSA: Tensor, k_BGSA: Tensor, v_BGSA: Tensor, kv_cache: LayerKVCache) -> Tensor:
+        """Attention of the new queries over the cached keys and the new ones (causal by position)."""
+        S = q_BHSA.shape[2]
+        k_BGLA, v_BGLA = kv_cache.update(k_BGSA, v_BGSA)
+        mask_SL = kv_cache.causal_mask(S, q_BHSA.device)
+        if mask_SL is None:  # one new query sees every key; a first chunk is plain causal attention
+            return F.scaled_dot_product_attention(q_BHSA, k_BGLA, v_BGLA, is_causal=S > 1, enable_gqa=True)
+        repeat = self.num_heads // self.num_kv_heads
+        k_BHLA = k_BGLA.repeat_interleave(repeat, dim=1)
+        v_BHLA = v_BGLA.repeat_interleave(repeat, dim=1)
+        return F.scaled_dot_product_attention(q_BHSA, k_BHLA, v_BHLA, attn_mask=mask_SL)
 
     def _masked(
         self,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from automoe import init
 from automoe.config.model import ModelConfig
 from automoe.models.attention import KVGather, mask_keys, visibility_mask
+from automoe.models.kv_cache import LayerKVCache
 from automoe.models.norms import RMSNorm
 from automoe.models.rope import apply_rotary
 from automoe.tensors import torch_dtype
@@ -181,6 +182,7 @@ class MultiHeadLatentAttention(nn.Module):
         positions_BS: Tensor,
         padding_mask_BS: Tensor | None = None,
         document_ids_BS: Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
     ) -> Tensor:
         B, S, _ = x_BSD.shape
         H, O, R, W = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim  # noqa: E741 (the legend's letters)
@@ -196,7 +198,11 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope_B1SR = self._rotate(k_rope_BSR.unsqueeze(1), cos_BSR, sin_BSR)
 
         mask_B1SL = None
-        if self.kv_gather is not None or padding_mask_BS is not None or document_ids_BS is not None:
+        if kv_cache is not None:  # decoding: the cache holds the compressed pair (expanded below)
+            latent_B1SC, k_rope_B1SR = kv_cache.update(latent_B1SC, k_rope_B1SR)
+            mask_SL = kv_cache.causal_mask(S, x_BSD.device)
+            mask_B1SL = None if mask_SL is None else mask_SL.expand(B, 1, S, -1)
+        elif self.kv_gather is not None or padding_mask_BS is not None or document_ids_BS is not None:
             order_BS = (
                 torch.arange(S, device=x_BSD.device).expand(B, S)
                 if self.kv_gather is None
@@ -218,7 +224,12 @@ class MultiHeadLatentAttention(nn.Module):
         k_BHLQ = torch.cat([k_nope_BHLO, k_rope_B1SR.expand(B, H, L, R)], dim=-1)
         q_BHSQ = torch.cat([q_nope_BHSO, q_rope_BHSR], dim=-1)
         y_BHSW = F.scaled_dot_product_attention(
-            q_BHSQ, k_BHLQ, v_BHLW, attn_mask=mask_B1SL, is_causal=mask_B1SL is None, scale=self.softmax_scale
+            q_BHSQ,
+            k_BHLQ,
+            v_BHLW,
+            attn_mask=mask_B1SL,
+            is_causal=mask_B1SL is None and S > 1,
+            scale=self.softmax_scale,
         )
         return self.o_proj(y_BHSW.transpose(1, 2).reshape(B, S, H * W))
 

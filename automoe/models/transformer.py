@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from automoe import init
 from automoe.config.model import ModelConfig
 from automoe.models.attention import Attention
+from automoe.models.kv_cache import KVCache
 from automoe.models.mla import LatentRotaryEmbedding, MultiHeadLatentAttention
 from automoe.models.mlp import FeedForward
 from automoe.models.norms import RMSNorm
@@ -47,6 +48,7 @@ class Block(nn.Module):
         padding_mask_BS: Tensor | None = None,
         document_ids_BS: Tensor | None = None,
         num_documents: int | None = None,
+        kv_cache: KVCache | None = None,
     ) -> Tensor:
         h_BSD = x_BSD + self.attention(
             self.attention_norm(x_BSD),
@@ -55,6 +57,7 @@ class Block(nn.Module):
             positions_BS=positions_BS,
             padding_mask_BS=padding_mask_BS,
             document_ids_BS=document_ids_BS,
+            kv_cache=None if kv_cache is None else kv_cache.layer(self.layer_id),
         )
         ffn_in_BSD = self.ffn_norm(h_BSD)
         if self.moe is not None:
@@ -78,14 +81,15 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """`forward(tokens_BS, *, positions_BS=None, padding_mask_BS=None, document_ids_BS=None,
-    num_documents=None) -> logits_BSV`.
+    num_documents=None, kv_cache=None) -> logits_BSV`.
 
     `positions_BS`: RoPE positions (default 0..S-1; the loader's restart per document with document ids; under
     context parallelism they also order the gathered keys, so they must increase along a row or document).
     `padding_mask_BS` True at padding. `document_ids_BS` (packed documents, `automoe.data.documents`):
     attention stays within each document and the `sequence` aux loss is taken per document; `num_documents` is
     then 1 + the largest id over the whole micro-batch, required under context parallelism (every rank must use
-    the same count), else derived (a host sync).
+    the same count), else derived (a host sync). `kv_cache` (`automoe.models.KVCache`, decoding in one process):
+    the tokens continue the cached ones (positions from `kv_cache.length`), whose keys/values are reused.
 
     Build on the meta device, parallelize, then `to_empty(device=...)` and `init_weights()`:
         with torch.device("meta"):
@@ -124,12 +128,18 @@ class Transformer(nn.Module):
         padding_mask_BS: Tensor | None = None,
         document_ids_BS: Tensor | None = None,
         num_documents: int | None = None,
+        kv_cache: KVCache | None = None,
     ) -> Tensor:
         B, S = tokens_BS.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        if kv_cache is not None and (padding_mask_BS is not None or document_ids_BS is not None):
+            raise ValueError("kv_cache: decoding takes no padding mask or document ids")
         if positions_BS is None:
-            if self.cfg.max_seq_len < S:
-                raise ValueError(f"sequence length {S} > ModelConfig.max_seq_len={self.cfg.max_seq_len}")
-            positions_BS = torch.arange(S, device=tokens_BS.device).expand(B, S)
+            if self.cfg.max_seq_len < start + S:
+                raise ValueError(
+                    f"sequence length {start + S} > ModelConfig.max_seq_len={self.cfg.max_seq_len}"
+                )
+            positions_BS = torch.arange(start, start + S, device=tokens_BS.device).expand(B, S)
         if document_ids_BS is not None and num_documents is None:
             if any(block.attention.kv_gather is not None for block in self.layers.values()):
                 raise ValueError(
@@ -147,7 +157,10 @@ class Transformer(nn.Module):
                 padding_mask_BS=padding_mask_BS,
                 document_ids_BS=document_ids_BS,
                 num_documents=num_documents,
+                kv_cache=kv_cache,
             )
+        if kv_cache is not None:
+            kv_cache.advance(S)
         return self.output(self.norm(h_BSD))
 
     @torch.no_grad()
