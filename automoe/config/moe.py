@@ -13,6 +13,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "geglu", "relu2", "gelu", "relu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 AUX_LOSS_TYPES = ("micro_batch", "sequence", "global")
+BIAS_UPDATE_RULES = ("sign", "adaptive")
 EXPERT_BACKENDS = ("auto", "loop", "grouped_mm", "bmm")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -50,6 +51,7 @@ class MoEConfig:
     # --- load balancing ---
     gate_bias_update_factor: float = 0.0  # gamma of the aux-loss-free bias update; >0 implies correction_bias
     bias_update_mean_center: bool = False  # subtract the mean of each bias update so biases stay centred
+    bias_update_rule: str = "sign"  # sign: gamma*sign (DeepSeek-V3) | adaptive: per-expert step, Rprop-style
     aux_loss_coeff: float = 0.0  # weight of the Switch/GShard balancing loss (noisy_topk: of its cv^2 loss)
     aux_loss_type: str = "micro_batch"  # micro_batch | sequence | global: where f_e and P_e are averaged
     z_loss_coeff: float = 0.0  # weight of the router z-loss mean_t(logsumexp(logits))^2
@@ -90,6 +92,7 @@ class MoEConfig:
         check_choice("MoEConfig.score_func", self.score_func, SCORE_FUNCS)
         check_choice("MoEConfig.expert_activation", self.expert_activation, ACTIVATIONS)
         check_choice("MoEConfig.aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
+        check_choice("MoEConfig.bias_update_rule", self.bias_update_rule, BIAS_UPDATE_RULES)
         check_choice("MoEConfig.experts_backend", self.experts_backend, EXPERT_BACKENDS)
         check_choice("MoEConfig.dtype", self.dtype, DTYPES)
         if self.router_dtype is not None:
@@ -175,6 +178,8 @@ class MoEConfig:
         def warn(msg: str) -> None:
             warnings.warn(f"MoEConfig: {msg}", UserWarning, stacklevel=4)
 
+        if self.bias_update_rule != "sign" and self.gate_bias_update_factor == 0:
+            warn(f"bias_update_rule={self.bias_update_rule!r} has no effect with gate_bias_update_factor=0")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             warn("shared_expert_gate=True has no effect with num_shared_experts=0")
         idle = self._idle_gate_settings()

@@ -1,4 +1,4 @@
-"""Per-step expert load and the DeepSeek-V3 aux-loss-free gate bias update."""
+"""Per-step expert load and the DeepSeek-V3 aux-loss-free gate bias update (sign rule, and an adaptive rule)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from torch import Tensor, nn
 from automoe.moe.layer import MoE, moe_layers
 
 SumFn = Callable[[Tensor], Tensor]
+
+# bias_update_rule=adaptive: expert e moves by gamma * 2^(k_e/4) * sign(err_e). k_e grows by 1 (step x 1.19) when
+# err_e has the sign of the last step, drops by 4 (step x 0.5) when it flips, stays when either is 0; bounded so
+# the step lies in [gamma/1024, gamma*128]. Integer k: the same on every rank and layout, whatever the dtype.
+ADAPTIVE_UP, ADAPTIVE_DOWN = 1, -4
+ADAPTIVE_MIN_EXPONENT, ADAPTIVE_MAX_EXPONENT = -40, 28
 
 
 def step_expert_loads(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict[str, Tensor]:
@@ -29,7 +35,11 @@ def step_expert_loads(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict[
 
 @torch.no_grad()
 def update_gate_biases(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict[str, Tensor]:
-    """After `optimizer.step()`: b_e += gamma * sign(mean(L) - L_e) for every layer with gamma > 0.
+    """After `optimizer.step()`: b_e += gamma * sign(mean(L) - L_e) for every layer with gamma > 0 (sign rule).
+
+    With `bias_update_rule=adaptive` each expert's step is gamma * 2^(k_e/4) instead of gamma (Rprop-style, see
+    `adaptive_steps`): it grows while the expert stays on one side of the mean load and halves when it crosses, so
+    the bias catches up fast whatever the score scale and then jitters little; gamma only sets the first step.
 
     The sign is taken on integers, sign(sum(L) - E * L_e) (exact; a float count could round a near-mean expert
     to the wrong side), and gamma * sign is applied to the fp32 bias: the same update in any model dtype.
@@ -42,13 +52,30 @@ def update_gate_biases(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict
     for name, layer in moe_layers(model):
         if _bias_update_enabled(layer):
             load_E = loads[name]
-            sign_E = torch.sign(load_E.sum() - load_E.numel() * load_E).to(torch.float32)
-            delta_E = layer.cfg.gate_bias_update_factor * sign_E
+            sign_E = torch.sign(load_E.sum() - load_E.numel() * load_E)  # int64
+            step_E = layer.cfg.gate_bias_update_factor
+            if layer.cfg.bias_update_rule == "adaptive":
+                step_E = step_E * adaptive_steps(layer, sign_E)
+            delta_E = step_E * sign_E.to(torch.float32)
             if layer.cfg.bias_update_mean_center:
                 delta_E = delta_E - delta_E.mean()
             layer.gate.update_bias(delta_E)
         layer.reset_statistics()
     return loads
+
+
+def adaptive_steps(layer: MoE, sign_E: Tensor) -> Tensor:
+    """Advance the layer's step exponents k_E by this step's integer signs; -> 2^(k_E/4), fp32 [E].
+
+    Same sign as the last update: k += ADAPTIVE_UP; opposite: k += ADAPTIVE_DOWN; a zero sign either time: k
+    stays. The signs are stored for the next step. Both buffers are persistent (checkpointed).
+    """
+    agree_E = sign_E * layer.bias_last_sign
+    change_E = torch.where(agree_E > 0, ADAPTIVE_UP, torch.where(agree_E < 0, ADAPTIVE_DOWN, 0))
+    exponent_E = (layer.bias_step_exponent + change_E).clamp(ADAPTIVE_MIN_EXPONENT, ADAPTIVE_MAX_EXPONENT)
+    layer.bias_step_exponent.copy_(exponent_E)
+    layer.bias_last_sign.copy_(sign_E)
+    return torch.exp2(exponent_E.to(torch.float32) / 4)
 
 
 def _bias_update_enabled(layer: MoE) -> bool:

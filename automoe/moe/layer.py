@@ -111,6 +111,11 @@ class MoE(nn.Module):
             ("dropped_slots", ()),
         ):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.int64), persistent=False)
+        # State of `bias_update_rule=adaptive` (`moe.balance`), checkpointed: each expert's step exponent k (step
+        # = gamma * 2^(k/4)) and the sign of its last update. Integers: exact on every rank, never cast by .to().
+        if cfg.bias_update_rule == "adaptive":
+            self.register_buffer("bias_step_exponent", torch.zeros(cfg.num_experts, dtype=torch.int64))
+            self.register_buffer("bias_last_sign", torch.zeros(cfg.num_experts, dtype=torch.int64))
         self.aux_loss: Tensor | None = None
         self.loss_values: dict[str, float] = {}
         self._replay = ReplayReducer()
@@ -237,6 +242,9 @@ class MoE(nn.Module):
             self.shared_experts.init_weights(std=std, out_std=out_std)
         for buf in (self.expert_load, self.eval_expert_load, self.step_tokens, self.dropped_slots):
             buf.zero_()
+        for name in ("bias_step_exponent", "bias_last_sign"):
+            if hasattr(self, name):
+                getattr(self, name).zero_()
 
 
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:

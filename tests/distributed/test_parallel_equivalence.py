@@ -29,7 +29,7 @@ WORLD_MAX = (
 )
 
 
-def _model_cfg(aux_type: str, num_experts: int = 4) -> ModelConfig:
+def _model_cfg(aux_type: str, num_experts: int = 4, rule: str = "sign") -> ModelConfig:
     moe = MoEConfig(
         num_experts=num_experts,
         num_activated_experts=min(2, num_experts - 1),
@@ -39,6 +39,7 @@ def _model_cfg(aux_type: str, num_experts: int = 4) -> ModelConfig:
         aux_loss_type=aux_type,
         z_loss_coeff=0.001,
         gate_bias_update_factor=0.01,
+        bias_update_rule=rule,
         score_func="sigmoid",
         norm_topk_prob=True,
     )
@@ -128,7 +129,7 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
         fsdp_param_dtype=layout.get("param_dtype", "float32"),
         cp_load_balance=True,
     )
-    cfg = _model_cfg(layout.get("aux", "micro_batch"), layout.get("experts", 4))
+    cfg = _model_cfg(layout.get("aux", "micro_batch"), layout.get("experts", 4), layout.get("rule", "sign"))
     fp32 = pcfg.fsdp_param_dtype == "float32"
     # fp32 layouts vs the single process: the same math with other GEMM row counts and other CP/EP/FSDP reduction
     # orders. Forward: 4 reductions per block, the head, the CE/aux sums (at most the widest contraction or the
@@ -190,7 +191,11 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
         assert err <= STEPS * tol, (
             f"param {name} after {STEPS} steps: relative error {err}"
         )  # a trajectory margin
-    biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("correction_bias")}
+    biases = {
+        n: b.clone()
+        for n, b in model.named_buffers()
+        if n.endswith(("correction_bias", "bias_step_exponent", "bias_last_sign"))
+    }
     ref_biases = dict(reference.named_buffers())
     for name, b in biases.items():
         if (
@@ -214,6 +219,7 @@ LAYOUTS = [
     pytest.param(4, {"ep": 4, "cp": 1, "fsdp": False}, id="ep4"),
     pytest.param(2, {"ep": 2, "cp": 1, "fsdp": True}, id="ep2-fsdp"),
     pytest.param(2, {"ep": 2, "cp": 1, "fsdp": False}, id="ep2"),
+    pytest.param(2, {"ep": 2, "cp": 1, "fsdp": True, "rule": "adaptive"}, id="ep2-fsdp-adaptive-bias"),
     pytest.param(2, {"ep": 1, "cp": 2, "fsdp": True, "aux": "sequence"}, id="cp2-fsdp-seqaux"),
     pytest.param(4, {"ep": 4, "cp": 1, "fsdp": True, "ac": "full"}, id="ep4-fsdp-ac"),
     pytest.param(4, {"ep": 2, "cp": 2, "fsdp": True}, id="ep2-cp2-fsdp"),

@@ -105,3 +105,102 @@ def test_bias_is_saved_in_state_dict_and_update_balances_a_skewed_gate():
     imbalance = lambda load: (load.max() / load.double().mean()).item()  # noqa: E731
     assert first[0] == 64 and imbalance(first) > 1.9
     assert imbalance(last) < 1.25
+
+
+# ---- bias_update_rule=adaptive ----
+
+
+def _set_loads(model, *loads):
+    for layer, load in zip(model, loads):
+        layer.expert_load.copy_(torch.tensor(load))
+
+
+def test_adaptive_step_grows_while_the_sign_repeats_halves_on_a_flip_and_is_bounded():
+    from automoe.moe.balance import ADAPTIVE_MAX_EXPONENT, ADAPTIVE_MIN_EXPONENT
+
+    gamma = 0.01
+    model = _model(num_layers=1, gate_bias_update_factor=gamma, bias_update_rule="adaptive")
+    layer = model[0]
+    # expert 0 overloaded, 1 underloaded, 2 and 3 exactly at the mean (sign 0: no move, no step change)
+    over, flipped = [6, 2, 4, 4], [2, 6, 4, 4]
+    want_k, want_b = torch.zeros(4, dtype=torch.int64), torch.zeros(4)
+    for load, change in ((over, 0), (over, 1), (over, 1), (flipped, -4), (flipped, 1)):
+        _set_loads(model, load)
+        update_gate_biases(model)
+        want_k[:2] += change
+        sign = torch.sign(torch.tensor(load).sum() - 4 * torch.tensor(load))
+        want_b += gamma * torch.exp2(want_k.float() / 4) * sign.float()  # the same fp32 ops: exact
+        assert torch.equal(layer.bias_step_exponent, want_k)
+        assert torch.equal(layer.bias_last_sign, sign)
+        assert_equal(layer.gate.correction_bias, want_b)
+    assert layer.gate.correction_bias[2:].abs().sum() == 0
+    for _ in range(ADAPTIVE_MAX_EXPONENT + 10):
+        _set_loads(model, over)
+        update_gate_biases(model)
+    assert layer.bias_step_exponent[:2].tolist() == [ADAPTIVE_MAX_EXPONENT] * 2
+    for i in range(-ADAPTIVE_MIN_EXPONENT):
+        _set_loads(model, over if i % 2 else flipped)
+        update_gate_biases(model)
+    assert layer.bias_step_exponent[:2].tolist() == [ADAPTIVE_MIN_EXPONENT] * 2
+
+
+def test_adaptive_state_is_checkpointed_and_a_restored_model_continues_identically():
+    kw = dict(num_layers=2, gate_bias_update_factor=0.01, bias_update_rule="adaptive")
+    model = _model(**kw)
+    assert "0.bias_step_exponent" in model.state_dict() and "1.bias_last_sign" in model.state_dict()
+    assert "0.bias_step_exponent" not in _model(gate_bias_update_factor=0.01).state_dict()  # sign rule: none
+    for step in range(3):
+        _run(model, seed=step)
+        update_gate_biases(model)
+    restored = _model(**kw)
+    restored.load_state_dict(model.state_dict())
+    for m in (model, restored):
+        for step in range(3, 6):
+            _run(m, seed=step)
+            update_gate_biases(m)
+    for a, b in zip(model.state_dict().values(), restored.state_dict().values()):
+        assert_equal(a, b)
+    assert model[0].bias_step_exponent.abs().sum() > 0
+
+
+def _skewed_gate_imbalance(score_func: str, rule: str, steps: int) -> float:
+    torch.manual_seed(0)
+    layer = MoE(
+        MoEConfig(
+            dim=D,
+            moe_inter_dim=8,
+            num_experts=4,
+            num_activated_experts=2,
+            score_func=score_func,
+            gate_bias_update_factor=0.001,  # DeepSeek-V3's gamma
+            bias_update_rule=rule,
+        )
+    )
+    layer.init_weights(std=0.5)
+    model = torch.nn.ModuleList([layer])
+    with torch.no_grad():
+        layer.gate.weight[0] += 1.0  # with positive inputs, expert 0 wins every token
+    x = torch.randn(4, 16, D, generator=torch.Generator().manual_seed(1)) + 1.0
+    loads = []
+    for _ in range(steps):
+        layer(x)
+        loads.append(update_gate_biases(model)["0"].double())
+    last = torch.stack(loads[-10:]).mean(0)  # the last 10 steps' mean load
+    return (last.max() / last.mean()).item() - 1
+
+
+def test_adaptive_rule_balances_softmax_and_sigmoid_gates_with_the_default_gamma():
+    # gamma = 0.001 moves a sign-rule bias by 0.06 in 60 steps: not enough to undo a skew of this size in either
+    # score scale; the adaptive step grows to what each scale needs
+    for score_func in ("softmax", "sigmoid"):
+        assert _skewed_gate_imbalance(score_func, "sign", 60) > 0.5, score_func
+        assert _skewed_gate_imbalance(score_func, "adaptive", 60) < 0.1, score_func
+
+
+def test_adaptive_rule_is_validated_and_idle_without_gamma():
+    import pytest
+
+    with pytest.raises(ValueError, match="bias_update_rule"):
+        MoEConfig(bias_update_rule="proportional")
+    with pytest.warns(UserWarning, match="bias_update_rule='adaptive' has no effect"):
+        MoEConfig(bias_update_rule="adaptive", correction_bias=True)
