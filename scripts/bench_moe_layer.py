@@ -1,26 +1,36 @@
-"""Benchmark one MoE layer (forward + backward) against a dense MLP doing the same active FLOPs.
+"""Benchmark one MoE layer (forward + backward) against the GEMM floor and against peer implementations.
 
-    .venv/bin/python scripts/bench_moe_layer.py                     # T=4096, d=512, F=1024, E=8, k=2; fp32 + bf16
-    .venv/bin/python scripts/bench_moe_layer.py --dtype bf16 --noise 0.5 --json /tmp/moe.json
-    .venv/bin/python scripts/bench_moe_layer.py --sweep --json bench_results/moe_layer_sweep.json  # E x k x noise
+    .venv/bin/python scripts/bench_moe_layer.py --quick --json bench_results/moe_layer_quick.json   # a few minutes
+    .venv/bin/python scripts/bench_moe_layer.py --json bench_results/moe_layer.json                 # every shape
+    .venv/bin/python scripts/bench_moe_layer.py --shapes fine --noise 0 --dtype bf16 --repeats 7
 
-Rows, timed interleaved in one run so their ratio is fair on a shared machine:
-  ideal  a dense SwiGLU MLP on [T*k, d] (same active FLOPs, no routing), plain autograd
-  loop   automoe.moe.layer.MoE with experts_backend=loop (the per-expert oracle)
-  fast   the same layer with --backend (default auto)
-Columns: median and min ms over --repeats after warm-up, tokens/s (from the median), efficiency = median over
-rounds of ideal_ms / row_ms within the round, eff(min) = min ideal_ms / min row_ms, and the bytes autograd saves for
-backward (storages deduplicated, parameters excluded). A stage breakdown of the fast layer follows
-(shape suffixes: docs/architecture.md#shape-legend; N = T*k routed rows).
-`--sweep` times only the ideal and fast rows (`--rows` to change) for every E in --sweep-experts, k in
---sweep-topk and noise in --sweep-noise, and reports the routed load's max/mean over experts.
+Shapes (T=4096 tokens, d=512; same active FLOPs for the first two): `default` E=8 k=2 F=1024, `fine` E=64 k=8
+F=256, `e128` E=128 k=8 F=128; each with balanced (`--noise 0`) and skewed (`--noise 1`, fake_gate_noise=1) routing.
+Rows, timed interleaved in one process (every round runs each row once, from a rotating start), so their ratios
+are fair on a shared machine:
+  floor          the six GEMMs of the routed work as single dense products over all T*k rows into preallocated
+                 outputs (forward X.W13, A.W2; backward dY.W2^T, A^T.dY, dH.W13^T, X^T.dH): no routing, no
+                 activation, no autograd. The denominator of every efficiency.
+  dense          a dense SwiGLU MLP on [T*k, d] with autograd (the former `ideal` row)
+  loop           automoe `MoE` with experts_backend=loop (the oracle)
+  fast           automoe `MoE` with --backend (default auto: the autotuned engine)
+  experts        the fast layer's GroupedExperts alone on rows already sorted expert-major (optional row)
+  peer_loop      a per-expert loop written here: index_select, nn.Linear SwiGLU (gate, up, down), index_add
+  hf_grouped_mm  transformers Qwen3MoeSparseMoeBlock, experts_implementation=grouped_mm
+  hf_eager       the same block, eager (its per-expert loop)
+Every MoE row routes with the same fake gate (same seed per round) and holds the same expert weights; a parity
+check of the outputs runs before timing. Columns: median/min ms, tokens/s, efficiency = median over rounds of
+floor_ms / row_ms, `vs peer` = median over rounds of (fastest peer row's ms / row ms) (> 1: faster than every peer),
+and the bytes autograd saves for backward (storages deduplicated, parameters excluded).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -31,21 +41,36 @@ from automoe.bench import DTYPES, LoadMeter, MachineLoadMeter, machine_info, rep
 from automoe.config.moe import MoEConfig
 from automoe.moe.layer import MoE
 
+SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
+PEERS = ("peer_loop", "hf_grouped_mm", "hf_eager")
+ALL_ROWS = ("floor", "dense", "loop", "fast", "experts", *PEERS)
+DEFAULT_ROWS = ("floor", "dense", "loop", "fast", *PEERS)
+QUICK_ROWS = ("floor", "dense", "fast", *PEERS)
 
-class ExpertsOnly(nn.Module):
-    """The `experts` row: the fast layer's GroupedExperts on rows already sorted expert-major (no gate, dispatch
-    or combine), so ideal -> experts -> fast separates the GEMM engine's cost from the routing's."""
 
-    def __init__(self, layer: MoE, counts_E: Tensor) -> None:
+class Floor(nn.Module):
+    """The six dense GEMMs of the routed work into preallocated outputs (`bench_step` replaces forward+backward)."""
+
+    def __init__(self, rows: int, dim: int, inter_dim: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.experts, self.counts_E = layer.experts, counts_E
+        N, D, Fd = rows, dim, inter_dim
+        new = lambda *s: torch.randn(*s).to(dtype)  # noqa: E731
+        self.w13, self.w2 = new(D, 2 * Fd) * D**-0.5, new(Fd, D) * Fd**-0.5
+        self.h, self.a, self.y = new(N, 2 * Fd), new(N, Fd), new(N, D)
+        self.da, self.dh, self.dx = new(N, Fd), new(N, 2 * Fd), new(N, D)
+        self.dw13, self.dw2 = new(D, 2 * Fd), new(Fd, D)
 
-    def forward(self, x_ND: Tensor) -> Tensor:
-        return self.experts(x_ND, self.counts_E)
+    def bench_step(self, x: Tensor, dy: Tensor) -> None:
+        torch.mm(x, self.w13, out=self.h)
+        torch.mm(self.a, self.w2, out=self.y)
+        torch.mm(dy, self.w2.t(), out=self.da)
+        torch.mm(self.a.t(), dy, out=self.dw2)
+        torch.mm(self.dh, self.w13.t(), out=self.dx)
+        torch.mm(x.t(), self.dh, out=self.dw13)
 
 
 class DenseSwiGLU(nn.Module):
-    """The `ideal` row: one SwiGLU MLP over all T*k routed rows, fused [D, 2F] up weight like the experts."""
+    """The `dense` row: one SwiGLU MLP over all T*k routed rows, fused [D, 2F] up weight like the experts."""
 
     def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -55,6 +80,87 @@ class DenseSwiGLU(nn.Module):
     def forward(self, x_ND: Tensor) -> Tensor:
         g_NF, u_NF = (x_ND @ self.w_up).chunk(2, dim=-1)
         return (F.silu(g_NF) * u_NF) @ self.w_down
+
+
+class ExpertsOnly(nn.Module):
+    """The `experts` row: the fast layer's GroupedExperts on rows already sorted expert-major."""
+
+    def __init__(self, layer: MoE, counts_E: Tensor) -> None:
+        super().__init__()
+        self.experts, self.counts_E = layer.experts, counts_E
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        return self.experts(x_ND, self.counts_E)
+
+
+class PeerLoop(nn.Module):
+    """A tutorial MoE: per expert, index_select its tokens, nn.Linear SwiGLU, weight, index_add into the output."""
+
+    def __init__(self, layer: MoE) -> None:
+        super().__init__()
+        self.gate = layer.gate  # shared: same routing as the automoe rows
+        w_up, w_down = layer.experts.w_up.detach(), layer.experts.w_down.detach()
+        Fd = w_down.shape[1]
+        self.num_experts = w_up.shape[0]
+        self.gate_proj, self.up_proj, self.down_proj = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for e in range(self.num_experts):
+            for mods, w in (
+                (self.gate_proj, w_up[e, :, :Fd]),
+                (self.up_proj, w_up[e, :, Fd:]),
+                (self.down_proj, w_down[e]),
+            ):
+                lin = nn.Linear(w.shape[0], w.shape[1], bias=False, dtype=w.dtype)
+                lin.weight.data.copy_(w.t())
+                mods.append(lin)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        route = self.gate(x_TD, None)
+        idx_TK, w_TK = route.indices_TK, route.weights_TK.to(x_TD.dtype)
+        out_TD = torch.zeros_like(x_TD)
+        for e in range(self.num_experts):
+            tok, slot = torch.where(idx_TK == e)
+            xe = x_TD.index_select(0, tok)
+            ye = self.down_proj[e](F.silu(self.gate_proj[e](xe)) * self.up_proj[e](xe))
+            out_TD = out_TD.index_add(0, tok, ye * w_TK[tok, slot, None])
+        return out_TD.view_as(x_BSD)
+
+
+class _FixedRouter(nn.Module):
+    """Stands in for Qwen3MoeTopKRouter: the automoe fake gate's routing in HF's (logits, weights, indices) form."""
+
+    def __init__(self, gate: nn.Module) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x_TD: Tensor):
+        route = self.gate(x_TD, None)
+        return None, route.weights_TK.to(x_TD.dtype), route.indices_TK
+
+
+def hf_block(layer: MoE, implementation: str) -> nn.Module | None:
+    """transformers' Qwen3MoeSparseMoeBlock holding the layer's expert weights; None if transformers is absent."""
+    try:
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    except ImportError:
+        return None
+    cfg = layer.cfg
+    hf_cfg = Qwen3MoeConfig(
+        hidden_size=cfg.dim,
+        moe_intermediate_size=cfg.moe_inter_dim,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.num_activated_experts,
+        hidden_act="silu",
+    )
+    hf_cfg._experts_implementation = implementation
+    w_up = layer.experts.w_up.detach()
+    block = Qwen3MoeSparseMoeBlock(hf_cfg).to(w_up.dtype)
+    with torch.no_grad():  # HF stores [E, out, in]: gate_up [E, 2F, D] (gate rows first), down [E, D, F]
+        block.experts.gate_up_proj.copy_(w_up.transpose(1, 2))
+        block.experts.down_proj.copy_(layer.experts.w_down.detach().transpose(1, 2))
+    block.gate = _FixedRouter(layer.gate)
+    return block
 
 
 def saved_activation_bytes(step_forward, params: list[Tensor]) -> int:
@@ -74,43 +180,75 @@ def saved_activation_bytes(step_forward, params: list[Tensor]) -> int:
     return sum(storages.values())
 
 
-def build_rows(args, dtype: torch.dtype, *, names: tuple[str, ...] = ("ideal", "loop", "fast")) -> dict:
-    """name -> (module, input, grad of output) for the ideal MLP and the MoE layers named in `names`."""
+def moe_layer(args, dtype: torch.dtype, backend: str) -> MoE:
+    cfg = MoEConfig(
+        dim=args.dim,
+        moe_inter_dim=args.inter_dim,
+        num_experts=args.experts,
+        num_activated_experts=args.topk,
+        gate="fake_balanced",
+        fake_gate_noise=args.noise,
+        expert_activation="swiglu",
+        experts_backend=backend,
+        dtype="float32" if dtype == torch.float32 else "bfloat16",
+    )
+    layer = MoE(cfg)
+    torch.manual_seed(0)
+    layer.init_weights(std=args.dim**-0.5)
+    return layer
+
+
+def build_rows(args, dtype: torch.dtype, names: tuple[str, ...]) -> dict:
+    """name -> (module, input, grad of output) for every row in `names` that can be built here."""
     T, D, Fd, E, K = args.tokens, args.dim, args.inter_dim, args.experts, args.topk
     g = torch.Generator().manual_seed(0)
     x_BSD = torch.randn(1, T, D, generator=g).to(dtype)
     dy_BSD = torch.randn(1, T, D, generator=g).to(dtype)
     x_ND = torch.randn(T * K, D, generator=g).to(dtype)
     dy_ND = torch.randn(T * K, D, generator=g).to(dtype)
-    rows = {"ideal": (DenseSwiGLU(D, Fd, dtype), x_ND, dy_ND)}
-    for name, backend in (("loop", "loop"), ("fast", args.backend)):
-        if name not in names and not (name == "fast" and "experts" in names):
-            continue
-        cfg = MoEConfig(
-            dim=D,
-            moe_inter_dim=Fd,
-            num_experts=E,
-            num_activated_experts=K,
-            gate="fake_balanced",
-            fake_gate_noise=args.noise,
-            expert_activation="swiglu",
-            experts_backend=backend,
-            dtype="float32" if dtype == torch.float32 else "bfloat16",
-        )
-        layer = MoE(cfg)
-        torch.manual_seed(0)
-        layer.init_weights(std=D**-0.5)
-        rows[name] = (layer, x_BSD, dy_BSD)
-    if "experts" in names:
-        fast = rows["fast"][0]
-        torch.manual_seed(0)
-        idx_TK = fast.gate(x_BSD.reshape(-1, D), None).indices_TK
-        counts_E = torch.bincount(idx_TK.flatten(), minlength=E)
-        rows["experts"] = (ExpertsOnly(fast, counts_E), x_ND, dy_ND)
+    fast = moe_layer(args, dtype, args.backend)
+    rows = {}
+    for name in names:
+        if name == "floor":
+            rows[name] = (Floor(T * K, D, Fd, dtype), x_ND, dy_ND)
+        elif name == "dense":
+            rows[name] = (DenseSwiGLU(D, Fd, dtype), x_ND, dy_ND)
+        elif name == "loop":
+            rows[name] = (moe_layer(args, dtype, "loop"), x_BSD, dy_BSD)
+        elif name == "fast":
+            rows[name] = (fast, x_BSD, dy_BSD)
+        elif name == "experts":
+            torch.manual_seed(0)
+            counts_E = torch.bincount(fast.gate(x_BSD.reshape(-1, D), None).indices_TK.flatten(), minlength=E)
+            rows[name] = (ExpertsOnly(fast, counts_E), x_ND, dy_ND)
+        elif name == "peer_loop":
+            rows[name] = (PeerLoop(fast), x_BSD, dy_BSD)
+        elif name in ("hf_grouped_mm", "hf_eager"):
+            block = hf_block(fast, name.removeprefix("hf_"))
+            if block is not None:
+                rows[name] = (block, x_BSD, dy_BSD)
     return rows
 
 
+def parity(rows: dict) -> dict[str, float]:
+    """Relative error of each MoE row's output against the fast row's, on the same routing draw."""
+    fast, x, _ = rows["fast"]
+    out = {}
+    with torch.no_grad():
+        torch.manual_seed(123)
+        ref = fast(x).float()
+        for name in ("loop", *PEERS):
+            if name in rows:
+                torch.manual_seed(123)
+                y = rows[name][0](x).float()
+                out[name] = float((y - ref).norm() / ref.norm())
+    return out
+
+
 def step(module: nn.Module, x: Tensor, dy: Tensor) -> None:
+    if isinstance(module, Floor):
+        module.bench_step(x, dy)
+        return
     x = x.detach().requires_grad_()
     for p in module.parameters():
         p.grad = None
@@ -125,7 +263,7 @@ def time_rows(rows: dict, *, repeats: int, warmup: int) -> dict[str, list[float]
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
             module, x, dy = rows[name]
-            torch.manual_seed(r)  # the fake gate's noise draws the same routing for loop and fast
+            torch.manual_seed(r)  # the fake gate's noise draws the same routing for every MoE row
             t0 = time.perf_counter()
             step(module, x, dy)
             if r >= warmup:
@@ -172,128 +310,162 @@ def routed_load_skew(layer: MoE, x_BSD: Tensor, *, seed: int = 0) -> float:
     return float(load_E.max() / load_E.mean())
 
 
-def run_dtype(args, dtype_name: str, *, names: tuple[str, ...] = ("ideal", "loop", "fast")) -> dict:
+def per_round(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def run_config(args, dtype_name: str, shape: str, names: tuple[str, ...]) -> dict:
     dtype = DTYPES[dtype_name]
-    rows = build_rows(args, dtype, names=names)
+    rows = build_rows(args, dtype, names)
+    errors = parity(rows)
+    loadavg_before = os.getloadavg()[0]
     with LoadMeter() as load:
         times = time_rows(rows, repeats=args.repeats, warmup=args.warmup)
-    ideal = times["ideal"]
+    peers = [p for p in PEERS if p in times]
+    best_peer = [min(ts) for ts in zip(*(times[p] for p in peers))] if peers else None
+    fast_layer = rows["fast"][0]
     result = {
+        "shape": shape,
         "dtype": dtype_name,
+        "tokens": args.tokens,
+        "dim": args.dim,
         "experts": args.experts,
         "topk": args.topk,
+        "inter_dim": args.inter_dim,
         "noise": args.noise,
+        "loadavg_1m": [loadavg_before, os.getloadavg()[0]],
         "other_cpu_load": round(load.other_load, 3),
         "total_cpu_load": round(load.total_load, 3),
-        "load_max_over_mean": round(routed_load_skew(rows["fast"][0], rows["fast"][1]), 3),
+        "load_max_over_mean": round(routed_load_skew(fast_layer, rows["fast"][1]), 3),
+        "parity_rel_err_vs_fast": {k: float(f"{v:.3g}") for k, v in errors.items()},
+        "engine_choices": {str(k): v for k, v in _engine_choices().items()},
         "rows": {},
     }
     for name, (module, x, _dy) in rows.items():
         med = statistics.median(times[name])
-        # efficiency: median over rounds of ideal/row within the round (load bursts hit both), and min/min
-        per_round = statistics.median(i / t for i, t in zip(ideal, times[name]))
-        saved = saved_activation_bytes(
-            lambda m=module, x=x: m(x.detach().requires_grad_()), list(module.parameters())
-        )
-        result["rows"][name] = {
+        row = {
             "median_ms": round(med, 2),
             "min_ms": round(min(times[name]), 2),
             "tokens_per_s": round(args.tokens / med * 1e3),
-            "efficiency": round(per_round, 3),
-            "efficiency_min": round(min(ideal) / min(times[name]), 3),
-            "saved_MB": round(saved / 2**20, 1),
         }
-    if not args.no_stages and not args.sweep:
+        if "floor" in times:
+            row["efficiency"] = round(per_round(times["floor"], times[name]), 3)
+        if best_peer is not None:
+            row["vs_best_peer"] = round(per_round(best_peer, times[name]), 3)
+        if name != "floor":
+            saved = saved_activation_bytes(
+                lambda m=module, x=x: m(x.detach().requires_grad_()), list(module.parameters())
+            )
+            row["saved_MB"] = round(saved / 2**20, 1)
+        result["rows"][name] = row
+    if args.stages:
         fast, x, dy = rows["fast"]
         result["fast_stages_ms"] = {k: round(v, 2) for k, v in stage_times(fast, x, dy, repeats=3).items()}
     return result
 
 
+def _engine_choices() -> dict:
+    try:
+        from automoe.moe.engines import tuned_choices
+    except ImportError:
+        return {}
+    return tuned_choices()
+
+
 def print_result(args, res: dict) -> None:
     print(
-        f"\n{res['dtype']}: T={args.tokens} d={args.dim} F={args.inter_dim} E={args.experts} k={args.topk} "
-        f"noise={args.noise} backend={args.backend} repeats={args.repeats} "
-        f"(other CPU load during the run: {res['other_cpu_load']:.0%})"
+        f"\n{res['shape']} {res['dtype']}: T={res['tokens']} d={res['dim']} F={res['inter_dim']} E={res['experts']} "
+        f"k={res['topk']} noise={res['noise']} (max/mean load {res['load_max_over_mean']:.2f}) backend={args.backend} "
+        f"repeats={args.repeats}; other CPU load {res['other_cpu_load']:.0%}, loadavg {res['loadavg_1m'][0]:.1f}"
     )
     print(
-        f"{'row':<7} {'median ms':>10} {'min ms':>8} {'tokens/s':>9} {'efficiency':>10} {'eff(min)':>9} {'saved MB':>9}"
+        f"{'row':<14} {'median ms':>10} {'min ms':>9} {'tokens/s':>9} {'efficiency':>10} {'vs peer':>8} {'saved MB':>9}"
     )
     for name, r in res["rows"].items():
         print(
-            f"{name:<7} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {r['tokens_per_s']:>9} "
-            f"{r['efficiency']:>10.3f} {r['efficiency_min']:>9.3f} {r['saved_MB']:>9.1f}"
+            f"{name:<14} {r['median_ms']:>10.1f} {r['min_ms']:>9.1f} {r['tokens_per_s']:>9} "
+            f"{r.get('efficiency', float('nan')):>10.3f} {r.get('vs_best_peer', float('nan')):>8.3f} "
+            f"{r.get('saved_MB', 0.0):>9.1f}"
         )
+    print(
+        "parity (rel. error vs fast): "
+        + ", ".join(f"{k} {v:.2g}" for k, v in res["parity_rel_err_vs_fast"].items())
+    )
     if "fast_stages_ms" in res:
         print("fast stages (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in res["fast_stages_ms"].items()))
 
 
-def print_sweep(results: list[dict]) -> None:
+def print_summary(results: list[dict]) -> None:
     print(
-        f"\n{'dtype':<5} {'E':>3} {'k':>2} {'noise':>5} {'max/mean':>8} {'ideal ms':>9} {'fast ms':>8} "
-        f"{'efficiency':>10} {'eff(min)':>9} {'saved MB':>9} {'other load':>10}"
+        f"\n{'shape':<8} {'dtype':<5} {'noise':>5} {'fast eff':>8} {'best peer':>14} {'peer eff':>8} {'fast vs peer':>12}"
     )
     for r in results:
-        ideal, fast = r["rows"]["ideal"], r["rows"]["fast"]
+        rows = r["rows"]
+        peers = [p for p in PEERS if p in rows]
+        best = min(peers, key=lambda p: rows[p]["median_ms"]) if peers else "-"
         print(
-            f"{r['dtype']:<5} {r['experts']:>3} {r['topk']:>2} {r['noise']:>5} {r['load_max_over_mean']:>8.2f} "
-            f"{ideal['median_ms']:>9.1f} {fast['median_ms']:>8.1f} {fast['efficiency']:>10.3f} "
-            f"{fast['efficiency_min']:>9.3f} {fast['saved_MB']:>9.1f} {r['other_cpu_load']:>10.0%}"
+            f"{r['shape']:<8} {r['dtype']:<5} {r['noise']:>5} {rows['fast'].get('efficiency', float('nan')):>8.3f} "
+            f"{best:>14} {rows[best].get('efficiency', float('nan')) if peers else float('nan'):>8.3f} "
+            f"{rows['fast'].get('vs_best_peer', float('nan')):>12.3f}"
         )
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096, help="tokens T per step")
     p.add_argument("--dim", type=int, default=512, help="model dim D")
-    p.add_argument("--inter-dim", type=int, default=1024, help="expert hidden width F")
-    p.add_argument("--experts", type=int, default=8, help="routed experts E")
-    p.add_argument("--topk", type=int, default=2, help="experts per token k")
+    p.add_argument("--shapes", default="default,fine,e128", help=f"comma-separated of {list(SHAPES)}")
+    p.add_argument("--noise", default="0,1", help="comma-separated fake gate noise: 0 balanced, 1 skewed")
     p.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
-    p.add_argument("--repeats", type=int, default=10, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
-    p.add_argument(
-        "--noise", type=float, default=0.0, help="fake gate noise: 0 balanced, 1 random (skewed) routing"
-    )
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (every row once per round)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--backend", default="auto", help="experts_backend of the `fast` row")
-    p.add_argument("--no-stages", action="store_true", help="skip the stage breakdown")
-    p.add_argument("--sweep", action="store_true", help="sweep E x k x noise (see --sweep-*)")
-    p.add_argument("--sweep-experts", type=int, nargs="+", default=[8, 64])
-    p.add_argument("--sweep-topk", type=int, nargs="+", default=[2, 8])
-    p.add_argument("--sweep-noise", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--rows", default=None, help=f"comma-separated of {list(ALL_ROWS)} (fast is always run)")
+    p.add_argument("--stages", action="store_true", help="also time the fast layer's stages")
     p.add_argument(
-        "--rows",
-        default=None,
-        help="comma-separated rows: ideal,loop,experts,fast (sweep default: ideal,fast)",
+        "--quick", action="store_true", help="a few minutes: no loop row, --repeats 3 --warmup 1 unless given"
     )
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args()
-    names = tuple((args.rows or ("ideal,fast" if args.sweep else "ideal,loop,fast")).split(","))
-    if "ideal" not in names or "fast" not in names:
-        raise ValueError(f"--rows {args.rows!r} must include ideal and fast")
+    args = p.parse_args(argv)
+    if args.quick:
+        given = set(argv if argv is not None else sys.argv[1:])
+        args.repeats = args.repeats if "--repeats" in given else 3
+        args.warmup = args.warmup if "--warmup" in given else 1
+    names = tuple(args.rows.split(",")) if args.rows else (QUICK_ROWS if args.quick else DEFAULT_ROWS)
+    unknown = set(names) - set(ALL_ROWS)
+    if unknown:
+        raise ValueError(f"--rows {sorted(unknown)} not in {list(ALL_ROWS)}")
+    args.names = names if "fast" in names else (*names, "fast")
+    for s in args.shapes.split(","):
+        if s not in SHAPES:
+            raise ValueError(f"--shapes {s!r} is not one of {list(SHAPES)}")
+    for d in args.dtype.split(","):
+        if d not in DTYPES:
+            raise ValueError(f"--dtype {d!r} is not one of {list(DTYPES)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "names"},
         "results": [],
     }
-    for name in args.dtype.split(","):
-        if name not in DTYPES:
-            raise ValueError(f"--dtype {name!r} is not one of {list(DTYPES)}")
-    configs = [(args.experts, args.topk, args.noise)]
-    if args.sweep:
-        configs = [(e, k, n) for e in args.sweep_experts for k in args.sweep_topk for n in args.sweep_noise]
+    noises = [float(n) for n in args.noise.split(",")]
     with MachineLoadMeter() as machine:
-        for name in args.dtype.split(","):
-            for experts, topk, noise in configs:
-                args.experts, args.topk, args.noise = experts, topk, noise
-                res = run_dtype(args, name, names=names)
-                if not args.sweep:
+        for dtype_name in args.dtype.split(","):
+            for shape in args.shapes.split(","):
+                for noise in noises:
+                    args.experts, args.topk, args.inter_dim = SHAPES[shape]
+                    args.noise = noise
+                    res = run_config(args, dtype_name, shape, args.names)
                     print_result(args, res)
-                report["results"].append(res)
-    if args.sweep:
-        print_sweep(report["results"])
+                    report["results"].append(res)
+    print_summary(report["results"])
     report_and_save(report, machine, args.json)
 
 
