@@ -8,6 +8,8 @@ from automoe.config.checks import check_choice
 
 AC_MODES = ("none", "full", "moe")
 PARAM_DTYPES = ("float32", "bfloat16")
+PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe")  # torch.distributed.pipelining schedules
+PP_MULTI_STAGE_SCHEDULES = ("Interleaved1F1B",)  # the ones that run more than one stage per rank
 
 
 @dataclass
@@ -18,6 +20,10 @@ class ParallelConfig:
     dp_shard: int = -1  # ranks dense parameters are sharded over; -1 = world / (dp_replicate * cp)
     cp: int = 1  # context-parallel ranks splitting each sequence (attention all-gathers K/V over them)
     ep: int = 1  # expert-parallel ranks (borrowed from dp_shard * cp); must divide num_experts
+    pp: int = 1  # pipeline stages over ranks (outermost axis); pp * pp_virtual_stages stages of blocks
+    pp_schedule: str = "1F1B"  # 1F1B | Interleaved1F1B | GPipe (torch.distributed.pipelining schedules)
+    pp_virtual_stages: int = 1  # stages per pipeline rank; > 1 needs pp_schedule=Interleaved1F1B
+    pp_layers_per_stage: list[int] | None = None  # blocks per stage in order; null = even split by parameters
     fsdp: bool = True  # shard dense params over dp_shard*cp and expert params over ep_shard with FSDP2
     fsdp_param_dtype: str = "float32"  # FSDP2 mixed precision: dtype params are gathered and computed in
     activation_checkpointing: str = "none"  # none | full (every block) | moe (only the MoE FFNs)
@@ -28,5 +34,14 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         check_choice("parallel.activation_checkpointing", self.activation_checkpointing, AC_MODES)
         check_choice("parallel.fsdp_param_dtype", self.fsdp_param_dtype, PARAM_DTYPES)
+        check_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        for name in ("pp", "pp_virtual_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.pp_virtual_stages > 1 and self.pp_schedule not in PP_MULTI_STAGE_SCHEDULES:
+            raise ValueError(
+                f"parallel.pp_virtual_stages={self.pp_virtual_stages} needs a schedule that runs several stages "
+                f"per rank ({' | '.join(PP_MULTI_STAGE_SCHEDULES)}), not parallel.pp_schedule={self.pp_schedule}"
+            )
         if self.collective_timeout_s <= 0:
             raise ValueError(f"parallel.collective_timeout_s={self.collective_timeout_s} must be > 0")

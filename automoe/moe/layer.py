@@ -8,6 +8,7 @@ The layer knows nothing of process groups: the token dispatcher and the statisti
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -30,31 +31,37 @@ def in_backward_recompute() -> bool:
 
 
 class ReplayReducer:
-    """A `StatsReducer` over one training forward: `record(inner)` forwards to `inner` and keeps each result;
-    `replay()` returns them in the same order, for activation-checkpoint recomputation in backward.
+    """A `StatsReducer` over training forwards: `record(inner)` forwards to `inner` and keeps each result;
+    `replay()` returns the oldest not yet replayed forward's results in the same order, for activation-checkpoint
+    recomputation in backward.
 
+    Backward recomputes micro-batches in the order their forwards ran, also when a pipeline schedule runs
+    several forwards before their backwards, hence one recording per forward, first in first out; `clear()`
+    (every optimizer step, every no-grad forward) drops the ones never replayed (no checkpointing).
     The recomputed loss terms only refill the tensors their backward saved, so the forward's reduced values
     are exact and no collective runs again; the backward of `sum_over_sequence` belongs to the forward's graph.
     """
 
     def __init__(self) -> None:
-        self._inner: StatsReducer | None = None  # None: nothing recorded since the last no-grad forward
+        self._inner: StatsReducer | None = None
+        self._recordings: deque[list[tuple[Tensor, bool]]] = deque()  # forwards not replayed yet, oldest first
         self._results: list[tuple[Tensor, bool]] = []  # (value, requires_grad) of each reduction, in order
         self._next: int | None = None  # replay position; None while recording
 
     @property
     def recorded(self) -> bool:
-        return self._inner is not None
+        return bool(self._recordings)
 
     def clear(self) -> None:
-        self._inner, self._results, self._next = None, [], None
+        self._inner, self._recordings, self._results, self._next = None, deque(), [], None
 
     def record(self, inner: StatsReducer) -> ReplayReducer:
         self._inner, self._results, self._next = inner, [], None
+        self._recordings.append(self._results)
         return self
 
     def replay(self) -> ReplayReducer:
-        self._next = 0
+        self._results, self._next = self._recordings.popleft(), 0
         return self
 
     def sum_over_sequence(self, t: Tensor) -> Tensor:
@@ -233,6 +240,7 @@ class MoE(nn.Module):
         """Zero the per-step training statistics (called after each optimizer step)."""
         for buf in (self.expert_load, self.step_tokens, self.dropped_slots):
             buf.zero_()
+        self._replay.clear()
 
     # ---- initialization ----
     def init_weights(self, *, std: float = 0.02, out_std: float | None = None) -> None:

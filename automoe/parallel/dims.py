@@ -1,7 +1,8 @@
 """`ParallelDims`: the parallel degrees, their validation, and the dense and expert device meshes.
 
-This is the only place that spells mesh axis names. Expert parallelism borrows ranks from dp_shard x cp:
-dense mesh = (dp_replicate, dp_shard, cp), expert mesh = (dp_replicate, ep_shard, ep) over the same world.
+This is the only place that spells mesh axis names. Pipeline parallelism is the outermost axis of both meshes;
+inside a stage, expert parallelism borrows ranks from dp_shard x cp: dense mesh = (pp, dp_replicate, dp_shard,
+cp), expert mesh = (pp, dp_replicate, ep_shard, ep) over the same world.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from automoe.config.checks import check_experts_split
 
-# Axes of the dense mesh (dp_replicate, dp_shard, cp) and of the expert mesh (dp_replicate, ep_shard, ep) ...
+# Axes of the dense mesh (pp, dp_replicate, dp_shard, cp) and of the expert mesh (pp, dp_replicate, ep_shard, ep) ...
+PP = "pp"
 DP_REPLICATE, DP_SHARD, CP = "dp_replicate", "dp_shard", "cp"
 EP_SHARD, EP = "ep_shard", "ep"
 # ... and the flattened axes built from them (each is also its key in `ParallelDims._meshes`)
 DP = "dp"  # flattened (dp_replicate, dp_shard): ranks that hold different sequences
 DENSE_DATA = "dp_shard_cp"  # flattened (dp_shard, cp): where dense parameters are sharded
-DENSE_ALL = "dp_cp"  # flattened (dp_replicate, dp_shard, cp): every rank that sees different data
+DENSE_ALL = "dp_cp"  # flattened (dp_replicate, dp_shard, cp): every rank of this pipeline stage
 EXPERT_DATA = "expert_data"  # flattened (dp_replicate, ep_shard): ranks that hold the same experts
 _DENSE, _EXPERTS = "dense", "experts"  # keys of the two 3-D meshes
 
@@ -34,28 +36,30 @@ class ParallelDims:
     dp_shard: int = -1
     cp: int = 1
     ep: int = 1
+    pp: int = 1
     num_experts: int | None = None  # when given, `num_experts % ep` is validated too
     _meshes: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "dp_replicate", "cp", "ep"):
+        for name in ("world_size", "dp_replicate", "cp", "ep", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        pp_names, pp_values = ("pp*", f"{self.pp}*") if self.pp > 1 else ("", "")
         if self.dp_shard == -1:
-            rest = self.dp_replicate * self.cp
+            rest = self.pp * self.dp_replicate * self.cp
             if self.world_size % rest:
                 raise ValueError(
-                    f"world size {self.world_size} is not divisible by dp_replicate*cp = "
-                    f"{self.dp_replicate}*{self.cp} = {rest}, so dp_shard cannot be inferred"
+                    f"world size {self.world_size} is not divisible by {pp_names}dp_replicate*cp = "
+                    f"{pp_values}{self.dp_replicate}*{self.cp} = {rest}, so dp_shard cannot be inferred"
                 )
             self.dp_shard = self.world_size // rest
         if self.dp_shard < 1:
             raise ValueError(f"parallel.dp_shard={self.dp_shard} must be >= 1 or -1 (inferred)")
-        product = self.dp_replicate * self.dp_shard * self.cp
+        product = self.pp * self.dp_replicate * self.dp_shard * self.cp
         if product != self.world_size:
             raise ValueError(
-                f"dp_replicate*dp_shard*cp = {self.dp_replicate}*{self.dp_shard}*{self.cp} = {product} "
-                f"does not match the world size {self.world_size}"
+                f"{pp_names}dp_replicate*dp_shard*cp = {pp_values}{self.dp_replicate}*{self.dp_shard}*{self.cp} = "
+                f"{product} does not match the world size {self.world_size}"
             )
         if (self.dp_shard * self.cp) % self.ep:
             raise ValueError(
@@ -76,6 +80,15 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def stage_size(self) -> int:
+        """Ranks inside one pipeline stage (every rank when pp=1): gradients and statistics reduce over them."""
+        return self.world_size // self.pp
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
     def cp_enabled(self) -> bool:
         return self.cp > 1
 
@@ -92,13 +105,13 @@ class ParallelDims:
         """Create the dense and expert meshes (collective: call on every rank)."""
         dense = init_device_mesh(
             self.device_type,
-            (self.dp_replicate, self.dp_shard, self.cp),
-            mesh_dim_names=(DP_REPLICATE, DP_SHARD, CP),
+            (self.pp, self.dp_replicate, self.dp_shard, self.cp),
+            mesh_dim_names=(PP, DP_REPLICATE, DP_SHARD, CP),
         )
         experts = init_device_mesh(
             self.device_type,
-            (self.dp_replicate, self.ep_shard, self.ep),
-            mesh_dim_names=(DP_REPLICATE, EP_SHARD, EP),
+            (self.pp, self.dp_replicate, self.ep_shard, self.ep),
+            mesh_dim_names=(PP, DP_REPLICATE, EP_SHARD, EP),
         )
         self._meshes = {
             _DENSE: dense,
@@ -127,6 +140,17 @@ class ParallelDims:
         return self._mesh(_EXPERTS)[EP]
 
     @property
+    def pp_mesh(self) -> DeviceMesh:
+        """The ranks holding the other stages of this rank's pipeline (same coordinates on every other axis)."""
+        return self._mesh(_DENSE)[PP]
+
+    def pp_coordinate(self) -> tuple[int, int]:
+        """(rank, size) of this process along the pipeline axis."""
+        if self.world_size == 1:
+            return 0, 1
+        return self.pp_mesh.get_local_rank(), self.pp
+
+    @property
     def cp_mesh(self) -> DeviceMesh:
         return self._mesh(_DENSE)[CP]
 
@@ -150,7 +174,8 @@ class ParallelDims:
 
     @property
     def all_data_mesh(self) -> DeviceMesh:
-        """Every rank (dp_replicate x dp_shard x cp) flattened: sums of per-step statistics."""
+        """Every rank of this pipeline stage (dp_replicate x dp_shard x cp) flattened: sums of per-step
+        statistics and gradient averages (the whole world when pp=1)."""
         return self._mesh(DENSE_ALL)
 
     def dp_coordinate(self) -> tuple[int, int]:
@@ -162,6 +187,6 @@ class ParallelDims:
 
     def describe(self) -> str:
         return (
-            f"world={self.world_size} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} "
+            f"world={self.world_size} pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} "
             f"cp={self.cp} ep={self.ep} ep_shard={self.ep_shard}"
         )

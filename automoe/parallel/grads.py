@@ -1,7 +1,8 @@
 """Gradient bookkeeping across layouts: the loss scale, the final gradient reductions, and one global clip norm.
 
-Convention: each rank's loss is its share of the global objective, scaled by `loss_scale` (the world size)
-before backward. FSDP then averages over the data ranks, which turns the scaled shares back into the exact sum.
+Convention: each rank's loss is its share of the global objective, scaled by `loss_scale` (the ranks of its
+pipeline stage: the world size without PP) before backward. FSDP then averages over the data ranks, which turns the
+scaled shares back into the exact sum.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from automoe.parallel.dims import ParallelDims
 
 
 def loss_scale(dims: ParallelDims) -> float:
-    """Multiply every micro-batch loss by this before backward: gradient reductions average over all ranks."""
-    return float(dims.world_size)
+    """Multiply every micro-batch loss by this before backward: gradient reductions average over the ranks of a
+    pipeline stage (every rank without PP)."""
+    return float(dims.stage_size)
 
 
 def sum_over_ranks(t: Tensor, dims: ParallelDims) -> Tensor:
@@ -33,6 +35,18 @@ def sum_over_ranks(t: Tensor, dims: ParallelDims) -> Tensor:
     return out
 
 
+def sum_over_stage(t: Tensor, dims: ParallelDims) -> Tensor:
+    """All-reduce SUM over the ranks of this pipeline stage (= `sum_over_ranks` when pp=1): statistics of the
+    stage's own layers (expert loads, dropped slots) and of the data (token counts), which every stage sees."""
+    if not dims.pp_enabled:
+        return sum_over_ranks(t, dims)
+    out = t.detach().clone()
+    group = dims.all_data_mesh.get_group()
+    with flight_recorder.collective("all_reduce (sum over the stage)", group, out):
+        dist.all_reduce(out, group=group)
+    return out
+
+
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, layer in moe_layers(model) for p in layer.experts.parameters()]
 
@@ -41,8 +55,8 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
     """Finish the step's gradient reductions so every gradient equals the single-process one.
 
-    1. Without FSDP, average plain (replicated) gradients over all ranks and expert gradients over the ranks that
-       hold the same experts (dp_replicate x ep_shard); with FSDP (`apply_fsdp` made the root an `FSDPModule`)
+    1. Without FSDP, average plain (replicated) gradients over the ranks of the pipeline stage (all ranks without
+       PP) and expert gradients over the ranks that hold the same experts (dp_replicate x ep_shard); with FSDP (`apply_fsdp` made the root an `FSDPModule`)
        the reduce-scatter already did this.
     2. Expert gradients arrive ep-times too large: the all-to-all backward already summed the contributions of the
        ep group, and the average above divides only by the expert-data degree.
@@ -50,6 +64,7 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
     if dims.world_size == 1:
         return
     experts = {id(p) for p in expert_parameters(model)}
+    stage_group = dims.all_data_mesh.get_group() if dims.pp_enabled else None  # None: the default group
     if not isinstance(model, FSDPModule):
         expert_group = dims.expert_fsdp_mesh
         for p in model.parameters():
@@ -60,8 +75,8 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
                 if expert_group.size() > 1:
                     _all_reduce_avg(grad, expert_group)
             else:
-                with flight_recorder.collective("all_reduce (gradient avg)", None, grad):
-                    dist.all_reduce(grad, op=dist.ReduceOp.AVG)
+                with flight_recorder.collective("all_reduce (gradient avg)", stage_group, grad):
+                    dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=stage_group)
     if dims.ep_enabled:
         for p in expert_parameters(model):
             if p.grad is not None:
@@ -88,11 +103,12 @@ def _all_reduce_avg(t: Tensor, mesh) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+def clip_grad_norm_(model: nn.Module, max_norm: float, *, dims: ParallelDims | None = None) -> Tensor:
     """Clip all gradients to one global L2 norm and return it (max_norm <= 0: only compute the norm).
 
     Parameters live on different meshes (dense FSDP mesh, expert mesh) or are plain tensors; torch's
-    `clip_grad_norm_` refuses to mix them, so norms are taken per mesh, reduced, and combined.
+    `clip_grad_norm_` refuses to mix them, so norms are taken per mesh, reduced, and combined. Under pipeline
+    parallelism (`dims.pp > 1`) each stage holds other parameters: the squared norms are summed over the stages.
     """
     groups: dict[object, list[nn.Parameter]] = {}
     for p in model.parameters():
@@ -108,9 +124,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
             ):
                 norm = norm.full_tensor()
         squares.append(norm.float().square())
-    if not squares:
-        return torch.zeros(())
-    total = torch.stack(squares).sum().sqrt()
+    square = torch.stack(squares).sum() if squares else torch.zeros(())
+    if dims is not None and dims.pp_enabled:
+        group = dims.pp_mesh.get_group()
+        with flight_recorder.collective("all_reduce (grad norm over stages)", group, square):
+            dist.all_reduce(square, group=group)
+    elif not squares:
+        return square
+    total = square.sqrt()
     if max_norm > 0:
         for params in groups.values():
             clip_grads_with_norm_(params, max_norm, total)

@@ -15,20 +15,25 @@ from automoe.parallel.context_parallel import DistributedStatsReducer, apply_cp
 from automoe.parallel.dims import ParallelDims
 from automoe.parallel.expert_parallel import apply_ep
 from automoe.parallel.fsdp import apply_fsdp
+from automoe.parallel.pipeline import apply_pp
 
 logger = logging.getLogger(__name__)
 
 
 def apply_stats_reducers(model: nn.Module, dims: ParallelDims) -> None:
-    """Per-sequence statistics over the CP group, global-batch statistics over every rank."""
+    """Per-sequence statistics over the CP group, global-batch statistics over every rank of the pipeline stage."""
     sequence_group = dims.cp_mesh.get_group() if dims.cp_enabled else None
+    batch_group = dims.all_data_mesh.get_group() if dims.pp_enabled else dist.group.WORLD
     for _, layer in moe_layers(model):
-        layer.reducer = DistributedStatsReducer(sequence_group=sequence_group, batch_group=dist.group.WORLD)
+        layer.reducer = DistributedStatsReducer(sequence_group=sequence_group, batch_group=batch_group)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, pcfg: ParallelConfig) -> None:
     """Apply the layout in `dims` and the knobs in `pcfg` to a model (normally still on the meta device)."""
     if dims.world_size > 1:
+        # 0. pipeline parallelism: keep only this rank's stages (blocks, embedding / head)
+        if dims.pp_enabled:
+            apply_pp(model, dims, pcfg)
         # 1. context parallelism: attention K/V gather + CP-aware routing statistics
         if dims.cp_enabled:
             apply_cp(model, dims)

@@ -85,7 +85,7 @@ def forward_backward(
     ranks is each aux-loss scope's (and the z-loss's) definition on the step however unevenly padding falls.
     """
     scale = parallel.loss_scale(dims)
-    share = 1.0 / (len(micro_batches) * dims.world_size)
+    share = 1.0 / (len(micro_batches) * dims.stage_size)
     ce_total = torch.zeros((), device=device)
     aux_total = torch.zeros((), device=device)
     if uses_step_totals(model):  # uneven micro-batches: the MoE losses are means over the whole step
@@ -116,5 +116,57 @@ def step_totals(
         valid_BS = torch.ones_like(mb["labels"], dtype=torch.bool) if padding_BS is None else ~padding_BS
         local += torch.tensor(micro_batch_counts(valid_BS, mb.get("document_ids")))
     # context-parallel ranks hold the same (unsharded) micro-batches: count them once
-    total = (parallel.sum_over_ranks(local.to(device), dims) // dims.cp).tolist()
+    total = (parallel.sum_over_stage(local.to(device), dims) // dims.cp).tolist()
     return StepTotals(len(micro_batches) * dims.data_parallel, *total)
+
+
+def pipeline_inputs(
+    micro_batches: list[dict[str, Any]], *, dims: parallel.ParallelDims, cp_load_balance: bool = True
+) -> dict[str, Any]:
+    """A step's micro-batches (this rank's CP chunk of each) concatenated along the batch dim, as the pipeline
+    schedule takes them (it cuts them back into the same micro-batches): `input_ids`, `labels` and the model's
+    keyword tensors. A padding mask is passed when any micro-batch has padding rows (all False in the others)."""
+    mbs = [parallel.cp_shard_batch(mb, dims, load_balance=cp_load_balance) for mb in micro_batches]
+    pads = [padding_rows_mask(mb["labels"]) for mb in mbs]
+    inputs: dict[str, Any] = {
+        "input_ids": torch.cat([mb["input_ids"] for mb in mbs]),
+        "labels": torch.cat([mb["labels"] for mb in mbs]),
+        "positions_BS": torch.cat([mb["positions"] for mb in mbs]),
+    }
+    if any(p is not None for p in pads):
+        inputs["padding_mask_BS"] = torch.cat(
+            [torch.zeros_like(mb["labels"], dtype=torch.bool) if p is None else p for mb, p in zip(mbs, pads)]
+        )
+    if mbs[0].get("document_ids") is not None:
+        inputs["document_ids_BS"] = torch.cat([mb["document_ids"] for mb in mbs])
+        counts = [mb["num_documents"] for mb in mbs if mb.get("num_documents") is not None]
+        if counts:  # one count for every micro-batch: the largest (a count only sizes per-document sums)
+            inputs["num_documents"] = max(counts)
+    return inputs
+
+
+def pipeline_forward_backward(
+    pipeline: parallel.Pipeline,
+    micro_batches: list[dict[str, Any]],
+    *,
+    dims: parallel.ParallelDims,
+    device: torch.device,
+    dtype: str = "float32",
+    cp_load_balance: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """`forward_backward` under pipeline parallelism: the schedule runs the micro-batches through this rank's
+    stages; each micro-batch's CE (last stage) and each stage's aux losses get the same shares of the step's
+    objective as in `forward_backward`. -> (CE sum, aux-loss sum) of this rank (CE is zero off the last stage)."""
+    model = pipeline.model
+    if uses_step_totals(model):
+        set_step_totals(model, step_totals(micro_batches, dims=dims, device=device))
+    try:
+        with autocast(device, dtype):
+            return pipeline.run(
+                pipeline_inputs(micro_batches, dims=dims, cp_load_balance=cp_load_balance),
+                num_tokens=micro_batches[0]["global_num_tokens"],
+                train=True,
+                scale=parallel.loss_scale(dims),
+            )
+    finally:
+        set_step_totals(model, None)

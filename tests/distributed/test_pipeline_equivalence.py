@@ -1,0 +1,193 @@
+"""Training steps under pipeline parallelism (torch.distributed.pipelining schedules, composed with EP and DP) equal
+the single-process run: per-step loss, aux loss, grad norm, then every parameter and gate bias after 3 AdamW steps.
+
+One spawn per world size runs several layouts (each builds its own meshes), to keep the suite short. The model
+has a dense first block, so with `pp_layers_per_stage=[1, ...]` stage 0 holds only the dense block (no MoE layer:
+no aux loss, no bias update there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from automoe.config.model import ModelConfig
+from automoe.config.moe import MoEConfig
+from automoe.config.parallel import ParallelConfig
+from automoe.models.transformer import Transformer
+from automoe.moe.balance import update_gate_biases
+from automoe.parallel import (
+    ParallelDims,
+    Pipeline,
+    clip_grad_norm_,
+    finalize_grads,
+    init_weights,
+    parallelize,
+    sum_over_ranks,
+    sum_over_stage,
+)
+from automoe.train.loss import forward_backward, micro_batch_ce_sum, pipeline_forward_backward
+from tests.distributed.spawn import run_distributed
+from tests.tolerance import assert_equal
+
+SEQ, MICRO, STEPS, VOCAB = 8, 1, 3, 64
+TOL = 1e-5  # the issue's bound on loss, aux loss and grad norm per step (relative); fp32 rounding is ~1e-7
+
+
+def _model_cfg(num_layers: int) -> ModelConfig:
+    moe = MoEConfig(
+        num_experts=4,
+        num_activated_experts=2,
+        moe_inter_dim=16,
+        num_shared_experts=1,
+        aux_loss_coeff=0.01,
+        aux_loss_type="micro_batch",
+        z_loss_coeff=0.001,
+        gate_bias_update_factor=0.01,
+        score_func="sigmoid",
+        norm_topk_prob=True,
+    )
+    return ModelConfig(
+        vocab_size=VOCAB,
+        dim=32,
+        num_layers=num_layers,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_inter_dim=48,
+        num_dense_layers=1,
+        max_seq_len=SEQ,
+        moe=moe,
+    )
+
+
+def _build(cfg: ModelConfig, dims: ParallelDims, pcfg: ParallelConfig) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    parallelize(model, dims, pcfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    init_weights(model, dims)
+    return model
+
+
+def _micro_batches(tokens: torch.Tensor, rows: slice, num_tokens: int) -> list[dict]:
+    mine = tokens[rows]
+    return [
+        {
+            "input_ids": mine[i : i + MICRO, :-1],
+            "labels": mine[i : i + MICRO, 1:],
+            "global_num_tokens": num_tokens,
+        }
+        for i in range(0, len(mine), MICRO)
+    ]
+
+
+def _step(model, opt, dims, micro_batches, pipeline=None) -> tuple[float, float, float]:
+    """One step as `Trainer.train_step` takes it; -> (global loss, aux loss, grad norm)."""
+    cpu = torch.device("cpu")
+    if pipeline is not None:
+        ce_total, aux_total = pipeline_forward_backward(pipeline, micro_batches, dims=dims, device=cpu)
+    else:
+        ce_total, aux_total = forward_backward(
+            model,
+            micro_batches,
+            dims=dims,
+            device=cpu,
+            ce_sum_fn=lambda mb: micro_batch_ce_sum(model, mb, dims=dims, device=cpu),
+        )
+    finalize_grads(model, dims)
+    norm = clip_grad_norm_(model, 0.5, dims=dims)
+    opt.step()
+    update_gate_biases(model, sum_fn=lambda t: sum_over_stage(t, dims))
+    opt.zero_grad(set_to_none=True)
+    ce = sum_over_ranks(ce_total, dims).item() / micro_batches[0]["global_num_tokens"]
+    aux = sum_over_ranks(aux_total, dims).item() / (len(micro_batches) * dims.stage_size)
+    return ce, aux, norm.item()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _check_layout(world: int, layout: dict) -> None:
+    cfg = _model_cfg(layout.get("layers", 2))
+    pcfg = ParallelConfig(
+        pp=layout["pp"],
+        ep=layout.get("ep", 1),
+        fsdp=False,
+        pp_schedule=layout.get("schedule", "1F1B"),
+        pp_virtual_stages=layout.get("virtual", 1),
+        pp_layers_per_stage=layout.get("split"),
+        activation_checkpointing=layout.get("ac", "none"),
+    )
+    dims = ParallelDims(world_size=world, ep=pcfg.ep, pp=pcfg.pp, num_experts=cfg.moe.num_experts)
+    dims.build_meshes()
+    model = _build(cfg, dims, pcfg)
+    single = ParallelDims(world_size=1)
+    reference = _build(cfg, single, ParallelConfig())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (model, reference)]
+    dp_rank, dp_size = dims.dp_coordinate()
+    per_rank = layout.get("micro_batches", 2) * MICRO
+    num_seqs = dp_size * per_rank
+    pipeline = Pipeline(
+        model,
+        dims,
+        pcfg,
+        num_micro_batches=per_rank // MICRO,
+        micro_batch_shape=(MICRO, SEQ),
+        device=torch.device("cpu"),
+    )
+    for step in range(STEPS):
+        tokens = torch.randint(
+            0, VOCAB, (num_seqs, SEQ + 1), generator=torch.Generator().manual_seed(100 + step)
+        )
+        num_tokens = num_seqs * SEQ
+        mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        got = _step(model, opts[0], dims, _micro_batches(tokens, mine, num_tokens), pipeline)
+        want = _step(reference, opts[1], single, _micro_batches(tokens, slice(None), num_tokens))
+        for name, g, w in zip(("loss", "aux", "grad_norm"), got, want):
+            assert abs(g - w) <= TOL * abs(w), f"{layout} step {step} {name}: {g} vs {w}"
+    ref_params = dict(reference.named_parameters())
+    names = [n for n, _ in model.named_parameters()]
+    assert names and set(names) < set(ref_params), (
+        "a stage holds a part of the model, under the model's names"
+    )
+    for name, p in model.named_parameters():
+        err = ((_full(p.detach()) - ref_params[name]).norm() / ref_params[name].norm()).item()
+        assert err <= STEPS * TOL, f"{layout} param {name} after {STEPS} steps: relative error {err}"
+    ref_buffers = dict(reference.named_buffers())
+    biases = {n: b for n, b in model.named_buffers() if n.endswith("correction_bias")}
+    for name, b in biases.items():  # +-factor * sign of the same integer loads: bitwise
+        assert_equal(b, ref_buffers[name], msg=f"{layout} {name}")
+        assert b.abs().sum() > 0, "the bias update never ran"
+
+
+def _worker(rank: int, world: int, layouts: list[dict]) -> bool:
+    for layout in layouts:
+        _check_layout(world, layout)
+    return True
+
+
+WORLD2 = [
+    # stage 0: the dense block + embedding only; stage 1: the MoE block + head
+    {"pp": 2, "split": [1, 1]},
+    {"pp": 2, "split": [1, 1], "schedule": "GPipe", "ac": "full", "micro_batches": 3},
+    {"pp": 2, "layers": 4, "schedule": "Interleaved1F1B", "virtual": 2, "micro_batches": 2},
+]
+WORLD4 = [
+    {"pp": 2, "ep": 2, "split": [1, 1]},  # pp2 x ep2 (EP inside each stage: 2 data ranks per stage)
+    {"pp": 2, "ep": 1, "layers": 4, "schedule": "Interleaved1F1B", "virtual": 2},  # pp2 x dp2, interleaved
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("world", "layouts"),
+    [
+        pytest.param(2, WORLD2, id="pp2-1f1b-densestage+pp2-gpipe-ac+pp2-interleaved2"),
+        pytest.param(4, WORLD4, id="pp2-ep2+pp2-dp2-interleaved2"),
+    ],
+)
+def test_pipeline_steps_match_single_process(world, layouts):
+    assert all(run_distributed(_worker, world, layouts))
