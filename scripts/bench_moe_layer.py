@@ -366,7 +366,7 @@ def run_config(args, dtype_name: str, shape: str, names: tuple[str, ...]) -> dic
 
 def _engine_choices() -> dict:
     try:
-        from automoe.moe.engines import tuned_choices
+        from automoe.moe.autotune import tuned_choices
     except ImportError:
         return {}
     return tuned_choices()

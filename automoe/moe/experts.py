@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from automoe import init
 from automoe.config.moe import MoEConfig
+from automoe.moe import autotune
 from automoe.moe.activations import FusedActivation, reference_activation
 from automoe.moe.index import expert_offsets
 from automoe.tensors import local_view, torch_dtype
@@ -90,7 +91,30 @@ class _PaddedEngine:
         return torch.bmm(self._pad(a).transpose(1, 2), self._pad(b))
 
 
-_ENGINES = {"grouped_mm": _GroupedMMEngine, "split": _SplitEngine, "bmm": _PaddedEngine}
+class _TransposedWeights:
+    """An engine whose forward-direction products read each weight in the other memory layout ([E, out, in]
+    contiguous, used transposed): CPU GEMM kernels differ by operand layout (up to 1.6x measured), so the
+    autotuner tries both. Costs one weight-sized copy per product; weight gradients are unchanged."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def mm(self, x: Tensor, w: Tensor) -> Tensor:
+        return self.base.mm(x, w.transpose(1, 2).contiguous().transpose(1, 2))
+
+    def mm_weight(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.base.mm_weight(a, b)
+
+
+_ENGINES = {
+    "grouped_mm": _GroupedMMEngine,
+    "split": _SplitEngine,
+    "bmm": _PaddedEngine,
+    "grouped_mm_t": lambda counts_E: _TransposedWeights(_GroupedMMEngine(counts_E)),
+    "split_t": lambda counts_E: _TransposedWeights(_SplitEngine(counts_E)),
+}
+# multiply-adds of one up projection (N * D * U) below which `auto` does not time engines
+TUNE_MIN_WORK = 2**26
 
 
 @functools.cache
@@ -107,6 +131,16 @@ def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
     except (RuntimeError, NotImplementedError):
         return False
     return True
+
+
+def _tunable(x_ND: Tensor, w_up: Tensor) -> bool:
+    """Whether `auto` may time engines: eager, not in deterministic mode (a choice that could differ between runs
+    would change the rounding), and a problem large enough for the timing to mean something."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.are_deterministic_algorithms_enabled()
+        and x_ND.shape[0] * w_up.shape[1] * w_up.shape[2] >= TUNE_MIN_WORK
+    )
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *, dim: int, hidden: int) -> bool:
@@ -235,15 +269,15 @@ class GroupedExperts(nn.Module):
         keep_NF = None
         if self.training and self.dropout > 0:
             keep_NF = torch.rand(x_ND.shape[0], self.inter_dim, device=x_ND.device) >= self.dropout
-        engine = self._engine(x_ND)
+        engine = self._engine(x_ND, counts_E, w_up, w_down)
         if engine == "loop":
             return self._loop(x_ND, counts_E, w_up, w_down, b_up, b_down, keep_NF)
         return _ExpertFFN.apply(
             x_ND, counts_E, w_up, w_down, b_up, b_down, keep_NF, engine, self._fused_act, self.dropout
         )
 
-    def _engine(self, x_ND: Tensor) -> str:
-        """The GEMM engine for this call: loop | grouped_mm | split | bmm."""
+    def _engine(self, x_ND: Tensor, counts_E: Tensor, w_up: Tensor, w_down: Tensor) -> str:
+        """The GEMM engine for this call: loop | bmm | one of `_ENGINES` (auto: the autotuner's choice)."""
         if self.backend in ("loop", "bmm"):
             return self.backend
         if (
@@ -259,7 +293,31 @@ class GroupedExperts(nn.Module):
                 f"dtype={x_ND.dtype}, dim={self.dim}, moe_inter_dim={self.inter_dim} (torch grouped GEMM needs "
                 "its kernel for that device/dtype and row strides that are multiples of 16 bytes); use 'auto'"
             )
+        if self.backend == "auto" and _tunable(x_ND, w_up):
+            return self._tuned(x_ND, counts_E, w_up, w_down, grouped=ok)
         return "grouped_mm" if ok else "split"
+
+    def _tuned(self, x_ND: Tensor, counts_E: Tensor, w_up: Tensor, w_down: Tensor, *, grouped: bool) -> str:
+        """The fastest engine measured for this (device, dtype, shape bucket): timed once per process on this
+        call's rows (fwd + bwd, no biases or dropout), then cached (`automoe.moe.autotune`)."""
+        E, D, U = w_up.shape
+        rows_per_expert = max(x_ND.shape[0] // max(E, 1), 1)
+        key = (
+            "experts", x_ND.device.type, str(x_ND.dtype), E, D, U, self.activation,
+            rows_per_expert.bit_length(),  # bucket: mean rows per expert within a factor of 2
+        )  # fmt: skip
+        names = ["grouped_mm", "grouped_mm_t", "split", "split_t"] if grouped else ["split", "split_t"]
+        # activation-checkpoint recompute runs inside backward: never time there
+        if torch._C._current_graph_task_id() != -1:
+            return autotune.cached(key) or names[0]
+
+        def run(name: str) -> None:
+            with torch.enable_grad():
+                x, wu, wd = (t.detach().requires_grad_() for t in (x_ND, w_up, w_down))
+                y = _ExpertFFN.apply(x, counts_E, wu, wd, None, None, None, name, self._fused_act, 0.0)
+                torch.autograd.grad(y, (x, wu, wd), y)
+
+        return autotune.choose(key, names, run)
 
     def _loop(self, x_ND, counts_E, w_up, w_down, b_up, b_down, keep_NF) -> Tensor:
         """The oracle: one expert at a time, plain differentiable ops."""

@@ -13,6 +13,14 @@ import torch
 from torch import Tensor
 
 
+def _slot_grid(rows_ND: Tensor, slot_N: Tensor, num_slots: int) -> Tensor:
+    """[num_slots, D]: row n at slot slot_N[n], zeros elsewhere. Slots are distinct, so when every slot has a row
+    (dropless) no zero-fill pass is needed."""
+    shape = (num_slots, rows_ND.shape[-1])
+    grid = rows_ND.new_empty(shape) if slot_N.shape[0] == num_slots else rows_ND.new_zeros(shape)
+    return grid.index_copy_(0, slot_N, rows_ND)
+
+
 class _ExpandRows(torch.autograd.Function):
     """x_ND[n] = x_TD[slot_N[n] // K]; backward sums each row's slot gradients (copy + sum over K)."""
 
@@ -27,7 +35,7 @@ class _ExpandRows(torch.autograd.Function):
         (slot_N,) = ctx.saved_tensors
         T, K = ctx.num_rows, ctx.K
         grad_ND = grad_ND.to(ctx.x_dtype)
-        grad_slots = grad_ND.new_zeros(T * K, grad_ND.shape[-1]).index_copy_(0, slot_N, grad_ND)
+        grad_slots = _slot_grid(grad_ND, slot_N, T * K)
         return grad_slots.view(T, K, grad_ND.shape[-1]).sum(1), None, None
 
 
@@ -38,7 +46,7 @@ class _WeightedCollapse(torch.autograd.Function):
     def forward(ctx, y_ND: Tensor, slot_N: Tensor, w_TK: Tensor) -> Tensor:
         T, K = w_TK.shape
         D = y_ND.shape[-1]
-        y_TKD = y_ND.new_zeros(T * K, D).index_copy_(0, slot_N, y_ND).view(T, K, D)
+        y_TKD = _slot_grid(y_ND, slot_N, T * K).view(T, K, D)
         ctx.w_dtype = w_TK.dtype
         w_TK = w_TK.to(y_ND.dtype)
         ctx.save_for_backward(slot_N, w_TK, y_TKD)

@@ -1,0 +1,101 @@
+"""A small autotuner: times candidate formulations of one computation once per (device, dtype, shape bucket) and
+caches the fastest for the process (optionally on disk), so a choice is made by measurement and then fixed.
+
+`experts_backend=auto` uses it to pick the expert GEMM engine (automoe/moe/experts.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# a JSON file: choices are read from it and every new choice is written to it
+CACHE_ENV = "AUTOMOE_TUNE_CACHE"
+_choices: dict[str, str] = {}
+_disk_loaded = False
+
+
+def _key(key: Hashable) -> str:
+    return repr(key)
+
+
+def _load_disk() -> None:
+    global _disk_loaded
+    _disk_loaded = True
+    path = os.environ.get(CACHE_ENV)
+    if path and Path(path).exists():
+        try:
+            _choices.update(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            logger.warning("ignoring autotune cache %s: %s", path, e)
+
+
+def _save_disk() -> None:
+    path = os.environ.get(CACHE_ENV)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(_choices, indent=1, sort_keys=True))
+
+
+def cached(key: Hashable) -> str | None:
+    """The choice made earlier for `key` (this process or the disk cache), else None."""
+    if not _disk_loaded:
+        _load_disk()
+    return _choices.get(_key(key))
+
+
+def choose(
+    key: Hashable,
+    candidates: Sequence[str],
+    run: Callable[[str], None],
+    *,
+    rounds: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> str:
+    """The fastest of `candidates` for `key`: cached, else measured now by calling `run(name)` once untimed and
+    `rounds` times timed, interleaved so load bursts hit every candidate; the minimum over rounds decides
+    (ties: the earlier candidate). Deterministic given the cache."""
+    hit = cached(key)
+    if hit is not None and hit in candidates:
+        return hit
+    if len(candidates) == 1:
+        best = candidates[0]
+    else:
+        for name in candidates:  # warm-up: first-call allocations and kernel selection
+            run(name)
+        best_ms = {name: float("inf") for name in candidates}
+        for r in range(rounds):
+            for i in range(len(candidates)):
+                name = candidates[(r + i) % len(candidates)]
+                t0 = clock()
+                run(name)
+                best_ms[name] = min(best_ms[name], (clock() - t0) * 1e3)
+        best = min(candidates, key=lambda n: best_ms[n])
+        logger.info(
+            "autotune %s: %s (best of %d, ms: %s)",
+            key,
+            best,
+            rounds,
+            ", ".join(f"{n} {t:.2f}" for n, t in best_ms.items()),
+        )
+    _choices[_key(key)] = best
+    _save_disk()
+    return best
+
+
+def tuned_choices() -> dict[str, str]:
+    """Every choice made or loaded in this process: repr(key) -> candidate."""
+    return dict(_choices)
+
+
+def clear() -> None:
+    """Forget every choice (tests; a new disk cache path)."""
+    global _disk_loaded
+    _choices.clear()
+    _disk_loaded = False

@@ -1,0 +1,82 @@
+"""The autotuner (fastest candidate by a fake clock, cached, disk cache) and `auto` over every engine it may pick."""
+
+import pytest
+import torch
+
+import automoe.moe.experts as experts_mod
+from automoe.moe import autotune
+from tests.tolerance import assert_close_rounding
+from tests.unit.moe.test_experts import GRAD_DEPTH, GRAD_TERMS, Y_DEPTH, Y_TERMS, _inputs, _make, _run
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    monkeypatch.delenv(autotune.CACHE_ENV, raising=False)
+    autotune.clear()
+    yield
+    autotune.clear()
+
+
+class FakeClock:
+    """perf_counter stand-in: each `run(name)` advances it by that candidate's cost."""
+
+    def __init__(self, cost_ms: dict[str, float]) -> None:
+        self.now, self.cost, self.calls = 0.0, cost_ms, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, name: str) -> None:
+        self.calls.append(name)
+        self.now += self.cost[name] / 1e3
+
+
+def test_choose_times_every_candidate_then_caches():
+    clock = FakeClock({"a": 3.0, "b": 1.0, "c": 2.0})
+    assert autotune.choose("k", ["a", "b", "c"], clock.run, rounds=2, clock=clock) == "b"
+    assert sorted(clock.calls) == sorted(["a", "b", "c"] * 3)  # one warm-up + 2 timed rounds each
+    clock.calls.clear()
+    assert autotune.choose("k", ["a", "b", "c"], clock.run, clock=clock) == "b"
+    assert clock.calls == []  # cached: nothing timed again
+    assert autotune.tuned_choices() == {"'k'": "b"}
+
+
+def test_disk_cache_is_written_and_read_back(tmp_path, monkeypatch):
+    path = tmp_path / "tune.json"
+    monkeypatch.setenv(autotune.CACHE_ENV, str(path))
+    clock = FakeClock({"a": 1.0, "b": 2.0})
+    assert autotune.choose(("x", 1), ["a", "b"], clock.run, clock=clock) == "a"
+    autotune.clear()  # a new process: the choice comes from the file, nothing is timed
+    clock = FakeClock({"a": 9.0, "b": 2.0})
+    assert autotune.choose(("x", 1), ["a", "b"], clock.run, clock=clock) == "a"
+    assert clock.calls == []
+
+
+@pytest.mark.parametrize("engine", ["grouped_mm", "grouped_mm_t", "split", "split_t"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_auto_matches_loop_with_every_tunable_engine(engine, bias, monkeypatch):
+    monkeypatch.setattr(experts_mod, "TUNE_MIN_WORK", 0)
+    monkeypatch.setattr(autotune, "choose", lambda key, names, run: engine if engine in names else names[0])
+    x, counts, dy = _inputs()
+    y_ref, g_ref = _run(_make("loop", bias=bias), x, counts, dy)
+    y, g = _run(_make("auto", bias=bias), x, counts, dy)
+    assert_close_rounding(y, y_ref, terms=Y_TERMS, depth=Y_DEPTH)
+    for name in g_ref:
+        assert_close_rounding(g[name], g_ref[name], terms=GRAD_TERMS, depth=GRAD_DEPTH, msg=name)
+
+
+def test_auto_tunes_once_per_shape_bucket_and_not_in_deterministic_mode(monkeypatch):
+    monkeypatch.setattr(experts_mod, "TUNE_MIN_WORK", 0)
+    x, counts, dy = _inputs()
+    m = _make("auto")
+    _run(m, x, counts, dy)
+    _run(m, x, counts, dy)
+    choices = autotune.tuned_choices()
+    assert len(choices) == 1 and next(iter(choices.values())) in experts_mod._ENGINES
+    autotune.clear()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _run(m, x, counts, dy)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert autotune.tuned_choices() == {}  # deterministic: the fixed rule, nothing timed
