@@ -1,26 +1,38 @@
-"""Load-balancing study: the same tiny MoE trained on the stdlib corpus with no balancing, the aux loss, the
-aux-loss-free gate-bias update (Wang et al. 2024) and both; validation loss and MaxVio_global per run.
+"""Load-balancing study: the tiny presets trained on the stdlib corpus under several balancing settings and seeds;
+MaxVio_global and loss on the whole validation split, hyperparameters chosen on a held-out slice of train.
 
-    .venv/bin/python scripts/study_load_balance.py [--steps 200] [--nproc 1] [--gamma 0.003] [--aux 0.01] [--seed 0]
+    .venv/bin/python scripts/study_load_balance.py [--presets tiny,tiny_dsv3] [--settings none,sign0.001,...]
+        [--seeds 0,1,2] [--steps 1000] [--jobs 2] [--img-dir docs/img]
 
-Each run is the real recipe (`torchrun recipes/pretrain.py` with overrides, its own output_dir, only the final
-checkpoint saved). Afterwards the final checkpoint is loaded into one process and run over the whole validation
-split in eval mode: the validation loss and each MoE layer's `eval_expert_load` (token-slots per expert, the
-whole split on one process = the sum over ranks) give MaxVio_global = max_e L_e / mean_e L_e - 1.
-Writes `<out>/results.json` and three PNGs into `--img-dir` (default `<out>/img`; `--img-dir docs/img` updates the
-figures the README and docs/load_balancing.md show). `--skip-train` re-evaluates
-and re-plots existing runs. Shape suffixes: docs/architecture.md#shape-legend.
+Settings (names encode their values): `none`; `sign<g>` (DeepSeek-V3 sign rule, gamma g); `adaptive` /
+`adaptive<g>` (`bias_update_rule=adaptive`, first step g, default 0.001); `aux<c>` / `auxg<c>` (aux loss, coefficient
+c, micro-batch / global scope); `both<c>_<g>` (micro-batch aux loss + sign rule). Each run is the real recipe
+(`python recipes/pretrain.py`, one process, `parallel=single`) in `<out>/<preset>/<setting>_s<seed>/`; a run whose
+directory holds `DONE` is kept, so an interrupted study resumes. `train.seed` (the initialization) is the seed;
+the data order (`data.seed`) is the same in every run.
+
+Splits: every run trains with `data.val_fraction=0.1`, so the last 10% of the token stream is never trained on.
+Its second half is the validation split the docs report (exactly the default 5% split); its first half is the
+held-out slice of train on which gamma and the aux coefficient are chosen (`choose`). After training, the final
+checkpoint is loaded into one process (`--eval-run DIR`, written to DIR/eval.json) and run over both in eval
+mode: loss and each MoE layer's `eval_expert_load` give MaxVio_global = max_e L_e / mean_e L_e - 1.
+Writes `<out>/results.json`, a summary table, and PNGs into `--img-dir` (default `<out>/img`; `--img-dir
+docs/img` updates the figures the README and docs/load_balancing.md show). `--skip-train` evaluates and plots
+the finished runs only. Shape suffixes: docs/architecture.md#shape-legend.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import shutil
+import re
 import subprocess
+import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,67 +44,104 @@ from automoe.config import DataConfig, ModelConfig
 from automoe.data import build_datasets
 from automoe.models import Transformer
 from automoe.moe import moe_layers
-from automoe.torchrun import torchrun_command
 from automoe.train.checkpoint import SafeFileSystemReader, latest_checkpoint
 from automoe.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
-RUNS = ("none", "aux", "bias", "both")
-LABELS = {
-    "none": "no balancing",
-    "aux": "aux loss",
-    "bias": "gate-bias update",
-    "both": "aux loss + bias update",
+PRESETS = ("tiny", "tiny_dsv3")
+# The study's run list, in the order the runs are started (the most informative first).
+SETTINGS = ("none", "sign0.001", "adaptive", "aux0.01", "auxg0.01", "both0.01_0.001")
+VAL_FRACTION = 0.05  # the reported validation split: the last 5% of the token stream (the default split)
+HELD_OUT_FRACTION = 0.05  # the slice of train before it, excluded from training, for choosing hyperparameters
+FAMILIES = {  # family -> (label, color)
+    "none": ("no balancing", "tab:red"),
+    "sign": ("bias update, sign rule", "tab:green"),
+    "adaptive": ("bias update, adaptive rule", "tab:orange"),
+    "aux": ("aux loss (micro-batch)", "tab:blue"),
+    "auxg": ("aux loss (global)", "tab:cyan"),
+    "both": ("aux loss + sign rule", "tab:purple"),
 }
-COLORS = {"none": "tab:red", "aux": "tab:blue", "bias": "tab:green", "both": "tab:purple"}
 
 
-def run_overrides(name: str, *, args: argparse.Namespace) -> list[str]:
-    """Hydra overrides of one run: balancing settings plus the shared model, data, steps and outputs."""
-    aux = args.aux if name in ("aux", "both") else 0.0
-    gamma = args.gamma if name in ("bias", "both") else 0.0
+def parse_setting(name: str) -> dict:
+    """`sign0.003` -> {family: sign, aux: 0, aux_type: micro_batch, gamma: 0.003, rule: sign}; see the docstring."""
+    num = r"(\d+(?:\.\d+)?(?:e-?\d+)?)"
+    out = {"family": None, "aux": 0.0, "aux_type": "micro_batch", "gamma": 0.0, "rule": "sign"}
+    if name == "none":
+        out["family"] = "none"
+    elif m := re.fullmatch(rf"sign{num}", name):
+        out.update(family="sign", gamma=float(m[1]))
+    elif m := re.fullmatch(rf"adaptive{num}?", name):
+        out.update(family="adaptive", gamma=float(m[1] or 0.001), rule="adaptive")
+    elif m := re.fullmatch(rf"aux{num}", name):
+        out.update(family="aux", aux=float(m[1]))
+    elif m := re.fullmatch(rf"auxg{num}", name):
+        out.update(family="auxg", aux=float(m[1]), aux_type="global")
+    elif m := re.fullmatch(rf"both{num}_{num}", name):
+        out.update(family="both", aux=float(m[1]), gamma=float(m[2]))
+    else:
+        raise ValueError(f"unknown setting {name!r} (see the docstring of {Path(__file__).name})")
+    return out
+
+
+def run_overrides(preset: str, setting: str, seed: int, *, args: argparse.Namespace) -> list[str]:
+    """Hydra overrides of one run: the preset, its balancing settings, seed, steps, batch, splits and outputs."""
+    s = parse_setting(setting)
     return [
-        f"parallel={'single' if args.nproc == 1 else 'ep2'}",
-        f"model.moe.aux_loss_coeff={aux}",
-        f"model.moe.gate_bias_update_factor={gamma}",
+        "parallel=single",
+        f"model={preset}",
+        f"model.moe.aux_loss_coeff={s['aux']}",
+        f"model.moe.aux_loss_type={s['aux_type']}",
+        f"model.moe.gate_bias_update_factor={s['gamma']}",
+        f"model.moe.bias_update_rule={s['rule']}",
+        f"train.seed={seed}",
         f"train.steps={args.steps}",
-        f"train.seed={args.seed}",
-        f"train.micro_batch_size={args.micro_batch_size}",
-        f"train.val_interval={args.val_interval}",
-        f"checkpoint.interval={args.steps}",  # only the final checkpoint: the evaluation below loads it
+        f"train.global_batch_size={args.batch_size}",
+        f"train.micro_batch_size={args.batch_size}",
+        "train.val_interval=250",
+        f"data.val_fraction={VAL_FRACTION + HELD_OUT_FRACTION}",
+        f"checkpoint.interval={args.steps}",  # only the final checkpoint: the evaluation loads it
         "checkpoint.keep_last_n=1",
         "logging.wandb.mode=disabled",
         "logging.progress_bar=false",
         "logging.heatmap=false",
-        f"logging.log_interval={max(args.steps // 4, 1)}",
-        f"output_dir={args.out / name}",
+        "logging.log_interval=100",
     ]
 
 
-def train(name: str, *, args: argparse.Namespace) -> float:
-    """One fresh recipe run in a subprocess (its old output_dir is deleted first); -> wall seconds."""
-    shutil.rmtree(args.out / name, ignore_errors=True)
-    cmd = torchrun_command(args.nproc, ROOT / "recipes/pretrain.py", *run_overrides(name, args=args))
-    print("$", " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-    return time.perf_counter() - start
+def run_dir(out: Path, preset: str, setting: str, seed: int) -> Path:
+    return out / preset / f"{setting}_s{seed}"
 
 
-def load_final_model(run_dir: Path) -> tuple[ModelConfig, DataConfig, Transformer, int]:
+def train_and_evaluate(preset: str, setting: str, seed: int, *, args: argparse.Namespace) -> None:
+    """One fresh recipe run in a subprocess (skipped when DONE exists), then `--eval-run` in another."""
+    d = run_dir(args.out, preset, setting, seed)
+    if not (d / "DONE").is_file():
+        subprocess.run(["rm", "-rf", str(d)], check=True)
+        d.mkdir(parents=True)
+        cmd = [sys.executable, "recipes/pretrain.py", *run_overrides(preset, setting, seed, args=args)]
+        cmd.append(f"output_dir={d}")
+        print("$", " ".join(cmd), flush=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with open(d / "train.log", "w") as log:
+            subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+        (d / "DONE").touch()
+    if not (d / "eval.json").is_file():
+        subprocess.run([sys.executable, __file__, "--eval-run", str(d)], cwd=ROOT, check=True)
+
+
+def load_final_model(directory: Path) -> tuple[ModelConfig, DataConfig, Transformer, int]:
     """The run's model and data configs and its final checkpoint's model on one process (DCP reshards any EP)."""
     import torch.distributed.checkpoint as dcp
 
-    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved = OmegaConf.load(directory / "config.yaml")
     model_cfg, data_cfg = (
         OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), saved[key]))
         for schema, key in ((ModelConfig, "model"), (DataConfig, "data"))
     )
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    ckpt = latest_checkpoint(directory / "checkpoints")
     if ckpt is None:
-        raise ValueError(f"{run_dir}/checkpoints holds no complete checkpoint")
+        raise ValueError(f"{directory}/checkpoints holds no complete checkpoint")
     model = Transformer(model_cfg)
     model.init_weights()
     state = {"model": model.state_dict()}
@@ -103,17 +152,24 @@ def load_final_model(run_dir: Path) -> tuple[ModelConfig, DataConfig, Transforme
     return model_cfg, data_cfg, model, int(ckpt.name.split("_")[1])
 
 
+def eval_splits(data_cfg: DataConfig):
+    """-> (held-out slice of train, validation split): the two halves of the run's never-trained-on tail."""
+    _, tail = build_datasets(data_cfg)
+    _, val = build_datasets(dataclasses.replace(data_cfg, val_fraction=VAL_FRACTION))
+    held_out = dataclasses.replace(tail, tokens=tail.tokens[: len(tail.tokens) - len(val.tokens)])
+    assert np.array_equal(tail.tokens[len(held_out.tokens) :], val.tokens)
+    return held_out, val
+
+
 @torch.no_grad()
-def evaluate(run_dir: Path, *, batch_size: int) -> dict:
-    """Validation loss and per-layer expert load of the final checkpoint over the whole validation split."""
-    _, data_cfg, model, step = load_final_model(run_dir)
-    _, val = build_datasets(data_cfg)
+def evaluate_split(model: Transformer, dataset, *, batch_size: int = 64) -> dict:
+    """Mean loss and per-layer expert load of `model` over every window of `dataset`, in eval mode."""
     model.eval()
     for _, layer in moe_layers(model):
         layer.eval_expert_load.zero_()
     ce_sum, num_tokens = 0.0, 0
-    for start in range(0, len(val), batch_size):
-        windows = torch.from_numpy(val.windows(range(start, min(start + batch_size, len(val)))))  # (B, S+1)
+    for start in range(0, len(dataset), batch_size):
+        windows = torch.from_numpy(dataset.windows(range(start, min(start + batch_size, len(dataset)))))
         logits_BSV = model(windows[:, :-1])
         labels = windows[:, 1:].flatten()
         ce_sum += F.cross_entropy(logits_BSV.float().flatten(0, 1), labels, reduction="sum").item()
@@ -124,163 +180,213 @@ def evaluate(run_dir: Path, *, batch_size: int) -> dict:
         layers[name] = {
             "load": [int(x) for x in load_E.tolist()],
             "max_vio": load_E.max().item() / load_E.mean().item() - 1.0,
-            "cv": load_E.std(unbiased=False).item() / load_E.mean().item(),
-            "min_share": load_E.min().item() / load_E.mean().item(),
         }
     vios = [v["max_vio"] for v in layers.values()]
     return {
-        "step": step,
-        "val_tokens": num_tokens,
-        "val_loss": ce_sum / num_tokens,
-        "max_vio_global_mean": float(np.mean(vios)),
+        "tokens": num_tokens,
+        "loss": ce_sum / num_tokens,
+        "max_vio_global": float(np.mean(vios)),  # mean over MoE layers
         "max_vio_global_max": float(np.max(vios)),
         "layers": layers,
     }
 
 
-def training_curves(run_dir: Path) -> dict:
-    """Per-step MaxVio_batch (mean over MoE layers) and the trainer's periodic val_loss from metrics.jsonl."""
-    records = read_metrics(run_dir / "metrics.jsonl")
-    steps = [r["step"] for r in records]
-    max_vio = [float(np.mean([m["max_vio"] for m in r["moe"].values()])) for r in records]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    last = records[-1] if records else {}
+def evaluate(directory: Path) -> dict:
+    """Both splits for the run's final checkpoint; cached in <run>/eval.json."""
+    start = time.perf_counter()
+    _, data_cfg, model, step = load_final_model(directory)
+    held_out, val = eval_splits(data_cfg)
+    result = {"step": step, "val": evaluate_split(model, val), "held_out": evaluate_split(model, held_out)}
+    result["eval_s"] = time.perf_counter() - start
+    (directory / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def training_curves(directory: Path) -> dict:
+    """Per-step MaxVio_batch (mean over MoE layers) and loss from metrics.jsonl."""
+    records = read_metrics(directory / "metrics.jsonl")
     return {
-        "steps": steps,
-        "max_vio_batch": max_vio,
+        "steps": [r["step"] for r in records],
+        "max_vio_batch": [float(np.mean([m["max_vio"] for m in r["moe"].values()])) for r in records],
         "loss": [r["loss"] for r in records],
-        "val_curve": val,
-        "final_train_loss": last.get("loss"),
         "train_loop_s": sum(r["step_time_s"] for r in records),
-        "dead_experts_last_step": sum(m["dead_experts"] for m in last.get("moe", {}).values()),
     }
 
 
+def collect(out: Path) -> dict:
+    """Every finished, evaluated run under `out`: {preset: {setting: {seed: run}}}."""
+    runs: dict = {}
+    for ev in sorted(out.glob("*/*_s*/eval.json")):
+        directory = ev.parent
+        preset = directory.parent.name
+        setting, seed = directory.name.rsplit("_s", 1)
+        run = {"eval": json.loads(ev.read_text()), "curves": training_curves(directory)}
+        runs.setdefault(preset, {}).setdefault(setting, {})[int(seed)] = run
+    return runs
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, half the range): the band every seed lies in. Half-range 0 for one seed."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float((a.max() - a.min()) / 2)
+
+
+def choose(settings: dict, family: str) -> str | None:
+    """The setting of `family` picked on the held-out slice (seed 0): the lowest held-out loss among those with
+    held-out MaxVio_global <= 0.10; if none is that balanced, the one with the lowest held-out MaxVio_global."""
+    cands = {
+        n: r[0]["eval"]["held_out"]
+        for n, r in settings.items()
+        if parse_setting(n)["family"] == family and 0 in r
+    }
+    if not cands:
+        return None
+    balanced = {n: e for n, e in cands.items() if e["max_vio_global"] <= 0.10}
+    if balanced:
+        return min(balanced, key=lambda n: balanced[n]["loss"])
+    return min(cands, key=lambda n: cands[n]["max_vio_global"])
+
+
+def summarize(runs: dict) -> dict:
+    """Per preset and setting: seeds, mean +- half-range of val loss, MaxVio_global, MaxVio_batch (last 100)."""
+    table = {}
+    for preset, settings in runs.items():
+        rows = {}
+        for name, seeds in settings.items():
+            ev = [seeds[s]["eval"] for s in sorted(seeds)]
+            tail = [float(np.mean(seeds[s]["curves"]["max_vio_batch"][-100:])) for s in sorted(seeds)]
+            rows[name] = {
+                "seeds": sorted(seeds),
+                "val_loss": spread([e["val"]["loss"] for e in ev]),
+                "max_vio_global": spread([e["val"]["max_vio_global"] for e in ev]),
+                "max_vio_global_max_layer": max(e["val"]["max_vio_global_max"] for e in ev),
+                "max_vio_batch_last100": spread(tail),
+                "held_out_loss_seed0": seeds[0]["eval"]["held_out"]["loss"] if 0 in seeds else None,
+                "held_out_max_vio_seed0": seeds[0]["eval"]["held_out"]["max_vio_global"]
+                if 0 in seeds
+                else None,
+                "train_loop_s": float(np.mean([seeds[s]["curves"]["train_loop_s"] for s in seeds])),
+            }
+        chosen = {f: choose(settings, f) for f in ("sign", "aux", "adaptive")}
+        table[preset] = {"rows": rows, "chosen_on_held_out": chosen}
+    return table
+
+
+def summary_table(summary: dict) -> str:
+    lines = []
+    for preset, s in summary.items():
+        lines += [
+            f"\n{preset} (chosen on the held-out slice: {s['chosen_on_held_out']})\n",
+            "| setting | seeds | val loss | MaxVio_global (val) | worst layer | MaxVio_batch, last 100 steps | "
+            "held-out loss / MaxVio (seed 0) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in sorted(s["rows"].items(), key=lambda kv: _order(kv[0])):
+            (lm, ls), (vm, vs), (bm, bs) = r["val_loss"], r["max_vio_global"], r["max_vio_batch_last100"]
+            ho = (
+                f"{r['held_out_loss_seed0']:.4f} / {r['held_out_max_vio_seed0']:.3f}"
+                if r["held_out_loss_seed0"] is not None
+                else "-"
+            )
+            lines.append(
+                f"| {name} | {','.join(map(str, r['seeds']))} | {lm:.4f} ± {ls:.4f} | {vm:.3f} ± {vs:.3f} | "
+                f"{r['max_vio_global_max_layer']:.3f} | {bm:.3f} ± {bs:.3f} | {ho} |"
+            )
+    return "\n".join(lines)
+
+
+def _order(name: str) -> tuple:
+    fam = parse_setting(name)["family"]
+    return (list(FAMILIES).index(fam), name)
+
+
 def smooth(values: list[float], *, window: int) -> np.ndarray:
-    values = np.asarray(values, dtype=float)
-    kernel = np.ones(window) / window
-    return np.convolve(values, kernel, mode="valid")
+    return np.convolve(np.asarray(values, dtype=float), np.ones(window) / window, mode="valid")
 
 
-def plot(results: dict, *, img_dir: Path) -> list[Path]:
-    """Three PNGs: training MaxVio per run, validation loss per run, final per-expert validation load."""
+def plot(runs: dict, summary: dict, *, img_dir: Path, window: int = 25) -> list[Path]:
+    """load_balance_maxvio.png: MaxVio_batch over training (mean over seeds, band = min..max over seeds), one panel
+    per preset; load_balance_tradeoff.png: val loss vs MaxVio_global per setting (error bars = seed range)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     img_dir.mkdir(parents=True, exist_ok=True)
-    runs = results["runs"]
+    presets = [p for p in PRESETS if p in runs]
     paths = []
+    styles = ["-", "--", ":", "-."]
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    window = min(10, *(len(r["curves"]["steps"]) for r in runs.values()))
-    for name, r in runs.items():
-        c = r["curves"]
-        ax.plot(
-            c["steps"][window - 1 :],
-            smooth(c["max_vio_batch"], window=window),
-            label=LABELS[name],
-            color=COLORS[name],
-        )
-    ax.axhline(0.10, color="gray", ls="--", lw=1, label="MaxVio = 0.10")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"MaxVio_batch (mean over MoE layers, {window}-step mean)")
-    ax.set_title("Training-time load imbalance")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
+    fig, axes = plt.subplots(1, len(presets), figsize=(6.5 * len(presets), 4.5), squeeze=False, sharey=True)
+    for ax, preset in zip(axes[0], presets):
+        seen: dict[str, int] = {}
+        for name in sorted(runs[preset], key=_order):
+            seeds = runs[preset][name]
+            fam = parse_setting(name)["family"]
+            label, color = FAMILIES[fam]
+            style = styles[seen.setdefault(fam, 0) % len(styles)]
+            seen[fam] += 1
+            n = min(len(r["curves"]["max_vio_batch"]) for r in seeds.values())
+            curves = np.stack(
+                [smooth(r["curves"]["max_vio_batch"][:n], window=window) for r in seeds.values()]
+            )
+            steps = np.asarray(next(iter(seeds.values()))["curves"]["steps"][window - 1 : n])
+            extra = name if fam in ("none",) else name.replace(fam, f"{fam} ")
+            ax.plot(
+                steps, curves.mean(0), color=color, ls=style, lw=1.4, label=f"{label}: {extra} ({len(seeds)})"
+            )
+            if len(seeds) > 1:
+                ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.15, lw=0)
+        ax.axhline(0.10, color="gray", ls="--", lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"{preset}: training-time imbalance")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, title="setting (seeds)", title_fontsize=7)
+    axes[0][0].set_ylabel(f"MaxVio_batch (mean over MoE layers, {window}-step mean)")
     paths.append(img_dir / "load_balance_maxvio.png")
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, r in runs.items():
-        steps, vals = zip(*r["curves"]["val_curve"]) if r["curves"]["val_curve"] else ((), ())
-        ax.plot(steps, vals, marker="o", ms=3, label=LABELS[name], color=COLORS[name])
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (trainer, first val batches)")
-    ax.set_title("Validation loss during training")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    names = list(runs)
-    bx.bar(range(len(names)), [runs[n]["eval"]["val_loss"] for n in names], color=[COLORS[n] for n in names])
-    for i, n in enumerate(names):
-        e = runs[n]["eval"]
-        bx.text(
-            i,
-            e["val_loss"],
-            f"{e['val_loss']:.3f}\nMaxVio {e['max_vio_global_mean']:.2f}",
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    bx.set_xticks(range(len(names)), [LABELS[n].replace(" + ", "\n+ ") for n in names], fontsize=8)
-    lows = [runs[n]["eval"]["val_loss"] for n in names]
-    bx.set_ylim(min(lows) - 0.05, max(lows) + 0.06)
-    bx.set_ylabel("final validation loss (whole split)")
-    bx.set_title("Final checkpoint, whole validation split")
-    paths.append(img_dir / "load_balance_val_loss.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    layer_names = list(next(iter(runs.values()))["eval"]["layers"])
-    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.6), sharey=True)
-    axes = np.atleast_1d(axes)
-    width = 0.8 / len(layer_names)
-    for ax, (name, r) in zip(axes, runs.items()):
-        for j, layer in enumerate(layer_names):
-            load_E = np.asarray(r["eval"]["layers"][layer]["load"], dtype=float)
-            ax.bar(
-                np.arange(len(load_E)) + (j - (len(layer_names) - 1) / 2) * width,
-                load_E / load_E.mean(),
-                width=width,
-                label=layer.replace("layers.", "layer ").replace(".moe", ""),
+    fig, axes = plt.subplots(1, len(presets), figsize=(6.5 * len(presets), 4.5), squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        rows = summary[preset]["rows"]
+        for name in sorted(rows, key=_order):
+            r = rows[name]
+            fam = parse_setting(name)["family"]
+            (lm, ls), (vm, vs) = r["val_loss"], r["max_vio_global"]
+            ax.errorbar(vm, lm, xerr=vs, yerr=ls, fmt="o", color=FAMILIES[fam][1], capsize=3, ms=5)
+            ax.annotate(
+                f"{name} ({len(r['seeds'])})", (vm, lm), fontsize=7, xytext=(4, 4), textcoords="offset points"
             )
-        ax.axhline(1.0, color="gray", ls="--", lw=1)
-        ax.set_title(f"{LABELS[name]}\nMaxVio_global {r['eval']['max_vio_global_mean']:.2f}", fontsize=9)
-        ax.set_xlabel("expert")
-    axes[0].set_ylabel("validation load / mean load")
-    axes[0].legend(fontsize=7)
-    paths.append(img_dir / "load_balance_expert_load.png")
+        ax.axvline(0.10, color="gray", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("MaxVio_global on the validation split (mean over layers)")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"{preset}: final checkpoint (bars: seed range)")
+        ax.grid(alpha=0.3, which="both")
+    paths.append(img_dir / "load_balance_tradeoff.png")
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
 
 
-def summary_table(results: dict) -> str:
-    lines = [
-        "| run | aux_loss_coeff | gamma | final val loss | MaxVio_global (mean / max over layers) | "
-        "MaxVio_batch (last 20 steps) | time in train steps |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results["runs"].items():
-        e, c = r["eval"], r["curves"]
-        tail = float(np.mean(c["max_vio_batch"][-20:]))
-        wall = f"{c['train_loop_s']:.0f} s"
-        lines.append(
-            f"| {LABELS[name]} | {r['aux_loss_coeff']} | {r['gamma']} | {e['val_loss']:.4f} | "
-            f"{e['max_vio_global_mean']:.3f} / {e['max_vio_global_max']:.3f} | {tail:.3f} | {wall} |"
-        )
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
-    parser.add_argument("--nproc", type=int, default=1, choices=(1, 2), help="1: parallel=single, 2: EP=2")
-    parser.add_argument("--aux", type=float, default=0.01, help="aux_loss_coeff of the aux-loss runs")
-    parser.add_argument("--gamma", type=float, default=0.003, help="gate_bias_update_factor of the bias runs")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="model presets (configs/model/)")
     parser.add_argument(
-        "--seed", type=int, default=0, help="train.seed (weight init); data order stays fixed"
+        "--settings", default=",".join(SETTINGS), help="balancing settings (see the docstring)"
     )
-    parser.add_argument("--micro-batch-size", type=int, default=16, help="per rank; 16 = no accumulation")
-    parser.add_argument("--val-interval", type=int, default=25, help="trainer validation every n steps")
-    parser.add_argument("--eval-batch-size", type=int, default=32)
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
+    parser.add_argument("--seeds", default="0,1,2", help="train.seed values (the initialization)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per run")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="sequences of 128 tokens per step (one micro-batch)"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at the same time (one process each)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "outputs/load_balance")
     parser.add_argument(
         "--img-dir",
@@ -288,7 +394,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="where the PNGs go (default <out>/img; --img-dir docs/img replaces the README's tracked figures)",
     )
-    parser.add_argument("--skip-train", action="store_true", help="evaluate and plot existing runs only")
+    parser.add_argument("--skip-train", action="store_true", help="evaluate and plot finished runs only")
+    parser.add_argument("--eval-run", type=Path, default=None, help="evaluate one run directory (internal)")
     args = parser.parse_args(argv)
     if args.img_dir is None:
         args.img_dir = args.out / "img"
@@ -297,43 +404,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    names = [n for n in args.runs.split(",") if n]
-    for n in names:
-        if n not in RUNS:
-            raise ValueError(f"--runs: {n!r} is not one of {list(RUNS)}")
     torch.set_num_threads(1)
-
-    results_path = args.out / "results.json"
-    previous = json.loads(results_path.read_text())["runs"] if results_path.is_file() else {}
-    # Runs not named in --runs keep their earlier results, so a subset can be redone (e.g. another gamma).
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": dict(previous)}
-    for name in names:
-        wall = None if args.skip_train else train(name, args=args)
-        run_dir = args.out / name
-        start = time.perf_counter()
-        ev = evaluate(run_dir, batch_size=args.eval_batch_size)
+    if args.eval_run is not None:
+        ev = evaluate(args.eval_run)
         print(
-            f"{name}: val loss {ev['val_loss']:.4f}, MaxVio_global {ev['max_vio_global_mean']:.3f} "
-            f"(eval {time.perf_counter() - start:.0f} s)",
+            f"{args.eval_run}: val loss {ev['val']['loss']:.4f}, MaxVio_global {ev['val']['max_vio_global']:.3f} "
+            f"(held-out {ev['held_out']['loss']:.4f} / {ev['held_out']['max_vio_global']:.3f}; {ev['eval_s']:.0f} s)",
             flush=True,
         )
-        results["runs"][name] = {
-            "aux_loss_coeff": args.aux if name in ("aux", "both") else 0.0,
-            "gamma": args.gamma if name in ("bias", "both") else 0.0,
-            "overrides": run_overrides(name, args=args),
-            "train_wall_s": wall if wall is not None else previous.get(name, {}).get("train_wall_s"),
-            "eval": ev,
-            "curves": training_curves(run_dir),
-        }
-    results["runs"] = {n: results["runs"][n] for n in RUNS if n in results["runs"]}
-    # Kept runs: re-read their metrics too (curves written by an older version of this script lack fields).
-    for name, run in results["runs"].items():
-        run["curves"] = training_curves(args.out / name)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(results, indent=1))
-    paths = plot(results, img_dir=args.img_dir)
-    print(summary_table(results))
-    print("wrote", results_path, *paths)
+        return
+    presets = [p for p in args.presets.split(",") if p]
+    settings = [s for s in args.settings.split(",") if s]
+    for s in settings:
+        parse_setting(s)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    if not args.skip_train:
+        plan = [(p, s, seed) for seed in seeds for s in settings for p in presets]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for future in [pool.submit(train_and_evaluate, *job, args=args) for job in plan]:
+                future.result()
+    for d in args.out.glob("*/*_s*/"):
+        if (d / "DONE").is_file() and not (d / "eval.json").is_file():
+            evaluate(d)
+    runs = collect(args.out)
+    summary = summarize(runs)
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    paths = plot(runs, summary, img_dir=args.img_dir)
+    print(summary_table(summary))
+    print("wrote", args.out / "results.json", *paths)
 
 
 if __name__ == "__main__":
