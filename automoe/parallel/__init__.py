@@ -6,7 +6,7 @@ from automoe.parallel.dims import ParallelDims
 from automoe.parallel.env import DistEnv, init_distributed, shutdown_distributed
 from automoe.parallel.grads import clip_grad_norm_, finalize_grads, loss_scale, sum_over_ranks, sum_over_stage
 from automoe.parallel.parallelize import parallelize
-from automoe.parallel.pipeline import Pipeline, init_stage_weights
+from automoe.parallel.pipeline import Pipeline, gather_over_stages, init_stage_weights
 
 
 def cp_shard_batch(batch: dict, dims: ParallelDims, *, load_balance: bool = True) -> dict:
@@ -31,6 +31,7 @@ __all__ = [
     "clip_grad_norm_",
     "cp_shard_batch",
     "finalize_grads",
+    "gather_over_stages",
     "init_weights",
     "init_distributed",
     "loss_scale",

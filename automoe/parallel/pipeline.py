@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
@@ -113,10 +114,10 @@ def check_pipeline(model_cfg: ModelConfig, pcfg: ParallelConfig, *, num_micro_ba
             f"model.tie_embeddings=true with parallel.pp={pcfg.pp}: the embedding (first stage) and the output "
             "head (last stage) live on different ranks and cannot share one parameter"
         )
-    if pcfg.fsdp and pcfg.pp_virtual_stages > 1:
+    if pcfg.fsdp:
         raise ValueError(
-            f"parallel.fsdp=true with parallel.pp_virtual_stages={pcfg.pp_virtual_stages} is not supported: "
-            "set parallel.fsdp=false (or pp_virtual_stages=1)"
+            f"parallel.fsdp=true with parallel.pp={pcfg.pp} is not supported yet: set parallel.fsdp=false (each "
+            "stage then all-reduces its gradients over its data ranks; experts can still be sharded with ep)"
         )
     if pcfg.compile:
         raise ValueError(f"parallel.compile=true with parallel.pp={pcfg.pp} is not supported")
@@ -134,6 +135,15 @@ def check_pipeline(model_cfg: ModelConfig, pcfg: ParallelConfig, *, num_micro_ba
                 f"parallel.pp_schedule=Interleaved1F1B needs the {num_micro_batches} micro-batches per step to be "
                 f"a multiple of {rounds} rounds (micro-batches // parallel.pp={pcfg.pp})"
             )
+
+
+def is_pipeline_stage(model: nn.Module) -> bool:
+    """Whether `model` is one rank's part of a pipeline (`apply_pp` removed blocks, the embedding or the head)."""
+    cfg = getattr(model, "cfg", None)
+    layers = getattr(model, "layers", None)
+    if cfg is None or layers is None:
+        return False
+    return len(layers) < cfg.num_layers or model.tok_embeddings is None or model.output is None
 
 
 def local_stage_indices(dims: ParallelDims, pcfg: ParallelConfig) -> list[int]:
@@ -166,6 +176,22 @@ def apply_pp(model: nn.Module, dims: ParallelDims, pcfg: ParallelConfig) -> None
         len(stages),
         [stages[s] for s in mine],
     )
+
+
+def gather_over_stages(record: dict[str, Any], dims: ParallelDims) -> dict[str, Any]:
+    """Every stage's `record` (per-layer metrics keyed by layer name) merged in stage order, on every rank of the
+    pipeline group (a small object all-gather; layer names are unique across stages)."""
+    gathered: list[dict[str, Any] | None] = [None] * dims.pp
+    dist.all_gather_object(gathered, record, group=dims.pp_mesh.get_group())
+    merged: dict[str, Any] = {}
+    for part in gathered:
+        merged.update(part or {})
+    return dict(sorted(merged.items(), key=lambda kv: _layer_index(kv[0])))
+
+
+def _layer_index(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return (int(parts[1]), name) if len(parts) > 1 and parts[1].isdigit() else (-1, name)
 
 
 # ---- running a step ----

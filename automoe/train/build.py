@@ -35,6 +35,7 @@ from automoe.config.checks import check_sequence_split
 from automoe.config.job import JobConfig
 from automoe.data import StatefulLoader, build_datasets
 from automoe.models import Transformer, num_params
+from automoe.parallel.pipeline import check_pipeline
 from automoe.train.checkpoint import (
     Checkpointer,
     check_model_shapes,
@@ -107,15 +108,15 @@ def _launch_hint(cfg: JobConfig, world_size: int) -> str:
     """How to launch a layout that does not fit `world_size` ranks (the smallest world it fits)."""
     pcfg = cfg.parallel
     if pcfg.dp_shard == -1:
-        needed = pcfg.dp_replicate * math.lcm(pcfg.ep, pcfg.cp)
+        needed = pcfg.pp * pcfg.dp_replicate * math.lcm(pcfg.ep, pcfg.cp)
     else:
-        needed = pcfg.dp_replicate * pcfg.dp_shard * pcfg.cp
+        needed = pcfg.pp * pcfg.dp_replicate * pcfg.dp_shard * pcfg.cp
     script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "recipes/pretrain.py"
     launched = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ else None
     if world_size == 1 and launched is None:
         return (
             f"; {script} was started as one plain process, but this layout needs {needed} (parallel.ep="
-            f"{pcfg.ep}, cp={pcfg.cp}, dp_replicate={pcfg.dp_replicate}): launch it with "
+            f"{pcfg.ep}, cp={pcfg.cp}, dp_replicate={pcfg.dp_replicate}, pp={pcfg.pp}): launch it with "
             f"`torchrun --nproc-per-node {needed} {script} ...`, or run on one process with `parallel=single`"
         )
     return f"; the smallest world this layout fits is {needed} ranks (`torchrun --nproc-per-node {needed}`)"
@@ -133,6 +134,7 @@ def check_layout(cfg: JobConfig, world_size: int) -> parallel.ParallelDims:
             dp_shard=pcfg.dp_shard,
             cp=pcfg.cp,
             ep=pcfg.ep,
+            pp=pcfg.pp,
             num_experts=cfg.model.moe.num_experts if cfg.model.num_moe_layers else None,
         )
     except ValueError as e:
@@ -146,6 +148,9 @@ def check_layout(cfg: JobConfig, world_size: int) -> parallel.ParallelDims:
             f"the data-parallel ranks dp_replicate*dp_shard = {dims.dp_replicate}*{dims.dp_shard}): every "
             "data-parallel rank runs whole micro-batches of each global batch; change one of them"
         )
+    check_pipeline(
+        cfg.model, pcfg, num_micro_batches=train.global_batch_size // (train.micro_batch_size * dp)
+    )
     return dims
 
 
@@ -245,7 +250,17 @@ def build_trainer(
     parallel.parallelize(model, dims, pcfg)
     model.to_empty(device=env.device)
     seed_all(train.seed)  # torch (the init), Python's and numpy's global RNGs: train.seed seeds every RNG
-    model.init_weights()  # also fills the non-persistent buffers (RoPE tables, load counters)
+    parallel.init_weights(model, dims)  # also fills the non-persistent buffers (RoPE tables, load counters)
+    pipeline = None
+    if dims.pp_enabled:  # this rank's stages and the schedule that runs them
+        pipeline = parallel.Pipeline(
+            model,
+            dims,
+            pcfg,
+            num_micro_batches=train.global_batch_size // (train.micro_batch_size * dims.data_parallel),
+            micro_batch_shape=(train.micro_batch_size, cfg.data.seq_len // pcfg.cp),
+            device=env.device,
+        )
     not_loaded: tuple[str, ...] = ()
     if (
         plan.hf_init is not None
@@ -310,4 +325,5 @@ def build_trainer(
         faults=faults,
         init_from_weights=any(x is not None for x in (plan.resume_path, plan.init_path, plan.hf_init)),
         not_loaded=not_loaded,
+        pipeline=pipeline,
     )

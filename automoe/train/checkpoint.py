@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from automoe.parallel import flight_recorder
+from automoe.parallel.pipeline import is_pipeline_stage
 from automoe.shapes import config_diff, tensor_shape_mismatches
 from automoe.train.checkpoint_storage import (
     FaultPointWriter,
@@ -337,7 +338,9 @@ class Checkpointer:
             )
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        reader, metadata = self._checked_reader(path, model_sd, saved_model_cfg)
+        reader, metadata = self._checked_reader(
+            path, model_sd, saved_model_cfg, partial=is_pipeline_stage(model)
+        )
         try:
             with single_process_ok():
                 dcp.load(state, storage_reader=reader)
@@ -387,7 +390,9 @@ class Checkpointer:
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-        reader, metadata = self._checked_reader(path, model_sd, saved_model_cfg)
+        reader, metadata = self._checked_reader(
+            path, model_sd, saved_model_cfg, partial=is_pipeline_stage(model)
+        )
         if optimizer is not None and not any(
             k.startswith("optim.state.") for k in metadata.state_dict_metadata
         ):
@@ -409,22 +414,32 @@ class Checkpointer:
         """The `model` section of the checkpoint's `config.yaml` (ValueError naming the file if unreadable)."""
         return saved_config(path).get("model", {})
 
-    def _checked_reader(self, path: Path, model_sd: dict, saved_model_cfg: Any) -> tuple[Any, Any]:
+    def _checked_reader(
+        self, path: Path, model_sd: dict, saved_model_cfg: Any, *, partial: bool = False
+    ) -> tuple[Any, Any]:
         """The DCP reader of `path` and its metadata, after the shard files and every tensor shape were checked:
-        fail here, with the file or tensor named, rather than deep inside dcp.load."""
+        fail here, with the file or tensor named, rather than deep inside dcp.load. `partial`: the model is one
+        pipeline stage, which loads only its own tensors (`plan_start` checked the whole model's)."""
         reader = SafeFileSystemReader(str(path))
         try:
             metadata = reader.read_metadata()
         except FileNotFoundError:
             raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
         check_shard_files(path, metadata)
-        self._check_shapes(path, model_sd, metadata, saved_model_cfg)
+        self._check_shapes(path, model_sd, metadata, saved_model_cfg, partial=partial)
         return reader, metadata
 
-    def _check_shapes(self, path: Path, model_sd: dict, metadata: Any, saved_model_cfg: dict) -> None:
+    def _check_shapes(
+        self, path: Path, model_sd: dict, metadata: Any, saved_model_cfg: dict, *, partial: bool = False
+    ) -> None:
         expected = {key: tuple(value.shape) for key, value in model_sd.items()}  # DTensor: the global shape
         check_model_shapes(
-            path, expected, metadata, saved_model_cfg=saved_model_cfg, config_yaml=self.config_yaml
+            path,
+            expected,
+            metadata,
+            saved_model_cfg=saved_model_cfg,
+            config_yaml=self.config_yaml,
+            partial=partial,
         )
 
 
@@ -435,10 +450,12 @@ def check_model_shapes(
     *,
     saved_model_cfg: dict | None = None,
     config_yaml: str,
+    partial: bool = False,
 ) -> None:
     """The checkpoint at `path` must hold exactly the tensors `expected` (name -> global shape) with those
     shapes: a ValueError naming the tensors and the `model.*` fields that differ, instead of an error deep
-    inside `dcp.load`. Reads only `.metadata` and `config.yaml` (given `metadata`, not even that)."""
+    inside `dcp.load`. Reads only `.metadata` and `config.yaml` (given `metadata`, not even that). `partial`:
+    `expected` is one pipeline stage's, so checkpoint tensors of the other stages are not reported."""
     path = Path(path)
     if metadata is None:
         try:
@@ -447,7 +464,10 @@ def check_model_shapes(
             raise ValueError(f"checkpoint file {path / '.metadata'} is missing") from None
     if saved_model_cfg is None:
         saved_model_cfg = saved_config(path).get("model", {})
-    mismatches = tensor_shape_mismatches(expected, stored_tensor_shapes(metadata, prefix="model."))
+    stored = stored_tensor_shapes(metadata, prefix="model.")
+    if partial:
+        stored = {key: shape for key, shape in stored.items() if key in expected}
+    mismatches = tensor_shape_mismatches(expected, stored)
     if mismatches:
         mine = OmegaConf.to_container(OmegaConf.create(config_yaml)).get("model", {})
         fields = [f"model.{k}={w!r} (checkpoint has {v!r})" for k, v, w in config_diff(saved_model_cfg, mine)]

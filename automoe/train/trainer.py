@@ -85,8 +85,11 @@ class Trainer:
         faults: FaultHooks = NO_FAULTS,
         init_from_weights: bool = False,
         not_loaded: tuple[str, ...] = (),
+        pipeline: parallel.Pipeline | None = None,
     ) -> None:
         self.cfg = cfg
+        # pipeline parallelism: `model` holds this rank's stages, which `pipeline` runs (None: no PP)
+        self.pipeline = pipeline
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loader, self.val_dataset = loader, val_dataset
         self.dims, self.device = dims, device
@@ -141,15 +144,20 @@ class Trainer:
         ce_sum, aux_sum, dropped_per_layer = self.forward_backward(micro_batches)
         self.phase = "gradient reduction and clipping (grad-norm all-reduce)"
         parallel.finalize_grads(self.model, self.dims)
-        grad_norm = parallel.clip_grad_norm_(self.model, self.cfg.optim.max_grad_norm).item()
-        # One all-reduce for every logged sum; the loss is the global mean CE of the step.
+        grad_norm = parallel.clip_grad_norm_(self.model, self.cfg.optim.max_grad_norm, dims=self.dims).item()
+        # One all-reduce for every logged sum; the loss is the global mean CE of the step. Under PP the CE and the
+        # aux losses are summed over every stage, the per-layer counts over the ranks of this stage (its layers).
         self.phase = "loss/metrics all-reduce"
-        sums = parallel.sum_over_ranks(
-            torch.cat([ce_sum.view(1), aux_sum.view(1), dropped_per_layer]), self.dims
-        )
+        local = torch.cat([ce_sum.view(1), aux_sum.view(1), dropped_per_layer])
+        if self.dims.pp_enabled:
+            sums = parallel.sum_over_ranks(local[:2], self.dims)
+            dropped = parallel.sum_over_stage(local[2:], self.dims)
+        else:
+            sums = parallel.sum_over_ranks(local, self.dims)
+            dropped = sums[2:]
         num_tokens = micro_batches[0]["global_num_tokens"]
         loss = sums[0].item() / num_tokens
-        aux_loss = sums[1].item() / (len(micro_batches) * self.dims.world_size)
+        aux_loss = sums[1].item() / (len(micro_batches) * self.dims.stage_size)
         if (
             self.weights_source is not None and self.step == 1
         ):  # every rank: the same global loss, one verdict
@@ -170,6 +178,12 @@ class Trainer:
         self.scheduler.step()
         self.phase = "gate-bias load all-reduce"
         loads = self._update_gate_biases() if healthy else self._discard_moe_statistics()
+        moe = {
+            name: expert_load_stats(load_E, dropped=dropped[i].item())
+            for i, (name, load_E) in enumerate(loads.items())
+        }
+        if self.dims.pp_enabled:  # every stage's layers reach rank 0's metrics
+            moe = parallel.gather_over_stages(moe, self.dims)
         step_time = time.perf_counter() - start
         return {
             "step": self.step,
@@ -181,15 +195,29 @@ class Trainer:
             "tokens_per_s": num_tokens / step_time,
             "step_time_s": step_time,
             "skipped": not healthy,
-            "moe": {
-                name: expert_load_stats(load_E, dropped=sums[2 + i].item())
-                for i, (name, load_E) in enumerate(loads.items())
-            },
+            "moe": moe,
         }
 
     def forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor]:
         """Accumulate the gradients of one step (`loss.forward_backward`); -> (CE sum, aux-loss sum, dropped slots
         per MoE layer) on this rank."""
+        if self.pipeline is not None:
+            ce_sum, aux_sum = loss.pipeline_forward_backward(
+                self.pipeline,
+                micro_batches,
+                dims=self.dims,
+                device=self.device,
+                dtype=self.cfg.train.dtype,
+                cp_load_balance=self.cfg.parallel.cp_load_balance,
+            )
+        else:
+            ce_sum, aux_sum = self._forward_backward(micro_batches)
+        # float64: the counts stay exact (to 2^53) through the all-reduce they share with the loss sums
+        dropped = [layer.dropped_slots.double().reshape(1) for _, layer in moe_layers(self.model)]
+        dropped_per_layer = torch.cat(dropped) if dropped else torch.zeros(0, dtype=torch.float64)
+        return ce_sum, aux_sum, dropped_per_layer.to(self.device)
+
+    def _forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[Tensor, Tensor]:
         ce_sum, aux_sum = loss.forward_backward(
             self.model,
             micro_batches,
@@ -197,10 +225,7 @@ class Trainer:
             device=self.device,
             ce_sum_fn=lambda mb: self.faults.poison_loss(self._ce_sum(mb), self.step),
         )
-        # float64: the counts stay exact (to 2^53) through the all-reduce they share with the loss sums
-        dropped = [layer.dropped_slots.double().reshape(1) for _, layer in moe_layers(self.model)]
-        dropped_per_layer = torch.cat(dropped) if dropped else torch.zeros(0, dtype=torch.float64)
-        return ce_sum, aux_sum, dropped_per_layer.to(self.device)
+        return ce_sum, aux_sum
 
     def _ce_sum(self, mb: dict[str, Any]) -> Tensor:
         """Cross-entropy summed over this rank's (CP-local) labels != IGNORE_INDEX, in fp32."""
@@ -218,11 +243,11 @@ class Trainer:
         # reliability tests: this rank leaves the all-reduce out (after its peers timed out on it) and runs on
         if self.faults.skips_collective(self.step, wait_s=self.cfg.parallel.collective_timeout_s + 5):
             return update_gate_biases(self.model)
-        return update_gate_biases(self.model, sum_fn=lambda t: parallel.sum_over_ranks(t, self.dims))
+        return update_gate_biases(self.model, sum_fn=lambda t: parallel.sum_over_stage(t, self.dims))
 
     def _discard_moe_statistics(self) -> dict[str, Tensor]:
         """A skipped step: report its loads but leave the gate biases alone."""
-        loads = step_expert_loads(self.model, sum_fn=lambda t: parallel.sum_over_ranks(t, self.dims))
+        loads = step_expert_loads(self.model, sum_fn=lambda t: parallel.sum_over_stage(t, self.dims))
         for _, layer in moe_layers(self.model):
             layer.reset_statistics()
         return loads
@@ -316,6 +341,13 @@ class Trainer:
             max_steps=train.val_max_batches,
         ):
             num_tokens += micro_batches[0]["global_num_tokens"]
+            if self.pipeline is not None:  # forward-only schedule; the CE is on the last stage
+                inputs = loss.pipeline_inputs(
+                    micro_batches, dims=self.dims, cp_load_balance=self.cfg.parallel.cp_load_balance
+                )
+                with loss.autocast(self.device, train.dtype):
+                    ce_sum += self.pipeline.run(inputs, num_tokens=1, train=False)[0].float()
+                continue
             for mb in micro_batches:
                 ce_sum += self._ce_sum(mb).float()
         self.model.train()
