@@ -36,6 +36,7 @@ from automoe.hf.families import Family, family_for_model_type, get_family
 from automoe.hf.quant import FP8_DTYPES, BlockFP8, scale_key, weight_key
 from automoe.hf.safetensors_io import SafetensorsReader, ShardedWriter, parse_size
 from automoe.models.transformer import Transformer
+from automoe.moe.balance import ADAPTIVE_STATE
 from automoe.tensors import is_sharded, torch_dtype
 
 ExpertSelection = Union[range, Sequence[int], Callable[[int], bool], None]
@@ -59,11 +60,16 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch
     """automoe state-dict key -> (global shape, dtype), from a model built on the meta device."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if not _tied_output(cfg, k)}
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if not _not_in_hf(cfg, k)}
 
 
 def _tied_output(cfg: ModelConfig, key: str) -> bool:
     return cfg.tie_embeddings and key == "output.weight"
+
+
+def _not_in_hf(cfg: ModelConfig, key: str) -> bool:
+    """No HF tensor: the tied output head, and the adaptive bias update's training state (kept at its init)."""
+    return _tied_output(cfg, key) or key.endswith(ADAPTIVE_STATE)
 
 
 def _fmt(keys: Sequence[str]) -> str:
@@ -294,7 +300,7 @@ def load_hf_weights(model: nn.Module, path: str | Path) -> HFLoadReport:
     seen, written = set(), set()
     for raw_key, target in model.state_dict().items():
         key = _clean_key(raw_key)
-        if _tied_output(cfg, key):
+        if _not_in_hf(cfg, key):
             continue
         if key not in ckpt.expected:
             raise ValueError(f"model tensor {raw_key!r} has no counterpart in the HF plan")
@@ -308,7 +314,9 @@ def load_hf_weights(model: nn.Module, path: str | Path) -> HFLoadReport:
     persistent = set(model.state_dict())
     tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in persistent)]
     not_written = [
-        _clean_key(n) for n, t in tensors if _storage(t) not in written and _storage(t) is not None
+        _clean_key(n)
+        for n, t in tensors
+        if _storage(t) not in written and _storage(t) is not None and not n.endswith(ADAPTIVE_STATE)
     ]
     return HFLoadReport(list(ckpt.reader.read_keys), not_written)
 
@@ -366,7 +374,7 @@ def hf_tensors(
     missing = plan.ours_keys() - set(sd)
     if missing:
         raise ValueError(f"state dict lacks tensors of the {family} layout: {_fmt(list(missing))}")
-    extra = [k for k in set(sd) - plan.ours_keys() if not _tied_output(cfg, k)]
+    extra = [k for k in set(sd) - plan.ours_keys() if not _not_in_hf(cfg, k)]
     if extra:
         raise ValueError(f"state dict has tensors the {family} layout cannot hold: {_fmt(extra)}")
 

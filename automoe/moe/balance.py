@@ -16,6 +16,7 @@ SumFn = Callable[[Tensor], Tensor]
 # the step lies in [gamma/1024, gamma*128]. Integer k: the same on every rank and layout, whatever the dtype.
 ADAPTIVE_UP, ADAPTIVE_DOWN = 1, -4
 ADAPTIVE_MIN_EXPONENT, ADAPTIVE_MAX_EXPONENT = -40, 28
+ADAPTIVE_STATE = ("bias_step_exponent", "bias_last_sign")  # its MoE-layer buffers (checkpointed)
 
 
 def step_expert_loads(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict[str, Tensor]:
