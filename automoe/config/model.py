@@ -63,7 +63,7 @@ class ModelConfig:
     init_std: float = 0.02  # truncated-normal init std; o_proj and down projections: / sqrt(2 * num_layers)
     dtype: str = "float32"  # parameter dtype of every module (mixed precision is the parallel code's job)
 
-    # --- attention choice; the mla_* fields and YaRN are used only with attention="mla" (DeepSeek-V2/V3) ---
+    # --- attention choice; the MLA fields are used only with attention="mla" (DeepSeek-V2/V3), YaRN by both ---
     attention: str = "gqa"  # gqa (num_kv_heads, head_dim, qk_norm) | mla (the MLA fields below)
     q_lora_rank: Optional[int] = (
         None  # MLA: rank of the compressed query latent; None = full-rank q projection
@@ -73,15 +73,24 @@ class ModelConfig:
     qk_rope_head_dim: int = 64  # MLA: per-head query/key width that carries RoPE (the key part is shared)
     v_head_dim: int = 128  # MLA: per-head value width
     rope_interleave: bool = True  # MLA: RoPE rotates pairs (2i, 2i+1) (DeepSeek) instead of (i, i + D/2)
-    rope_scaling: Optional[str] = (
-        None  # None | yarn: YaRN context extension of the RoPE frequencies (MLA only)
-    )
+    rope_scaling: Optional[str] = None  # None | yarn: YaRN context extension of the RoPE frequencies
     yarn_factor: float = 1.0  # YaRN: context extension factor s (interpolate the low frequencies by 1/s)
     yarn_original_max_seq_len: int = 4096  # YaRN: context length of pre-training (sets the ramp's band)
     yarn_beta_fast: float = 32.0  # YaRN: rotations above which a frequency is kept (extrapolated)
     yarn_beta_slow: float = 1.0  # YaRN: rotations below which a frequency is fully interpolated
     yarn_mscale: float = 1.0  # YaRN: cos/sin gain is mscale(s, yarn_mscale) / mscale(s, yarn_mscale_all_dim)
-    yarn_mscale_all_dim: float = 0.0  # YaRN: softmax scale *= mscale(s, this)^2 (DeepSeek-V3: 1.0); 0 = off
+    yarn_mscale_all_dim: float = 0.0  # YaRN: MLA softmax scale *= mscale(s, this)^2 (DeepSeek-V3: 1); 0 = off
+    yarn_truncate: bool = True  # YaRN: round the ramp's band edges to whole dims (DeepSeek); False: GPT-OSS
+
+    # --- GQA extras (GPT-OSS, GLM-4.5) ---
+    rope_dim: Optional[int] = (
+        None  # GQA: leading dims of a head that RoPE rotates; None = head_dim (GLM: A/2)
+    )
+    attention_sinks: bool = False  # GQA: a learned per-head logit joins every softmax denominator (GPT-OSS)
+    sliding_window: Optional[int] = None  # GQA: keys a query sees, itself included, in sliding_window_layers
+    sliding_window_layers: list[int] = field(
+        default_factory=list
+    )  # blocks that attend within sliding_window (GPT-OSS: the even ones); the rest attend to all
 
     # --- MoE blocks ---
     moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE FFN; its dim and dtype are derived from ours
@@ -102,6 +111,17 @@ class ModelConfig:
             and layer_id % self.moe_layer_freq == 0
             and layer_id not in self.dense_layers
         )
+
+    def window_of(self, layer_id: int) -> Optional[int]:
+        """The sliding window of block `layer_id` (None: full causal attention)."""
+        return self.sliding_window if layer_id in self.sliding_window_layers else None
+
+    @property
+    def rotary_width(self) -> int:
+        """Width of the rotated part of each head: MLA qk_rope_head_dim, GQA rope_dim (default head_dim)."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        return self.rope_dim or self.head_dim
 
     @property
     def num_moe_layers(self) -> int:
@@ -167,12 +187,12 @@ class ModelConfig:
                 f"(which already puts biases on q/k/v/o), got attention={self.attention!r}, "
                 f"attention_bias={self.attention_bias}"
             )
+        if self.rope_scaling == "yarn":
+            for name in ("yarn_factor", "yarn_original_max_seq_len", "yarn_beta_fast", "yarn_beta_slow"):
+                if getattr(self, name) <= 0:
+                    raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be > 0")
+        self._validate_gqa_extras()
         if self.attention != "mla":
-            if self.rope_scaling is not None:
-                raise ValueError(
-                    f"ModelConfig.rope_scaling={self.rope_scaling!r} is only supported with attention='mla', "
-                    f"got attention={self.attention!r}"
-                )
             return
         if self.qk_norm:
             raise ValueError("ModelConfig.qk_norm=True is not supported with attention='mla'")
@@ -187,7 +207,28 @@ class ModelConfig:
             )
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             raise ValueError(f"ModelConfig.q_lora_rank={self.q_lora_rank} must be > 0 or None (full rank)")
-        if self.rope_scaling == "yarn":
-            for name in ("yarn_factor", "yarn_original_max_seq_len", "yarn_beta_fast", "yarn_beta_slow"):
-                if getattr(self, name) <= 0:
-                    raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be > 0")
+
+    def _validate_gqa_extras(self) -> None:
+        """rope_dim, attention sinks and sliding windows: GQA only, in range."""
+        if self.attention == "mla":
+            for name in ("rope_dim", "sliding_window"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"ModelConfig.{name}={getattr(self, name)} needs attention='gqa'")
+            if self.attention_sinks:
+                raise ValueError("ModelConfig.attention_sinks=True needs attention='gqa'")
+        if self.rope_dim is not None and not (0 < self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0):
+            raise ValueError(
+                f"ModelConfig.rope_dim={self.rope_dim} must be even and in (0, head_dim={self.head_dim}]"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"ModelConfig.sliding_window={self.sliding_window} must be >= 1 or None")
+        if bool(self.sliding_window_layers) != (self.sliding_window is not None):
+            raise ValueError(
+                f"ModelConfig.sliding_window={self.sliding_window} and sliding_window_layers="
+                f"{list(self.sliding_window_layers)} must be set together"
+            )
+        if any(not 0 <= i < self.num_layers for i in self.sliding_window_layers):
+            raise ValueError(
+                f"ModelConfig.sliding_window_layers={list(self.sliding_window_layers)} must index layers in "
+                f"[0, {self.num_layers})"
+            )

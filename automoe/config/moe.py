@@ -62,6 +62,8 @@ class MoEConfig:
     swiglu_limit: Optional[float] = (
         None  # clamp gate to <= limit and up to [-limit, limit] (GPT-OSS); None = off
     )
+    swiglu_alpha: float = 1.0  # swiglu's gate is g * sigmoid(alpha * g): 1 = SiLU (GPT-OSS: 1.702)
+    swiglu_up_shift: float = 0.0  # swiglu multiplies by (up + shift) (GPT-OSS: 1.0)
     expert_dropout: float = 0.0  # dropout on the expert hidden activation, training only
     capacity_factor: Optional[float] = (
         None  # None = dropless; else capacity = ceil(cf * T * K / E) slots per expert
@@ -155,6 +157,13 @@ class MoEConfig:
                     f"MoEConfig.swiglu_limit={self.swiglu_limit} needs expert_activation='swiglu', "
                     f"got {self.expert_activation!r}"
                 )
+        if self.swiglu_alpha <= 0:
+            raise ValueError(f"MoEConfig.swiglu_alpha={self.swiglu_alpha} must be > 0")
+        if (self.swiglu_alpha, self.swiglu_up_shift) != (1.0, 0.0) and self.expert_activation != "swiglu":
+            raise ValueError(
+                f"MoEConfig.swiglu_alpha={self.swiglu_alpha} / swiglu_up_shift={self.swiglu_up_shift} need "
+                f"expert_activation='swiglu', got {self.expert_activation!r}"
+            )
         if self.shared_expert_inter_dim is not None and self.shared_expert_inter_dim < 1:
             raise ValueError(f"MoEConfig.shared_expert_inter_dim={self.shared_expert_inter_dim} must be >= 1")
         self._warn_ineffective()

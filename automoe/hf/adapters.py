@@ -7,7 +7,10 @@ two layouts (both are read; `transformers` v5 keeps the fused one in memory and 
                 w_up   [E, D, 2F] = stack_e( cat([gate_e, up_e], rows).T )   gate_e, up_e: HF [F, D]
                 w_down [E, F, D]  = stack_e( down_e.T )                      down_e: HF [D, F]
   fused       one 3-D tensor per projection kind (`experts.gate_up_proj` [E, 2F, D], `experts.down_proj`
-              [E, D, F]); both are the automoe tensor with its last two dims swapped.
+              [E, D, F]); both are the automoe tensor with its last two dims swapped (`fused_form="transposed"`).
+              GPT-OSS stores them untransposed with gate and up columns interleaved (`"interleaved"`:
+              `gate_up_proj` [E, D, 2F], gate = [..., 0::2], up = [..., 1::2], and its bias [E, 2F] alike) or as
+              they are (`"same"`: `down_proj` [E, F, D], biases [E, D]).
 Shape suffixes: docs/architecture.md#shape-legend.
 """
 
@@ -29,8 +32,9 @@ class ExpertTensor:
 
     ours: str
     kind: str  # "up" | "down"
-    hf_templates: tuple[str, ...]
+    hf_templates: tuple[str, ...]  # () when the family has no per-expert layout (GPT-OSS)
     fused_key: str
+    fused_form: str = "transposed"  # transposed | interleaved | same: the fused HF tensor vs ours (see above)
 
     def hf_keys(self, expert: int) -> tuple[str, ...]:
         return tuple(t.format(e=expert) for t in self.hf_templates)
@@ -96,19 +100,27 @@ def expert_to_hf(spec: ExpertTensor, slice_: Tensor) -> list[Tensor]:
     return [slice_.T]
 
 
-# ---- fused layout conversions (the same for up and down: swap the last two dims) ----
-def fused_shape(ours_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """HF fused shape ([E, 2F, D] / [E, D, F]) of an automoe stacked tensor of `ours_shape` ([E, D, 2F] / [E, F, D])."""
+# ---- fused layout conversions ("transposed": swap the last two dims, the same for up and down) ----
+def fused_shape(spec: ExpertTensor, ours_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """HF fused shape ([E, 2F, D] / [E, D, F] transposed) of an automoe stacked tensor of `ours_shape`
+    ([E, D, 2F] / [E, F, D])."""
+    if spec.fused_form != "transposed":
+        return tuple(ours_shape)
     E, a, b = ours_shape
     return (E, b, a)
 
 
-def fused_to_ours(fused: Tensor) -> Tensor:
-    """HF fused rows [n, 2F, D] / [n, D, F] -> automoe rows [n, D, 2F] / [n, F, D] (gate rows first = gate columns
-    first)."""
-    return fused.transpose(1, 2)
+def fused_to_ours(spec: ExpertTensor, fused: Tensor) -> Tensor:
+    """HF fused rows -> automoe rows: [n, 2F, D] / [n, D, F] -> [n, D, 2F] / [n, F, D] (gate rows first = gate
+    columns first); interleaved gate/up columns -> gate columns first."""
+    if spec.fused_form == "interleaved":
+        return torch.cat([fused[..., 0::2], fused[..., 1::2]], dim=-1)
+    return fused if spec.fused_form == "same" else fused.transpose(1, 2)
 
 
-def ours_to_fused(stacked: Tensor) -> Tensor:
+def ours_to_fused(spec: ExpertTensor, stacked: Tensor) -> Tensor:
     """Inverse of `fused_to_ours`."""
-    return stacked.transpose(1, 2)
+    if spec.fused_form == "interleaved":
+        gate, up = stacked.chunk(2, dim=-1)
+        return torch.stack([gate, up], dim=-1).flatten(-2)
+    return stacked if spec.fused_form == "same" else stacked.transpose(1, 2)

@@ -116,7 +116,7 @@ def validate_checkpoint(
     want: dict[str, tuple[int, ...]] = {hf: shapes[ours] for ours, hf in plan.direct.items()}
     for spec in plan.experts:
         if plan.layout == "fused":
-            want[spec.fused_key] = fused_shape(shapes[spec.ours])
+            want[spec.fused_key] = fused_shape(spec, shapes[spec.ours])
             continue
         per_expert = hf_expert_shapes(spec, shapes[spec.ours])
         for e in range(cfg.moe.num_experts):
@@ -176,7 +176,7 @@ class HFCheckpoint:
     def _read_experts(self, spec: ExpertTensor, ids: list[int], dtype: torch.dtype) -> Tensor:
         """[len(ids), ...] stacked automoe slices of the chosen experts (only their tensors / rows are read)."""
         if self.plan.layout == "fused":
-            return fused_to_ours(self._rows(spec.fused_key, ids)).to(dtype)
+            return fused_to_ours(spec, self._rows(spec.fused_key, ids)).to(dtype)
         return torch.stack(
             [expert_to_ours(spec, [self._get(k) for k in spec.hf_keys(e)]).to(dtype) for e in ids]
         )
@@ -386,7 +386,7 @@ def hf_tensors(
     for spec in plan.experts:
         stacked = _full(sd[spec.ours]).detach()
         if plan.layout == "fused":
-            yield spec.fused_key, cast(spec.fused_key, ours_to_fused(stacked))
+            yield spec.fused_key, cast(spec.fused_key, ours_to_fused(spec, stacked))
             continue
         for e in range(stacked.shape[0]):
             for hf, t in zip(spec.hf_keys(e), expert_to_hf(spec, stacked[e])):

@@ -57,13 +57,20 @@ def mask_keys(
 
 
 def visibility_mask(
-    query_keys_BS: Tensor, key_keys_BL: Tensor, lowest_keys_BS: Tensor | None = None
+    query_keys_BS: Tensor,
+    key_keys_BL: Tensor,
+    lowest_keys_BS: Tensor | None = None,
+    *,
+    window: int | None = None,
 ) -> Tensor:
     """[B, 1, S, L] bool, True where query s may attend to key l:
-    `lowest_keys[s] <= key_keys[l] <= query_keys[s]` (no lower bound when `lowest_keys_BS` is None)."""
+    `lowest_keys[s] <= key_keys[l] <= query_keys[s]` (no lower bound when `lowest_keys_BS` is None) and, with a
+    sliding `window`, `key_keys[l] > query_keys[s] - window` (the query and the window - 1 keys before it)."""
     mask_B1SL = key_keys_BL[:, None, None, :] <= query_keys_BS[:, None, :, None]
     if lowest_keys_BS is not None:
         mask_B1SL &= key_keys_BL[:, None, None, :] >= lowest_keys_BS[:, None, :, None]
+    if window is not None:  # a padding query (PADDING_KEY) still sees itself
+        mask_B1SL &= key_keys_BL[:, None, None, :] > query_keys_BS[:, None, :, None] - window
     return mask_B1SL
 
 
@@ -80,9 +87,11 @@ class Attention(nn.Module):
     values are appended to the cached ones and query s attends to every cached key and the new ones up to s.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, sliding_window: int | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.rope_dim = cfg.rotary_width  # RoPE rotates the first rope_dim dims of each head (GLM-4.5: half)
+        self.sliding_window = sliding_window  # keys a query sees, itself included (None: all earlier ones)
         dtype, bias = torch_dtype(cfg.dtype), cfg.attention_bias
         qkv_bias = bias or cfg.qkv_bias  # qkv_bias: biases on q/k/v only (Qwen2)
         self.q_proj = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=qkv_bias, dtype=dtype)
@@ -98,6 +107,8 @@ class Attention(nn.Module):
         )
         self.q_norm = RMSNorm(q_width, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(k_width, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        # GPT-OSS attention sinks: one learned logit per head in every softmax denominator, attending to nothing
+        self.sinks = nn.Parameter(torch.empty(cfg.num_heads, dtype=dtype)) if cfg.attention_sinks else None
         self.kv_gather: KVGather | None = None
 
     def forward(
@@ -120,13 +131,19 @@ class Attention(nn.Module):
         v_BSGA = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.qk_norm_per_head:
             q_BSHA, k_BSGA = self.q_norm(q_BSHA), self.k_norm(k_BSGA)
-        q_BHSA = apply_rotary(q_BSHA.transpose(1, 2), cos_BSA, sin_BSA)
-        k_BGSA = apply_rotary(k_BSGA.transpose(1, 2), cos_BSA, sin_BSA)
+        q_BHSA = self._rotate(q_BSHA.transpose(1, 2), cos_BSA, sin_BSA)
+        k_BGSA = self._rotate(k_BSGA.transpose(1, 2), cos_BSA, sin_BSA)
         v_BGSA = v_BSGA.transpose(1, 2)
 
         if kv_cache is not None:
             y_BHSA = self._cached(q_BHSA, k_BGSA, v_BGSA, kv_cache)
-        elif self.kv_gather is None and padding_mask_BS is None and document_ids_BS is None:
+        elif (
+            self.kv_gather is None
+            and padding_mask_BS is None
+            and document_ids_BS is None
+            and self.sliding_window is None
+            and self.sinks is None
+        ):
             # Fast path: no mask tensor, so flash-style kernels (which support GQA natively) can run.
             y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BGSA, v_BGSA, is_causal=True, enable_gqa=True)
         else:
@@ -137,6 +154,10 @@ class Attention(nn.Module):
         """Attention of the new queries over the cached keys and the new ones (causal by position)."""
         S = q_BHSA.shape[2]
         k_BGLA, v_BGLA = kv_cache.update(k_BGSA, v_BGSA)
+        if self.sliding_window is not None or self.sinks is not None:  # an explicit mask: window, sink logits
+            key_keys_1L = torch.arange(k_BGLA.shape[2], device=q_BHSA.device)[None]
+            mask_11SL = visibility_mask(key_keys_1L[:, -S:], key_keys_1L, window=self.sliding_window)
+            return self._attend(q_BHSA, k_BGLA, v_BGLA, mask_11SL)
         mask_SL = kv_cache.causal_mask(S, q_BHSA.device)
         if mask_SL is None:  # one new query sees every key; a first chunk is plain causal attention
             return F.scaled_dot_product_attention(q_BHSA, k_BGLA, v_BGLA, is_causal=S > 1, enable_gqa=True)
@@ -167,12 +188,39 @@ class Attention(nn.Module):
             k_BGLA, v_BGLA, key_keys_BL = k_BGSA, v_BGSA, query_keys_BS
         else:
             k_BGLA, v_BGLA, key_keys_BL = self.kv_gather(k_BGSA, v_BGSA, query_keys_BS)
-        mask_B1SL = visibility_mask(query_keys_BS, key_keys_BL, lowest_keys_BS)
+        mask_B1SL = visibility_mask(query_keys_BS, key_keys_BL, lowest_keys_BS, window=self.sliding_window)
+        return self._attend(q_BHSA, k_BGLA, v_BGLA, mask_B1SL)
+
+    def _attend(self, q_BHSA: Tensor, k_BGLA: Tensor, v_BGLA: Tensor, mask_B1SL: Tensor) -> Tensor:
+        """SDPA under a boolean mask (and the sinks, when the layer has them)."""
         # Masked kernels (memory-efficient, cuDNN) do not take enable_gqa: expand K/V to every query head.
         repeat = self.num_heads // self.num_kv_heads
         k_BHLA = k_BGLA.repeat_interleave(repeat, dim=1)
         v_BHLA = v_BGLA.repeat_interleave(repeat, dim=1)
+        if self.sinks is not None:
+            return self._with_sinks(q_BHSA, k_BHLA, v_BHLA, mask_B1SL)
         return F.scaled_dot_product_attention(q_BHSA, k_BHLA, v_BHLA, attn_mask=mask_B1SL)
+
+    def _rotate(self, x_BHSA: Tensor, cos_BSR: Tensor, sin_BSR: Tensor) -> Tensor:
+        """RoPE on the first rope_dim dims of every head (partial rotary), the rest passed through."""
+        if self.rope_dim == self.head_dim:
+            return apply_rotary(x_BHSA, cos_BSR, sin_BSR)
+        rotated = apply_rotary(x_BHSA[..., : self.rope_dim], cos_BSR, sin_BSR)
+        return torch.cat([rotated, x_BHSA[..., self.rope_dim :]], dim=-1)
+
+    def _with_sinks(self, q_BHSA: Tensor, k_BHLA: Tensor, v_BHLA: Tensor, mask_B1SL: Tensor) -> Tensor:
+        """Attention whose softmax denominators also hold exp(sinks[h]): one extra key of zeros, with a zero value,
+        that every query sees with logit sinks[h] (an additive float mask, so SDPA still runs; the sinks get
+        their gradient through the mask)."""
+        B, H, S, A = q_BHSA.shape
+        zeros_BH1A = q_BHSA.new_zeros(B, H, 1, A)
+        k_sink = torch.cat([k_BHLA, zeros_BH1A], dim=2)  # (B, H, L + 1, A)
+        v_sink = torch.cat([v_BHLA, zeros_BH1A], dim=2)
+        bias_B1SL = torch.zeros(mask_B1SL.shape, dtype=q_BHSA.dtype, device=q_BHSA.device)
+        bias_B1SL = bias_B1SL.masked_fill(~mask_B1SL, float("-inf"))
+        sink_BHS1 = self.sinks.to(q_BHSA.dtype).view(1, H, 1, 1).expand(B, H, S, 1)
+        bias = torch.cat([bias_B1SL.expand(B, H, S, -1), sink_BHS1], dim=-1)  # (B, H, S, L + 1)
+        return F.scaled_dot_product_attention(q_BHSA, k_sink, v_sink, attn_mask=bias)
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         for proj, proj_std in (
@@ -187,3 +235,5 @@ class Attention(nn.Module):
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.init_weights()
+        if self.sinks is not None:
+            init.trunc_normal_(self.sinks, std=std)

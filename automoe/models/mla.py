@@ -38,16 +38,20 @@ def yarn_inv_freq(
     original_max_seq_len: int,
     beta_fast: float,
     beta_slow: float,
+    truncate: bool = True,
     device: torch.device | None = None,
 ) -> Tensor:
     """[dim/2] fp32 YaRN frequencies: high frequencies (> beta_fast rotations over the original context) kept,
-    low ones (< beta_slow rotations) divided by `factor`, a linear ramp between (band edges floored/ceiled)."""
+    low ones (< beta_slow rotations) divided by `factor`, a linear ramp between (band edges floored/ceiled, or
+    exact with `truncate=False` as GPT-OSS)."""
 
     def correction_dim(num_rotations: float) -> float:
         return dim * math.log(original_max_seq_len / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     pos_freqs = theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
@@ -65,7 +69,8 @@ def mla_softmax_scale(cfg: ModelConfig) -> float:
 
 
 class LatentRotaryEmbedding(nn.Module):
-    """cos/sin tables [P, R] (fp32, non-persistent) for the RoPE part of MLA heads, optionally YaRN-scaled.
+    """cos/sin tables [P, R] (fp32, non-persistent) for the RoPE part of MLA heads (or of GQA heads under YaRN:
+    R = `cfg.rotary_width`), optionally YaRN-scaled.
 
     Same interface as `RotaryEmbedding`: `forward(positions_BS) -> (cos_BSR, sin_BSR)`; `init_weights` rebuilds
     the tables after `to_empty`. Under YaRN the tables carry the cos/sin gain (HF `attention_factor`).
@@ -79,7 +84,7 @@ class LatentRotaryEmbedding(nn.Module):
         self.register_buffer("sin_PR", sin_PR, persistent=False)
 
     def _tables(self, *, device: torch.device | None) -> tuple[Tensor, Tensor]:
-        cfg, R = self.cfg, self.cfg.qk_rope_head_dim
+        cfg, R = self.cfg, self.cfg.rotary_width
         gain = 1.0
         if cfg.rope_scaling == "yarn":
             inv_freq = yarn_inv_freq(
@@ -89,6 +94,7 @@ class LatentRotaryEmbedding(nn.Module):
                 original_max_seq_len=cfg.yarn_original_max_seq_len,
                 beta_fast=cfg.yarn_beta_fast,
                 beta_slow=cfg.yarn_beta_slow,
+                truncate=cfg.yarn_truncate,
                 device=device,
             )
             if cfg.yarn_mscale and cfg.yarn_mscale_all_dim:

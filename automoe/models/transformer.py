@@ -31,7 +31,10 @@ class Block(nn.Module):
         dtype = torch_dtype(cfg.dtype)
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype)
-        self.attention = MultiHeadLatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
+        if cfg.attention == "mla":
+            self.attention = MultiHeadLatentAttention(cfg)
+        else:
+            self.attention = Attention(cfg, sliding_window=cfg.window_of(layer_id))
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype)
         if cfg.is_moe_layer(layer_id):
             self.moe, self.feed_forward = MoE(cfg.moe), None
@@ -102,10 +105,10 @@ class Transformer(nn.Module):
         self.cfg = cfg
         dtype = torch_dtype(cfg.dtype)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, dtype=dtype)
-        if cfg.attention == "mla":  # tables for the RoPE part of each head only, optionally YaRN-scaled
+        if cfg.attention == "mla" or cfg.rope_scaling == "yarn":  # MLA: tables for the RoPE part of each head
             self.rope = LatentRotaryEmbedding(cfg)
         else:
-            self.rope = RotaryEmbedding(cfg.head_dim, max_seq_len=cfg.max_seq_len, theta=cfg.rope_theta)
+            self.rope = RotaryEmbedding(cfg.rotary_width, max_seq_len=cfg.max_seq_len, theta=cfg.rope_theta)
         self.layers = nn.ModuleDict({str(i): Block(i, cfg) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, dtype=dtype)

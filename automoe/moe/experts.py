@@ -246,7 +246,9 @@ class GroupedExperts(nn.Module):
         else:
             self.register_parameter("b_up", None)
             self.register_parameter("b_down", None)
-        self._fused_act = FusedActivation(cfg.expert_activation, cfg.swiglu_limit)
+        self._fused_act = FusedActivation(
+            cfg.expert_activation, cfg.swiglu_limit, cfg.swiglu_alpha, cfg.swiglu_up_shift
+        )
 
     def init_weights(self, *, std: float = 0.02, out_std: float | None = None) -> None:
         """Truncated normal (±3 std) up weights, `out_std` (default `std`) down weights, zero biases."""
@@ -329,7 +331,10 @@ class GroupedExperts(nn.Module):
             h = x_nD @ w_up[e]
             if b_up is not None:
                 h = h + b_up[e]
-            a = reference_activation(h, name=self.activation, limit=self.swiglu_limit)
+            act = self._fused_act
+            a = reference_activation(
+                h, name=act.name, limit=act.limit, alpha=act.alpha, up_shift=act.up_shift
+            )
             if keep_nF is not None:
                 a = a * keep_nF / (1.0 - self.dropout)
             y = a @ w_down[e]

@@ -19,10 +19,21 @@ from typing import Any
 
 from automoe.config.checks import check_choice
 from automoe.config.model import ModelConfig
+from automoe.config.moe import MoEConfig
 from automoe.hf.adapters import EXPERT_LAYOUTS, ExpertTensor, TensorPlan
 from automoe.hf.quant import BlockFP8
 
 _DENSE_PROJS = ("gate_proj", "up_proj", "down_proj")
+# HF YaRN rope parameter -> ModelConfig field
+YARN_KEYS = {
+    "factor": "yarn_factor",
+    "original_max_position_embeddings": "yarn_original_max_seq_len",
+    "beta_fast": "yarn_beta_fast",
+    "beta_slow": "yarn_beta_slow",
+    "mscale": "yarn_mscale",
+    "mscale_all_dim": "yarn_mscale_all_dim",
+    "truncate": "yarn_truncate",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,14 +66,49 @@ def rope_params(hf: dict) -> dict[str, Any]:
 
 
 def plain_rope(hf: dict, family: str) -> dict[str, Any]:
-    """ModelConfig RoPE fields for a family that supports only the default rope type."""
+    """ModelConfig RoPE fields for a family that supports only the default rope type over whole heads."""
+    return rope_fields(hf, family)
+
+
+def rope_fields(
+    hf: dict, family: str, *, yarn: bool = False, head_dim: int | None = None, default_theta: float = 10000.0
+) -> dict[str, Any]:
+    """ModelConfig RoPE fields: `rope_theta`; `rope_dim` for a partial rotary factor (only given the `head_dim`
+    it is a fraction of); the YaRN fields when the family supports YaRN (`yarn`), with HF's cos/sin gain (from
+    factor and mscale: an explicit `attention_factor` is refused)."""
     params = rope_params(hf)
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise unsupported("partial_rotary_factor", params["partial_rotary_factor"], "RoPE covers whole heads")
+    out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", default_theta)))}
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0
+    if partial != 1.0:
+        if head_dim is None:
+            raise unsupported("partial_rotary_factor", partial, "RoPE covers whole heads")
+        out["rope_dim"] = int(head_dim * partial)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise unsupported("rope_type", rope_type, f"{family} supports only 'default'")
-    return {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if rope_type == "default":
+        return out
+    if rope_type != "yarn" or not yarn:
+        raise unsupported(
+            "rope_type", rope_type, f"{family} supports only 'default'{' and yarn' if yarn else ''}"
+        )
+    if params.get("attention_factor") is not None:
+        raise unsupported(
+            "rope_parameters.attention_factor",
+            params["attention_factor"],
+            "the gain follows from factor/mscale",
+        )
+    if params.get("factor") is None:
+        params["factor"] = hf["max_position_embeddings"] / params["original_max_position_embeddings"]
+    out["rope_scaling"] = "yarn"
+    for hf_key, field in YARN_KEYS.items():
+        if params.get(hf_key) is not None:
+            out[field] = type(getattr(ModelConfig, field))(params[hf_key])
+    return out
+
+
+def yarn_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF YaRN rope parameters of `cfg` (inverse of `rope_fields`)."""
+    scaling = {hf_key: getattr(cfg, field) for hf_key, field in YARN_KEYS.items()}
+    return {"type": "yarn", "rope_type": "yarn", "rope_theta": cfg.rope_theta, **scaling}
 
 
 def check_common(hf: dict) -> None:
@@ -71,6 +117,54 @@ def check_common(hf: dict) -> None:
     require(hf, "attention_dropout", (0, 0.0), "automoe attention has no dropout")
     require(hf, "use_sliding_window", (False,), "sliding-window attention is not implemented")
     BlockFP8.from_hf_config(hf)  # raises for a quantization other than block fp8 (dequantized on import)
+
+
+def softmax_moe(hf: dict, *, inter_dim_key: str = "moe_intermediate_size", **fields: Any) -> MoEConfig:
+    """Softmax top-k routing as Mixtral / Qwen / OLMoE write it (`fields` add or override MoEConfig fields)."""
+    settings = dict(
+        moe_inter_dim=hf[inter_dim_key],
+        num_experts=get(hf, "num_experts", "num_local_experts"),
+        num_activated_experts=hf["num_experts_per_tok"],
+        score_func="softmax",
+        softmax_before_topk=True,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)),
+    )
+    return MoEConfig(**{**settings, **fields})
+
+
+def sigmoid_moe(hf: dict) -> MoEConfig:
+    """DeepSeek-V3-style routing (DeepSeek-V3, GLM-4.5): sigmoid scores, selection by `e_score_correction_bias`,
+    group-limited top-k (`n_group` / `topk_group`), `routed_scaling_factor`, `n_shared_experts` of the routed
+    width."""
+    groups = hf.get("n_group") or 1
+    return MoEConfig(
+        moe_inter_dim=hf["moe_intermediate_size"],
+        num_experts=get(hf, "n_routed_experts", "num_local_experts"),
+        num_activated_experts=hf["num_experts_per_tok"],
+        num_shared_experts=hf.get("n_shared_experts") or 0,
+        score_func="sigmoid",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        num_expert_groups=groups,
+        num_limited_groups=hf.get("topk_group") or groups,
+        route_scale=float(hf.get("routed_scaling_factor", 1.0)),
+        correction_bias=True,
+    )
+
+
+def sigmoid_moe_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF keys of `sigmoid_moe` (inverse)."""
+    moe = cfg.moe
+    return dict(
+        n_routed_experts=moe.num_experts,
+        n_shared_experts=moe.num_shared_experts,
+        moe_intermediate_size=moe.moe_inter_dim,
+        first_k_dense_replace=cfg.num_dense_layers,
+        n_group=moe.num_expert_groups,
+        topk_group=moe.num_limited_groups,
+        norm_topk_prob=moe.norm_topk_prob,
+        routed_scaling_factor=moe.route_scale,
+    )
 
 
 def gqa_heads(hf: dict) -> dict[str, Any]:
@@ -176,6 +270,8 @@ class Family:
             raise self.refuse("moe.expert_bias", moe.expert_bias, "HF experts have no biases")
         if moe.swiglu_limit is not None:
             raise self.refuse("moe.swiglu_limit", moe.swiglu_limit, "HF experts do not clamp")
+        if (moe.swiglu_alpha, moe.swiglu_up_shift) != (1.0, 0.0):
+            raise self.refuse("moe.swiglu_alpha", moe.swiglu_alpha, "HF experts are SiLU(gate) * up")
         if moe.gate != "topk":
             raise self.refuse("moe.gate", moe.gate, "HF routers are plain top-k")
         if moe.router_bias:
@@ -198,15 +294,44 @@ class Family:
                 "moe.norm_topk_prob", moe.norm_topk_prob, f"{self.name} always renormalizes the top-k weights"
             )
 
+    def check_sigmoid_routing(self, cfg: ModelConfig) -> None:
+        """What `sigmoid_moe` can express: sigmoid scores with the selection bias, ungated shared experts of the
+        routed width."""
+        moe = cfg.moe
+        self.check_routed_experts(cfg)
+        if moe.score_func != "sigmoid":
+            raise self.refuse("moe.score_func", moe.score_func, f"{self.name} routes with sigmoid scores")
+        if not moe.has_correction_bias:
+            raise self.refuse("moe.correction_bias", moe.correction_bias, "noaux_tc selects with the bias")
+        if moe.shared_expert_gate and moe.num_shared_experts:
+            raise self.refuse("moe.shared_expert_gate", True, f"{self.name} shared experts are not gated")
+        if moe.num_shared_experts and moe.shared_expert_inter_dim not in (None, moe.moe_inter_dim):
+            raise self.refuse(
+                "moe.shared_expert_inter_dim",
+                moe.shared_expert_inter_dim,
+                f"{self.name} shared experts are moe_intermediate_size={moe.moe_inter_dim} wide",
+            )
+
     def check_no_shared_experts(self, cfg: ModelConfig) -> None:
         if cfg.moe.num_shared_experts:
             raise self.refuse("moe.num_shared_experts", cfg.moe.num_shared_experts, f"{self.name} has none")
 
-    def check_gqa(self, cfg: ModelConfig, *, qk_norm: str | None, biases: tuple[str, ...]) -> None:
-        """GQA attention with the family's q/k norm (None: none; 'head' / 'projection': required, of that scope)
-        and the bias fields it can hold (`attention_bias`, `qkv_bias`)."""
+    def check_gqa(
+        self,
+        cfg: ModelConfig,
+        *,
+        qk_norm: str | None,
+        biases: tuple[str, ...],
+        extras: tuple[str, ...] = (),
+    ) -> None:
+        """GQA attention with the family's q/k norm (None: none; 'head' / 'projection': required, of that scope),
+        the bias fields it can hold (`attention_bias`, `qkv_bias`) and the attention extras it can express
+        (`extras`, of: attention_sinks, sliding_window, rope_dim, rope_scaling)."""
         if cfg.attention != "gqa":
             raise self.refuse("attention", cfg.attention, f"{self.name} uses grouped-query attention")
+        for extra in ("attention_sinks", "sliding_window", "rope_dim", "rope_scaling"):
+            if getattr(cfg, extra) not in (None, False) and extra not in extras:
+                raise self.refuse(extra, getattr(cfg, extra), f"{self.name} attention has no such setting")
         if qk_norm is None and cfg.qk_norm:
             raise self.refuse("qk_norm", cfg.qk_norm, f"{self.name} attention has no q/k norm")
         if qk_norm is not None and not cfg.qk_norm:

@@ -72,6 +72,53 @@ def hf_config(case: str):
             rms_norm_eps=1e-6,
             tie_word_embeddings=True,
         )
+    # gpt_oss: sinks, a window of 6 on the even layers, YaRN with exact band edges, the clamp live
+    if case == "gpt_oss":
+        yarn = dict(
+            rope_type="yarn",
+            rope_theta=150000.0,
+            factor=4.0,
+            original_max_position_embeddings=32,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            truncate=False,
+        )
+        return tf.GptOssConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=48,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=6,
+            swiglu_limit=1.0,
+            rope_parameters=yarn,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        )
+    # glm4_moe: partial RoPE (half of each head), q/k/v biases, per-head q/k norm, group-limited sigmoid routing
+    if case == "glm4_moe":
+        return tf.Glm4MoeConfig(
+            **COMMON,
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            head_dim=24,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=1,
+            attention_bias=True,
+            use_qk_norm=True,
+            partial_rotary_factor=0.5,
+            rope_theta=1e6,
+            tie_word_embeddings=False,
+        )
     dsv3 = dict(
         **COMMON,
         num_hidden_layers=3,
@@ -107,14 +154,27 @@ def hf_config(case: str):
     return tf.DeepseekV3Config(**dsv3, q_lora_rank=None, rope_interleave=False)
 
 
-CASES = ("mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v3_plain", "qwen2_moe", "olmoe")
+CASES = (
+    "mixtral",
+    "qwen3_moe",
+    "deepseek_v3",
+    "deepseek_v3_plain",
+    "qwen2_moe",
+    "olmoe",
+    "gpt_oss",
+    "glm4_moe",
+)
+ATTN_IMPLEMENTATION = {"gpt_oss": "eager"}  # transformers' reference for attention sinks
 
 
 def hf_model(case: str, seed: int = 0):
     """A random fp32 HF model in eval mode; every parameter and the correction bias are non-trivial."""
     tf = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(hf_config(case), dtype=torch.float32).eval()
+    config = hf_config(case)
+    model = tf.AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION.get(case)
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(

@@ -121,7 +121,10 @@ def test_tiny_dsv3_preset_trains_one_step():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"rope_scaling": "yarn"}, "rope_scaling='yarn' is only supported with attention='mla'"),
+        ({"attention": "mla", "attention_sinks": True}, "attention_sinks=True needs attention='gqa'"),
+        ({"rope_dim": 6, "dim": 16, "num_heads": 4}, "rope_dim=6 must be even and in"),
+        ({"sliding_window": 8}, r"sliding_window=8 and sliding_window_layers=\[\] must be set together"),
+        ({"sliding_window": 8, "sliding_window_layers": [9]}, r"sliding_window_layers=\[9\] must index"),
         ({"attention": "mla", "qk_rope_head_dim": 7}, "qk_rope_head_dim=7"),
         ({"attention": "mla", "q_lora_rank": 0}, "q_lora_rank=0"),
         ({"attention": "mla", "qk_norm": True}, "qk_norm=True"),
