@@ -7,8 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from automoe.config.model import ModelConfig
-from automoe.config.moe import MoEConfig
-from automoe.hf.families.base import Family, check_common, get, gqa_heads, plain_rope, require
+from automoe.hf.families.base import Family, check_common, gqa_heads, plain_rope, require, softmax_moe
 
 
 class Mixtral(Family):
@@ -30,15 +29,7 @@ class Mixtral(Family):
         require(hf, "sliding_window", (None,), "sliding-window attention is not implemented")
         require(hf, "router_jitter_noise", (0, 0.0), "router jitter is not implemented")
         require(hf, "attention_bias", (False,), "Mixtral attention has no biases")
-        moe = MoEConfig(
-            moe_inter_dim=hf["intermediate_size"],
-            num_experts=get(hf, "num_local_experts", "num_experts"),
-            num_activated_experts=hf["num_experts_per_tok"],
-            score_func="softmax",
-            softmax_before_topk=True,
-            norm_topk_prob=True,
-            aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)),
-        )
+        moe = softmax_moe(hf, inter_dim_key="intermediate_size", norm_topk_prob=True)
         return ModelConfig(
             **self.common_fields(hf, max_seq_len=max_seq_len, dtype=dtype),
             **gqa_heads(hf),

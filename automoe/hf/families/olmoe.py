@@ -9,13 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from automoe.config.model import ModelConfig
-from automoe.config.moe import MoEConfig
 from automoe.hf.families.base import (
     Family,
     check_common,
-    get,
     plain_rope,
     require,
+    softmax_moe,
     unsupported,
     weights_sum_to_one,
 )
@@ -42,15 +41,7 @@ class Olmoe(Family):
             raise unsupported(
                 "head_dim", hf["head_dim"], f"OLMoE heads are hidden_size / heads = {head_dim} wide"
             )
-        moe = MoEConfig(
-            moe_inter_dim=hf["intermediate_size"],
-            num_experts=get(hf, "num_experts", "num_local_experts"),
-            num_activated_experts=hf["num_experts_per_tok"],
-            score_func="softmax",
-            softmax_before_topk=True,
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)),
-        )
+        moe = softmax_moe(hf, inter_dim_key="intermediate_size")
         return ModelConfig(
             **self.common_fields(hf, max_seq_len=max_seq_len, dtype=dtype),
             num_kv_heads=hf.get("num_key_value_heads") or heads,

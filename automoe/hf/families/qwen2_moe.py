@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from automoe.config.model import ModelConfig
-from automoe.config.moe import MoEConfig
 from automoe.hf.families.base import (
     Family,
     check_common,
     get,
     gqa_heads,
     plain_rope,
+    softmax_moe,
     unsupported,
     weights_sum_to_one,
 )
@@ -61,18 +61,7 @@ class Qwen2Moe(Family):
             raise unsupported(
                 "shared_expert_intermediate_size", shared, "the shared expert and its gate are always present"
             )
-        moe = MoEConfig(
-            moe_inter_dim=hf["moe_intermediate_size"],
-            num_experts=num_experts,
-            num_activated_experts=hf["num_experts_per_tok"],
-            num_shared_experts=1,
-            shared_expert_inter_dim=shared,
-            shared_expert_gate=True,
-            score_func="softmax",
-            softmax_before_topk=True,
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)),
-        )
+        moe = softmax_moe(hf, num_shared_experts=1, shared_expert_inter_dim=shared, shared_expert_gate=True)
         return ModelConfig(
             **self.common_fields(hf, max_seq_len=max_seq_len, dtype=dtype),
             **gqa_heads(hf),

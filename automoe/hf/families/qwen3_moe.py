@@ -7,14 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from automoe.config.model import ModelConfig
-from automoe.config.moe import MoEConfig
 from automoe.hf.families.base import (
     Family,
     check_common,
     dense_prefix,
-    get,
     gqa_heads,
     plain_rope,
+    softmax_moe,
     unsupported,
     weights_sum_to_one,
 )
@@ -39,15 +38,7 @@ class Qwen3Moe(Family):
             raise unsupported(
                 "decoder_sparse_step", step, "only 1 (with mlp_only_layers a prefix) maps to automoe"
             )
-        moe = MoEConfig(
-            moe_inter_dim=hf["moe_intermediate_size"],
-            num_experts=get(hf, "num_experts", "num_local_experts"),
-            num_activated_experts=hf["num_experts_per_tok"],
-            score_func="softmax",
-            softmax_before_topk=True,
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)),
-        )
+        moe = softmax_moe(hf)
         return ModelConfig(
             **self.common_fields(hf, max_seq_len=max_seq_len, dtype=dtype),
             **gqa_heads(hf),
