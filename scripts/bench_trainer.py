@@ -33,7 +33,9 @@ from automoe.torchrun import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 
-LAYOUTS = {"ep1": ["parallel=single"], "ep2": ["parallel=ep2"]}
+# name -> (processes, overrides); `one` is a single process with 2 threads (torchrun sets 1 thread per process
+# only when it starts more than one)
+LAYOUTS = {"ep1": (2, ["parallel=single"]), "ep2": (2, ["parallel=ep2"]), "one": (1, ["parallel=single"])}
 MODELS = {
     "tiny": [],  # configs/model/tiny.yaml: dim 128, 4 layers, 8 experts top-2 + 1 shared
     "small": [
@@ -42,8 +44,39 @@ MODELS = {
         "model.ffn_inter_dim=1024",
         "model.moe.moe_inter_dim=256",
     ],
+    # issue 17's Qwen3-MoE debug shape: 315.76M parameters (51.5M active), 8 layers of 64 experts top-8;
+    # run it with --global-batch 8 (1024 tokens per step)
+    "qwen3_debug": [
+        "model=qwen3_30b_a3b",
+        "model.dim=256",
+        "model.num_layers=8",
+        "model.num_heads=16",
+        "model.num_kv_heads=8",
+        "model.head_dim=128",
+        "model.vocab_size=2048",
+        "model.max_seq_len=128",
+        "model.moe.num_experts=64",
+        "model.moe.num_activated_experts=8",
+        "model.moe.moe_inter_dim=768",
+    ],
 }
 PEAK_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def common_overrides(*, steps: int, model: str, global_batch: int = 16, micro_batch: int = 4) -> list[str]:
+    """The recipe overrides every benchmarked run shares: synthetic data, no validation/checkpoints/wandb."""
+    return [
+        "data=synthetic",
+        f"train.steps={steps}",
+        f"train.global_batch_size={global_batch}",
+        f"train.micro_batch_size={micro_batch}",
+        "train.val_interval=0",
+        "checkpoint.interval=0",
+        "logging.heatmap=false",
+        "logging.progress_bar=false",
+        "logging.wandb.mode=disabled",
+        *MODELS[model],
+    ]
 
 
 def compose(overrides: list[str]):
@@ -92,7 +125,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=sorted(MODELS), help="model preset")
     p.add_argument("--dtype", default="float32", help="comma-separated train.dtype values: float32, bfloat16")
-    p.add_argument("--layouts", default="ep1,ep2", help="comma-separated: ep1, ep2")
+    p.add_argument(
+        "--layouts", default="ep1,ep2", help="comma-separated: ep1, ep2, one (1 process x 2 threads)"
+    )
     p.add_argument("--steps", type=int, default=15, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="steps excluded from the throughput")
     p.add_argument("--repeats", type=int, default=2, help="rounds; each runs every layout once")
@@ -113,18 +148,9 @@ def main() -> None:
     for name in layouts:
         if name not in LAYOUTS:
             raise ValueError(f"--layouts entry {name!r} is not one of {list(LAYOUTS)}")
-    common = [
-        "data=synthetic",
-        f"train.steps={args.steps}",
-        f"train.global_batch_size={args.global_batch}",
-        f"train.micro_batch_size={args.micro_batch}",
-        "train.val_interval=0",
-        "checkpoint.interval=0",
-        "logging.heatmap=false",
-        "logging.progress_bar=false",
-        "logging.wandb.mode=disabled",
-        *MODELS[args.model],
-    ]
+    common = common_overrides(
+        steps=args.steps, model=args.model, global_batch=args.global_batch, micro_batch=args.micro_batch
+    )
     cfg = compose(common)
     flops = flops_per_token(cfg)
     report = {
@@ -154,10 +180,11 @@ def main() -> None:
                 for name in layouts:
                     out_dir = Path(tmp) / f"{name}_{d}_{r}"
                     t0 = time.perf_counter()
+                    nproc, layout = LAYOUTS[name]
                     with MachineLoadMeter() as load:
                         records = run_once(
-                            [*common, *LAYOUTS[name], f"train.dtype={d}"],
-                            nproc=2,
+                            [*common, *layout, f"train.dtype={d}"],
+                            nproc=nproc,
                             out_dir=out_dir,
                             timeout_s=args.timeout,
                         )
@@ -186,7 +213,7 @@ def main() -> None:
         f"global batch {args.global_batch} x {cfg.data.seq_len} tokens, 2 processes x 1 thread"
     )
     print(
-        f"{'layout':<6} {'dtype':<9} {'tokens/s':>9} {'step ms':>8} {'vs ep1':>7} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6}"
+        f"{'layout':<6} {'dtype':<9} {'tokens/s':>9} {'step ms':>8} {'vs ' + layouts[0]:>7} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6}"
     )
     for d in dtypes:
         base = None
@@ -198,7 +225,7 @@ def main() -> None:
                 x["tokens_per_s"] / y["tokens_per_s"]
                 for x in runs
                 for y in report["runs"]
-                if y["layout"] == "ep1" and y["dtype"] == d and y["round"] == x["round"]
+                if y["layout"] == layouts[0] and y["dtype"] == d and y["round"] == x["round"]
             ]
             base = base or tps
             gflops = tps * flops["flops_per_token"] / 1e9
@@ -208,13 +235,14 @@ def main() -> None:
                 "dtype": d,
                 "tokens_per_s": round(tps, 1),
                 "step_ms": round(statistics.median(x["step_s"] for x in runs) * 1e3, 1),
-                "ratio_to_ep1": round(statistics.median(ratios), 3) if ratios else None,
+                "base_layout": layouts[0],
+                "ratio_to_base": round(statistics.median(ratios), 3) if ratios else None,
                 "model_gflops": round(gflops, 2),
                 "peak_gflops": peak,
                 "mfu": round(gflops / peak, 4),
             }
             report["summary"].append(row)
-            ratio = f"{row['ratio_to_ep1']:.2f}" if row["ratio_to_ep1"] is not None else "-"
+            ratio = f"{row['ratio_to_base']:.2f}" if row["ratio_to_base"] is not None else "-"
             print(
                 f"{name:<6} {d:<9} {row['tokens_per_s']:>9.0f} {row['step_ms']:>8.0f} {ratio:>7} "
                 f"{gflops:>8.2f} {peak:>6.0f} {row['mfu']:>6.1%}"

@@ -27,9 +27,16 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "floa
     if param_dtype != "float32":
         mp = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype), reduce_dtype=torch.float32)
     dense_mesh = dims.fsdp_mesh
+    # One rank per expert shard (no ep_shard / dp_replicate) and fp32 compute: FSDP over that single rank would only
+    # copy every expert weight in and out (all-gather in forward and again in backward, a reduce-scatter of the
+    # grads), ~4 weight-sized copies a step for nothing. Those parameters are left to the DTensor ep sharding.
+    skip_experts = dims.ep_enabled and dims.expert_fsdp_mesh.size() == 1 and param_dtype == "float32"
+    ignored: set[nn.Parameter] = set()
     for block in model.layers.values():
         moe = getattr(block, "moe", None)
-        if moe is not None and dims.ep_enabled:
+        if moe is not None and skip_experts:
+            ignored |= set(moe.experts.parameters())
+        elif moe is not None and dims.ep_enabled:
             # expert weights are already Shard(0) over ep: FSDP adds sharding over the expert-data axis
             fully_shard(
                 moe.experts,
@@ -38,8 +45,8 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "floa
                 reshard_after_forward=True,
                 shard_placement_fn=_expert_placement(dims.ep_shard),
             )
-        fully_shard(block, mesh=dense_mesh, mp_policy=mp)
-    fully_shard(model, mesh=dense_mesh, mp_policy=mp)
+        fully_shard(block, mesh=dense_mesh, mp_policy=mp, ignored_params=ignored & set(block.parameters()))
+    fully_shard(model, mesh=dense_mesh, mp_policy=mp, ignored_params=ignored)
     logger.info("applied FSDP2 over %s (params gathered in %s)", dense_mesh.mesh_dim_names, param_dtype)
 
 
