@@ -12,12 +12,17 @@ reading only its own experts. Everything else is the pretraining recipe (`config
     torchrun --nproc-per-node 2 recipes/finetune.py hf.init_from=ckpt/qwen3 checkpoint.resume=latest
 
 `checkpoint.resume` continues an interrupted fine-tune from its own `step_<N>` checkpoint (the HF weights are
-then not read). `hf.export_to` writes the final model as an HF directory that `transformers` loads.
+then not read). `hf.export_to` writes the final model as an HF directory that `transformers` loads. `hf.init_from`
+may be a hub id already in the local HF cache (nothing is downloaded). The data must be in the checkpoint's
+tokenizer: text sources are tokenized with it (when the directory holds one), token files are checked against it.
+`--cfg job` prints the config that will run, with the `model` section read from `hf.init_from` (`recipes/finetune.py
+hf.init_from=ckpt/qwen3 --cfg job`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import hydra
@@ -26,10 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from automoe.config import JobConfig, register_configs
 from automoe.config.job import to_job_config
-from automoe.hf import save_hf_checkpoint
-from automoe.hf.finetune import export_family, hf_model_config
-from automoe.parallel import DistEnv
-from automoe.train import Trainer
+from automoe.hf.finetune import export_after_fit, export_family, hf_model_config
+from automoe.hf.hub import resolve_local
 from automoe.train.launch import hold_peer_stderr, recipe_main
 
 logger = logging.getLogger("automoe")
@@ -49,6 +52,12 @@ def model_overrides() -> dict[str, Any]:
 
 def job_config(dict_cfg: DictConfig) -> JobConfig:
     """The composed config with its `model` section replaced by `hf.init_from/config.json` (+ overrides)."""
+    if OmegaConf.is_missing(dict_cfg.hf, "init_from") or dict_cfg.hf.init_from is None:
+        raise ValueError(
+            "hf.init_from is required: the Hugging Face model directory (config.json + safetensors), or a hub id "
+            "already in the local HF cache, to fine-tune, e.g. `recipes/finetune.py hf.init_from=ckpt/qwen3`"
+        )
+    dict_cfg.hf.init_from = str(resolve_local(dict_cfg.hf.init_from, key="hf.init_from"))
     model_cfg, _ = hf_model_config(dict_cfg.hf.init_from, overrides=model_overrides())
     dict_cfg.model = OmegaConf.structured(model_cfg)
     cfg: JobConfig = to_job_config(dict_cfg)  # unknown keys (also +key / ++key), every __post_init__ check
@@ -58,26 +67,37 @@ def job_config(dict_cfg: DictConfig) -> JobConfig:
     return cfg
 
 
-def export_to_hf(cfg: JobConfig):
-    """After training: write the model as an HF directory (every rank gathers its shards; rank 0 writes)."""
+def take_print_job_flag(argv: list[str]) -> bool:
+    """Remove `--cfg job` / `-c job` from `argv`; -> whether it was there. Hydra would print the config before the
+    model section exists; this recipe prints it after reading `hf.init_from` instead."""
+    for i, word in enumerate(argv[:-1]):
+        if word in ("--cfg", "-c") and argv[i + 1] == "job":
+            del argv[i : i + 2]
+            return True
+    return False
 
-    def export(trainer: Trainer, env: DistEnv) -> None:
-        family = export_family(cfg.hf.init_from, cfg.hf.family)
-        files = save_hf_checkpoint(trainer.model, cfg.model, cfg.hf.export_to, family=family)
-        if env.is_main:
-            logger.info("exported the model as %s: %s", family, ", ".join(files))
 
-    return export
+PRINT_JOB = False  # set from the command line in __main__
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="finetune")
 def main(dict_cfg: DictConfig) -> None:
+    if PRINT_JOB:
+        from automoe.train.build import config_to_yaml
+
+        try:
+            print(config_to_yaml(job_config(dict_cfg)), end="")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        return
     recipe_main(
         lambda: job_config(dict_cfg),
-        after_fit=lambda cfg: export_to_hf(cfg) if cfg.hf.export_to is not None else None,
+        after_fit=lambda cfg: export_after_fit(cfg) if cfg.hf.export_to is not None else None,
     )
 
 
 if __name__ == "__main__":
+    PRINT_JOB = take_print_job_flag(sys.argv)
     with hold_peer_stderr():
         main()

@@ -8,8 +8,9 @@ from typing import Optional
 
 from automoe.config.checks import check_choice
 
-SOURCES = ("synthetic", "stdlib", "text", "jsonl", "tokens")
-PATH_SOURCES = ("text", "jsonl", "tokens")
+SOURCES = ("synthetic", "stdlib", "text", "jsonl", "datasets", "tokens")
+PATH_SOURCES = ("text", "jsonl", "datasets", "tokens")
+TEXT_SOURCES = ("stdlib", "text", "jsonl", "datasets")  # tokenized at start-up with `tokenizer`
 
 
 @dataclass
@@ -17,11 +18,15 @@ class DataConfig:
     """Every knob of the data pipeline. Invalid values raise `ValueError` naming the field."""
 
     # --- what to read ---
-    source: str = "stdlib"  # synthetic | stdlib (Python's own sources) | text | jsonl | tokens (memmap)
-    path: Optional[str] = None  # text/jsonl: file or directory; tokens: the .bin file (.json sidecar beside)
+    source: str = "stdlib"  # synthetic | stdlib (Python sources) | text | jsonl | datasets | tokens (memmap)
+    path: Optional[str] = None  # text/jsonl/datasets: file or directory; tokens: the .bin (+ .json sidecar)
     val_path: Optional[str] = None  # held-out file/dir of the same source kind; then val_fraction is ignored
     file_glob: Optional[str] = None  # files read from a directory (recursive); None = *.txt / *.jsonl
-    text_field: str = "text"  # jsonl: key of the document string in every JSON object
+    text_field: str = "text"  # jsonl/datasets: key of the document string in every record
+    dataset_split: str = "train"  # datasets: split of a save_to_disk DatasetDict (data files: their only one)
+    # stdlib/text/jsonl/datasets: byte | an HF tokenizer dir / tokenizer.json / hub id in the local HF cache;
+    # null = byte, or hf.init_from's tokenizer when that directory has one. tokens: checked against the sidecar
+    tokenizer: Optional[str] = None
     max_bytes: Optional[int] = 4_000_000  # stdlib/text/jsonl: cap on UTF-8 bytes read; None = all
 
     # --- how it is cut ---
@@ -85,7 +90,11 @@ class DataConfig:
 
         if self.source not in PATH_SOURCES and (self.path or self.val_path):
             warn(f"path/val_path have no effect with source={self.source!r}")
-        if self.source != "jsonl" and self.text_field != "text":
+        if self.source not in ("jsonl", "datasets") and self.text_field != "text":
             warn(f"text_field={self.text_field!r} has no effect with source={self.source!r}")
         if self.source not in ("text", "jsonl") and self.file_glob is not None:
             warn(f"file_glob={self.file_glob!r} has no effect with source={self.source!r}")
+        if self.source != "datasets" and self.dataset_split != "train":
+            warn(f"dataset_split={self.dataset_split!r} has no effect with source={self.source!r}")
+        if self.source == "synthetic" and self.tokenizer is not None:
+            warn(f"tokenizer={self.tokenizer!r} has no effect with source='synthetic' (ids, no text)")

@@ -167,10 +167,10 @@ def _model_schema_default() -> ModelConfig:
 class HFConfig:
     """Hugging Face interop of a run (docs/hf_interop.md): start from an HF checkpoint, export the result as one."""
 
-    init_from: Optional[str] = None  # HF dir (config.json + safetensors): its weights replace the random init
-    export_to: Optional[str] = None  # finetune recipe: write the final model here as an HF dir; null = don't
+    init_from: Optional[str] = None  # HF dir or cached hub id: its weights replace the random init
+    export_to: Optional[str] = None  # after the last step write the model here as an HF dir; null = don't
     family: Optional[str] = (
-        None  # export layout: a family of automoe.hf.FAMILIES (qwen2_moe, ...); null = init_from's
+        None  # export layout: an automoe.hf.FAMILIES name; null = init_from's, else the first that fits
     )
 
 

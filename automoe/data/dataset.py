@@ -9,7 +9,6 @@ token attends across a document boundary.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from automoe.config.data import DataConfig
 from automoe.data import sources
 from automoe.data.token_file import read_token_file
-from automoe.data.tokenizer import ByteTokenizer, Tokenizer
+from automoe.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +69,14 @@ def _check_exists(path: str, field: str) -> Path:
 
 
 def _document_tokens(cfg: DataConfig, tokenizer: Tokenizer, path: str | None, field: str) -> np.ndarray:
-    """Read the documents of a stdlib/text/jsonl source and turn them into one token stream [N]."""
+    """Read the documents of a stdlib/text/jsonl/datasets source and turn them into one token stream [N]."""
     if cfg.source == "stdlib":
         docs = sources.iter_stdlib_documents()
         where = f"the stdlib at {sources.stdlib_root()}"
+    elif cfg.source == "datasets":
+        _check_exists(path, field)
+        docs = sources.iter_datasets_documents(path, text_field=cfg.text_field, split=cfg.dataset_split)
+        where = f"DataConfig.{field}={path!r}"
     else:
         glob = cfg.file_glob or DEFAULT_GLOBS[cfg.source]
         files = sources.list_files(_check_exists(path, field), glob)
@@ -119,15 +122,8 @@ def _load_stream(cfg: DataConfig, tokenizer: Tokenizer, path: str | None, field:
             seed=cfg.seed,
         )
         return tokens, vocab.vocab_size, vocab.eos_id, vocab.pad_id
-    if cfg.source == "tokens":
+    if cfg.source == "tokens":  # the sidecar's tokenizer is checked against the model's at start-up
         tokens, meta = read_token_file(_check_exists(path, field), field=field)
-        if meta["vocab_size"] != tokenizer.vocab_size:
-            warnings.warn(
-                f"DataConfig.{field}={path!r} was written with vocab_size={meta['vocab_size']} "
-                f"({meta.get('tokenizer')}), the tokenizer has {tokenizer.vocab_size}: use the dataset's vocab_size",
-                UserWarning,
-                stacklevel=3,
-            )
         pad = meta["pad_id"] if meta.get("pad_id") is not None else meta["eos_id"]
         return tokens, int(meta["vocab_size"]), int(meta["eos_id"]), int(pad)
     tokens = _document_tokens(cfg, tokenizer, path, field)
@@ -141,12 +137,18 @@ def build_datasets(
 
     The split is deterministic: `val_path` when given, else the last `val_fraction` of the token
     stream (after the seeded document shuffle). Synthetic data brings its own vocab
-    (`synthetic_vocab_size + 3`); read `train.vocab_size` to size the model.
+    (`synthetic_vocab_size + 3`); read `train.vocab_size` to size the model. `tokenizer` encodes the text sources
+    (default: `load_tokenizer(cfg.tokenizer)`, the byte tokenizer when unset).
     """
-    tokenizer = tokenizer or ByteTokenizer()
+    if tokenizer is None:
+        tokenizer = (
+            load_tokenizer(cfg.tokenizer, key="data.tokenizer")
+            if cfg.source != "synthetic"
+            else ByteTokenizer()
+        )
     tokens, vocab_size, eos_id, pad_id = _load_stream(cfg, tokenizer, cfg.path, "path")
     ids = dict(vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id)
-    if cfg.val_path and cfg.source in ("text", "jsonl", "tokens"):
+    if cfg.val_path and cfg.source in ("text", "jsonl", "datasets", "tokens"):
         val_tokens, *_ = _load_stream(cfg, tokenizer, cfg.val_path, "val_path")
         train = _dataset(tokens, cfg, name="train", **ids)
         val = _dataset(val_tokens, cfg, name="val", **ids)

@@ -150,13 +150,19 @@ def cap_bytes(docs: Iterable[tuple[str, str]], max_bytes: int | None) -> Iterato
 
 
 def documents_to_tokens(docs: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
-    """-> int64 token stream [N]: each document's ids followed by `tokenizer.eos_id`."""
-    encode = getattr(tokenizer, "encode_array", tokenizer.encode)
+    """-> int64 token stream [N]: each document's ids followed by `tokenizer.eos_id` (and preceded by BOS when
+    the tokenizer's `add_bos`); a tokenizer with `encode_batch` encodes a list of documents at once."""
+    texts = list(docs)
+    if hasattr(tokenizer, "encode_batch"):
+        encoded = tokenizer.encode_batch(texts)
+    else:
+        encode = getattr(tokenizer, "encode_array", tokenizer.encode)
+        encoded = [encode(text) for text in texts]
+    bos = np.array([tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else [], dtype=np.int64)
     eos = np.array([tokenizer.eos_id], dtype=np.int64)
     parts: list[np.ndarray] = []
-    for text in docs:
-        parts.append(np.asarray(encode(text), dtype=np.int64))
-        parts.append(eos)
+    for ids in encoded:
+        parts += [bos, np.asarray(ids, dtype=np.int64), eos]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from automoe.config.model import ModelConfig
 from automoe.hf.checkpoint import expected_tensors
 from automoe.hf.config_map import config_from_hf, read_hf_config
-from automoe.hf.families import family_for_model_type, get_family
+from automoe.hf.families import FAMILIES, family_for_model_type, get_family
 from automoe.hf.safetensors_io import SafetensorsReader
 from automoe.shapes import config_diff, tensor_shape_mismatches
 
@@ -66,7 +66,8 @@ def check_hf_init(model_cfg: ModelConfig, hf_dir: str | Path) -> tuple[str, list
 def export_family(
     hf_init_from: str | None, family: str | None, model_cfg: ModelConfig | None = None
 ) -> str | None:
-    """The HF family to export to: `hf.family`, else the family of `hf.init_from`'s `model_type`, else None.
+    """The HF family to export to: `hf.family`, else the family of `hf.init_from`'s `model_type`, else (given
+    `model_cfg`) the first family that can express the model, else None.
 
     With `model_cfg`, also checks that the family can express it (raises ValueError naming the setting), so a run
     that could not be exported fails before training, not after it.
@@ -78,8 +79,47 @@ def export_family(
             raise ValueError(f"hf.{err}") from None
     elif hf_init_from is not None:
         spec = family_for_model_type(read_hf_config(hf_init_from).get("model_type"))
+    elif model_cfg is not None:
+        return expressing_family(model_cfg)
     else:
         return None
     if model_cfg is not None:
         spec.check_expressible(model_cfg)
     return spec.name
+
+
+def expressing_family(model_cfg: ModelConfig) -> str:
+    """The first family of `FAMILIES` that can express `model_cfg`; ValueError giving each family's reason."""
+    reasons = []
+    for name, spec in FAMILIES.items():
+        try:
+            spec.check_expressible(model_cfg)
+        except ValueError as err:
+            reasons.append(f"  {name}: {err}")
+            continue
+        return name
+    raise ValueError(
+        "hf.export_to: no Hugging Face family can express this model, so it cannot be exported:\n"
+        + "\n".join(reasons)
+        + "\nChange the setting a family names (e.g. the default tiny model exports as qwen2_moe with "
+        "model.moe.shared_expert_gate=true), or leave hf.export_to unset"
+    )
+
+
+def export_after_fit(cfg: Any):
+    """The `after_fit` callback of a run with `hf.export_to`: every rank gathers its shards, rank 0 writes the model
+    as an HF directory of `export_family(...)`."""
+    import logging
+
+    from automoe.hf.checkpoint import save_hf_checkpoint
+
+    family = export_family(cfg.hf.init_from, cfg.hf.family, cfg.model)
+
+    def export(trainer: Any, env: Any) -> None:
+        files = save_hf_checkpoint(trainer.model, cfg.model, cfg.hf.export_to, family=family)
+        if env.is_main:
+            logging.getLogger("automoe").info(
+                "exported the model as an HF %s directory %s: %s", family, cfg.hf.export_to, ", ".join(files)
+            )
+
+    return export

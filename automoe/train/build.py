@@ -34,6 +34,7 @@ from automoe import parallel
 from automoe.config.checks import check_sequence_split
 from automoe.config.job import JobConfig
 from automoe.data import StatefulLoader, build_datasets
+from automoe.data.tokenizer_check import check_data_tokenizer, data_tokenizer
 from automoe.models import Transformer, num_params
 from automoe.parallel.pipeline import check_pipeline
 from automoe.train.checkpoint import (
@@ -163,6 +164,7 @@ def plan_start(cfg: JobConfig, env: parallel.DistEnv) -> StartPlan:
     train = cfg.train
     ckpt_root = Path(cfg.output_dir) / "checkpoints"
     dims = check_layout(cfg, env.world_size)
+    check_data_tokenizer(cfg)  # the data's tokenizer is the model's (names both when not)
     plan = StartPlan(dims=dims)
     plan.resume_path = resolve_resume(cfg.checkpoint.resume, ckpt_root)
     if plan.resume_path is not None:
@@ -226,7 +228,7 @@ def build_trainer(
     ckpt_root = output_dir / "checkpoints"
     set_deterministic(train.deterministic)  # before the first GEMM (cuBLAS reads its workspace setting once)
     # 2. data: the same datasets on every rank; the loader takes this rank's slice of each global batch
-    train_ds, val_ds = build_datasets(cfg.data)
+    train_ds, val_ds = build_datasets(cfg.data, data_tokenizer(cfg))
     if train_ds.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
