@@ -181,6 +181,13 @@ def evaluate_split(model: Transformer, dataset, *, batch_size: int = 64) -> dict
             "load": [int(x) for x in load_E.tolist()],
             "max_vio": load_E.max().item() / load_E.mean().item() - 1.0,
         }
+        bias = getattr(layer.gate, "correction_bias", None)
+        if bias is not None:  # the bias update's final state: its spread, and the adaptive rule's step sizes
+            layers[name]["correction_bias"] = bias.tolist()
+        if hasattr(layer, "bias_step_exponent"):
+            layers[name]["adaptive_step"] = (
+                layer.cfg.gate_bias_update_factor * torch.exp2(layer.bias_step_exponent.double() / 4)
+            ).tolist()
     vios = [v["max_vio"] for v in layers.values()]
     return {
         "tokens": num_tokens,
