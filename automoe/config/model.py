@@ -92,6 +92,10 @@ class ModelConfig:
         default_factory=list
     )  # blocks that attend within sliding_window (GPT-OSS: the even ones); the rest attend to all
 
+    # --- multi-token prediction (DeepSeek-V3) ---
+    mtp_layers: int = 0  # MTP depths D after the main stack (DeepSeek-V3: 1); 0 = off
+    mtp_loss_coeff: float = 0.3  # training loss += coeff / D * sum_k CE_k (DeepSeek-V3: 0.3, later 0.1)
+
     # --- MoE blocks ---
     moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE FFN; its dim and dtype are derived from ours
 
@@ -171,6 +175,10 @@ class ModelConfig:
         if not 0 <= self.num_dense_layers <= self.num_layers:
             raise ValueError(
                 f"ModelConfig.num_dense_layers={self.num_dense_layers} must be in [0, num_layers={self.num_layers}]"
+            )
+        if self.mtp_layers < 0 or self.mtp_loss_coeff < 0:
+            raise ValueError(
+                f"ModelConfig.mtp_layers={self.mtp_layers} / mtp_loss_coeff={self.mtp_loss_coeff} must be >= 0"
             )
         if any(not 0 <= i < self.num_layers for i in self.dense_layers):
             raise ValueError(

@@ -51,6 +51,8 @@ class TensorPlan:
     optional_hf: set[str] = field(default_factory=set)
     fp32_hf: set[str] = field(default_factory=set)
     ignored_hf: re.Pattern | None = None  # HF keys accounted for but not imported (DeepSeek MTP layers)
+    # HF key -> automoe key: copies written on export and not read on import (DeepSeek MTP embedding and head)
+    duplicates: dict[str, str] = field(default_factory=dict)
 
     def hf_keys(self, num_experts: int) -> set[str]:
         keys = set(self.direct.values())

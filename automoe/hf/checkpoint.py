@@ -103,7 +103,7 @@ def validate_checkpoint(
         )
     unexpected = [
         k
-        for k in file_keys - expected - plan.optional_hf - scales
+        for k in file_keys - expected - plan.optional_hf - set(plan.duplicates) - scales
         if not is_ignored(plan, k, cfg.num_layers) and not k.endswith("rotary_emb.inv_freq")
     ]
     if unexpected:
@@ -383,6 +383,11 @@ def hf_tensors(
 
     for ours, hf in plan.direct.items():
         yield hf, cast(hf, _full(sd[ours]).detach())
+    for hf, ours in plan.duplicates.items():
+        yield (
+            hf,
+            cast(hf, _full(sd[ours]).detach()).clone(),
+        )  # its own storage: safetensors refuses shared ones
     for spec in plan.experts:
         stacked = _full(sd[spec.ours]).detach()
         if plan.layout == "fused":

@@ -17,6 +17,7 @@ from automoe.models.attention import Attention
 from automoe.models.kv_cache import KVCache
 from automoe.models.mla import LatentRotaryEmbedding, MultiHeadLatentAttention
 from automoe.models.mlp import FeedForward
+from automoe.models.mtp import MultiTokenPrediction
 from automoe.models.norms import RMSNorm
 from automoe.models.rope import RotaryEmbedding
 from automoe.moe.layer import MoE, moe_layers
@@ -84,7 +85,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """`forward(tokens_BS, *, positions_BS=None, padding_mask_BS=None, document_ids_BS=None,
-    num_documents=None, kv_cache=None) -> logits_BSV`.
+    num_documents=None, kv_cache=None, mtp=False) -> logits_BSV` (with `mtp=True`: `(logits_BSV, [MTP logits of
+    depth k, (B, S - k, V)])`, `automoe.models.mtp`).
 
     `positions_BS`: RoPE positions (default 0..S-1; the loader's restart per document with document ids; under
     context parallelism they also order the gathered keys, so they must increase along a row or document).
@@ -110,6 +112,11 @@ class Transformer(nn.Module):
         else:
             self.rope = RotaryEmbedding(cfg.rotary_width, max_seq_len=cfg.max_seq_len, theta=cfg.rope_theta)
         self.layers = nn.ModuleDict({str(i): Block(i, cfg) for i in range(cfg.num_layers)})
+        # DeepSeek-V3 multi-token prediction: depth k is a block of layer id num_layers + k - 1
+        self.mtp = None
+        if cfg.mtp_layers:
+            blocks = [Block(cfg.num_layers + k, cfg) for k in range(cfg.mtp_layers)]
+            self.mtp = MultiTokenPrediction(cfg, blocks)
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, dtype=dtype)
         self.tie_weights()
@@ -132,7 +139,8 @@ class Transformer(nn.Module):
         document_ids_BS: Tensor | None = None,
         num_documents: int | None = None,
         kv_cache: KVCache | None = None,
-    ) -> Tensor:
+        mtp: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         B, S = tokens_BS.shape
         start = 0 if kv_cache is None else kv_cache.length
         if kv_cache is not None and (padding_mask_BS is not None or document_ids_BS is not None):
@@ -164,7 +172,21 @@ class Transformer(nn.Module):
             )
         if kv_cache is not None:
             kv_cache.advance(S)
-        return self.output(self.norm(h_BSD))
+        h_BSD = self.norm(h_BSD)
+        if not mtp:
+            return self.output(h_BSD)
+        if self.mtp is None or document_ids_BS is not None or kv_cache is not None:
+            raise ValueError("mtp=True needs ModelConfig.mtp_layers > 0, and no document ids or kv_cache")
+        mtp_logits = self.mtp(
+            h_BSD,
+            tokens_BS,
+            cos_BSA,
+            sin_BSA,
+            positions_BS=positions_BS,
+            embed=self.tok_embeddings,
+            head=self.output,
+        )
+        return self.output(h_BSD), mtp_logits
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -182,6 +204,8 @@ class Transformer(nn.Module):
         for block in self.layers.values():
             block.init_weights(std=std, out_std=out_std)
         self.norm.init_weights()
+        if self.mtp is not None:
+            self.mtp.init_weights(std=std, out_std=out_std)
         if not self.cfg.tie_embeddings:
             init.trunc_normal_(self.output.weight, std=std)
 

@@ -32,7 +32,10 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "floa
     # grads), ~4 weight-sized copies a step for nothing. Those parameters are left to the DTensor ep sharding.
     skip_experts = dims.ep_enabled and dims.expert_fsdp_mesh.size() == 1 and param_dtype == "float32"
     ignored: set[nn.Parameter] = set()
-    for block in model.layers.values():
+    blocks = list(model.layers.values())
+    if getattr(model, "mtp", None) is not None:  # DeepSeek-V3 MTP: one more block per depth
+        blocks += [depth.block for depth in model.mtp.depths.values()]
+    for block in blocks:
         moe = getattr(block, "moe", None)
         if moe is not None and skip_experts:
             ignored |= set(moe.experts.parameters())

@@ -121,6 +121,11 @@ def check_pipeline(model_cfg: ModelConfig, pcfg: ParallelConfig, *, num_micro_ba
         )
     if pcfg.compile:
         raise ValueError(f"parallel.compile=true with parallel.pp={pcfg.pp} is not supported")
+    if model_cfg.mtp_layers:
+        raise ValueError(
+            f"model.mtp_layers={model_cfg.mtp_layers} with parallel.pp={pcfg.pp} is not supported (the MTP "
+            "modules read the embedding of the first stage and the head of the last)"
+        )
     if num_micro_batches < pcfg.pp:
         raise ValueError(
             f"{num_micro_batches} micro-batches per step (train.global_batch_size / (micro_batch_size x "

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from automoe import parallel
 from automoe.data import IGNORE_INDEX
+from automoe.models.mtp import mtp_ce_sum
 from automoe.moe import StepTotals, collect_aux_loss, set_step_totals, uses_step_totals
 from automoe.moe.losses import micro_batch_counts
 
@@ -49,7 +50,13 @@ def micro_batch_ce_sum(
 ) -> Tensor:
     """Forward one micro-batch (`input_ids`, `labels` [B, S]; packed documents: `document_ids` [B, S],
     `num_documents`); -> its cross-entropy summed over this rank's (CP-local) labels != IGNORE_INDEX, in
-    fp32."""
+    fp32. With `model.mtp_layers = D > 0` it adds mtp_loss_coeff / D * the D multi-token-prediction CE sums
+    (`automoe.models.mtp`), so the step's loss is the DeepSeek-V3 objective."""
+    mtp_layers = getattr(getattr(model, "cfg", None), "mtp_layers", 0)
+    if mtp_layers and dims.cp > 1:
+        raise ValueError(
+            f"model.mtp_layers={mtp_layers} needs parallel.cp=1 (MTP shifts tokens across CP chunks)"
+        )
     mb = parallel.cp_shard_batch(mb, dims, load_balance=cp_load_balance)
     padding_mask_BS = padding_rows_mask(mb["labels"])
     document_ids_BS = mb.get("document_ids")
@@ -60,11 +67,17 @@ def micro_batch_ce_sum(
             padding_mask_BS=None if padding_mask_BS is None else padding_mask_BS.to(device),
             document_ids_BS=None if document_ids_BS is None else document_ids_BS.to(device),
             num_documents=mb.get("num_documents"),
+            **({"mtp": True} if mtp_layers else {}),
         )
-    labels = mb["labels"].to(device).flatten()
-    return F.cross_entropy(
-        logits_BSV.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+    logits_BSV, mtp_logits = logits_BSV if mtp_layers else (logits_BSV, None)
+    labels_BS = mb["labels"].to(device)
+    ce = F.cross_entropy(
+        logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+    if mtp_logits:
+        mtp_sum = mtp_ce_sum(mtp_logits, labels_BS, ignore_index=IGNORE_INDEX)
+        ce = ce + model.cfg.mtp_loss_coeff / mtp_layers * mtp_sum
+    return ce
 
 
 def forward_backward(

@@ -8,6 +8,8 @@ gate correction bias after several AdamW steps with clipping and the DeepSeek-V3
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -130,6 +132,7 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
         cp_load_balance=True,
     )
     cfg = _model_cfg(layout.get("aux", "micro_batch"), layout.get("experts", 4), layout.get("rule", "sign"))
+    cfg = dataclasses.replace(cfg, mtp_layers=layout.get("mtp", 0))  # DeepSeek-V3 MTP: one more MoE block
     fp32 = pcfg.fsdp_param_dtype == "float32"
     # fp32 layouts vs the single process: the same math with other GEMM row counts and other CP/EP/FSDP reduction
     # orders. Forward: 4 reductions per block, the head, the CE/aux sums (at most the widest contraction or the
@@ -220,6 +223,7 @@ LAYOUTS = [
     pytest.param(2, {"ep": 2, "cp": 1, "fsdp": True}, id="ep2-fsdp"),
     pytest.param(2, {"ep": 2, "cp": 1, "fsdp": False}, id="ep2"),
     pytest.param(2, {"ep": 2, "cp": 1, "fsdp": True, "rule": "adaptive"}, id="ep2-fsdp-adaptive-bias"),
+    pytest.param(2, {"ep": 2, "cp": 1, "fsdp": True, "mtp": 1}, id="ep2-fsdp-mtp"),
     pytest.param(2, {"ep": 1, "cp": 2, "fsdp": True, "aux": "sequence"}, id="cp2-fsdp-seqaux"),
     pytest.param(4, {"ep": 4, "cp": 1, "fsdp": True, "ac": "full"}, id="ep4-fsdp-ac"),
     pytest.param(4, {"ep": 2, "cp": 2, "fsdp": True}, id="ep2-cp2-fsdp"),

@@ -367,18 +367,22 @@ class Family:
             plan.optional_hf.add("lm_head.weight")  # tied: HF may or may not write it
         else:
             d["output.weight"] = "lm_head.weight"
-        moe_prefix = self.fused_moe_prefix if layout == "fused" else self.moe_prefix
         for i in range(cfg.num_layers):
-            ours, hf = f"layers.{i}.", f"model.layers.{i}."
-            d[ours + "attention_norm.weight"] = hf + "input_layernorm.weight"
-            d[ours + "ffn_norm.weight"] = hf + "post_attention_layernorm.weight"
-            self.attention_tensors(d, cfg, ours + "attention.", hf + "self_attn.")
-            if cfg.is_moe_layer(i):
-                self.moe_tensors(plan, cfg, ours + "moe.", hf + moe_prefix)
-            else:
-                for proj in _DENSE_PROJS:
-                    d[ours + f"feed_forward.{proj}.weight"] = hf + f"mlp.{proj}.weight"
+            self.block_tensors(plan, cfg, i, f"layers.{i}.", f"model.layers.{i}.")
         return plan
+
+    def block_tensors(self, plan: TensorPlan, cfg: ModelConfig, layer_id: int, ours: str, hf: str) -> None:
+        """One decoder block's tensors (norms, attention, dense FFN or MoE) under the two prefixes."""
+        d = plan.direct
+        moe_prefix = self.fused_moe_prefix if plan.layout == "fused" else self.moe_prefix
+        d[ours + "attention_norm.weight"] = hf + "input_layernorm.weight"
+        d[ours + "ffn_norm.weight"] = hf + "post_attention_layernorm.weight"
+        self.attention_tensors(d, cfg, ours + "attention.", hf + "self_attn.")
+        if cfg.is_moe_layer(layer_id):
+            self.moe_tensors(plan, cfg, ours + "moe.", hf + moe_prefix)
+        else:
+            for proj in _DENSE_PROJS:
+                d[ours + f"feed_forward.{proj}.weight"] = hf + f"mlp.{proj}.weight"
 
     def attention_tensors(self, d: dict[str, str], cfg: ModelConfig, ours: str, hf: str) -> None:
         """GQA projections (q/k/v biases with `attention_bias` or `qkv_bias`, o bias with `attention_bias`) and

@@ -1,8 +1,8 @@
 """DeepSeek-V3 (`DeepseekV3ForCausalLM`): Multi-head Latent Attention (optionally compressed queries, YaRN),
 sigmoid routing with the `e_score_correction_bias` selection bias (noaux_tc), group-limited top-k, routed scaling,
 shared experts `mlp.shared_experts.*`, a dense prefix (`first_k_dense_replace`) and `moe_layer_freq`. The
-multi-token-prediction layers (`model.layers.{i >= num_hidden_layers}`) are accounted for but not imported; the
-published block-fp8 weights are dequantized on import (`automoe/hf/quant.py`)."""
+`num_nextn_predict_layers` multi-token-prediction layers (`model.layers.{L + k}`) map to `ModelConfig.mtp_layers`
+(`automoe/models/mtp.py`); the published block-fp8 weights are dequantized on import (`automoe/hf/quant.py`)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ class DeepseekV3(Family):
     not_supported = (
         "scoring_func other than sigmoid, topk_method other than noaux_tc",
         "rope types other than default and yarn; an explicit YaRN attention_factor",
-        "multi-token-prediction layers (accounted for, not imported; exported with num_nextn_predict_layers=0)",
+        "the MTP layers' copies of the embedding and output head are not read (they are the main model's); export "
+        "writes them",
         "quantization other than block fp8 (block fp8 is dequantized on import; export writes unquantized)",
         "a shared-expert gate or shared experts of another width than the routed ones",
     )
@@ -65,6 +66,7 @@ class DeepseekV3(Family):
             qk_rope_head_dim=hf["qk_rope_head_dim"],
             v_head_dim=hf["v_head_dim"],
             rope_interleave=bool(hf.get("rope_interleave", True)),
+            mtp_layers=int(hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers")) or 0),
         )
 
     def check_expressible(self, cfg: ModelConfig) -> None:
@@ -87,7 +89,7 @@ class DeepseekV3(Family):
             qk_rope_head_dim=cfg.qk_rope_head_dim,
             v_head_dim=cfg.v_head_dim,
             rope_interleave=cfg.rope_interleave,
-            num_nextn_predict_layers=0,
+            num_nextn_predict_layers=cfg.mtp_layers,
         )
         if cfg.rope_scaling == "yarn":
             out["rope_scaling"] = yarn_hf(cfg)
@@ -95,7 +97,15 @@ class DeepseekV3(Family):
 
     def build_plan(self, cfg: ModelConfig, layout: str = "per_expert") -> TensorPlan:
         plan = super().build_plan(cfg, layout)
-        plan.ignored_hf = re.compile(r"model\.layers\.(\d+)\.")  # MTP layers live after the main stack
+        plan.ignored_hf = re.compile(r"model\.layers\.(\d+)\.")  # MTP layers beyond mtp_layers are skipped
+        for k in range(cfg.mtp_layers):  # depth k + 1: a full decoder layer plus its projection and norms
+            ours, hf = f"mtp.depths.{k}.", f"model.layers.{cfg.num_layers + k}."
+            self.block_tensors(plan, cfg, cfg.num_layers + k, ours + "block.", hf)
+            for our_name, hf_name in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj")):
+                plan.direct[ours + f"{our_name}.weight"] = hf + f"{hf_name}.weight"
+            plan.direct[ours + "norm.weight"] = hf + "shared_head.norm.weight"
+            plan.duplicates[hf + "embed_tokens.weight"] = "tok_embeddings.weight"
+            plan.duplicates[hf + "shared_head.head.weight"] = "output.weight"
         return plan
 
     def attention_tensors(self, d: dict[str, str], cfg: ModelConfig, ours: str, hf: str) -> None:

@@ -132,6 +132,7 @@ def hf_config(case: str):
         topk_group=2,
         routed_scaling_factor=2.5,
         first_k_dense_replace=1,
+        num_mtp_layers=0,  # no MTP tensors in these checkpoints (tests/unit/hf/test_mtp.py adds them)
         kv_lora_rank=16,
         qk_nope_head_dim=16,
         qk_rope_head_dim=8,
