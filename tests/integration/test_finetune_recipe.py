@@ -223,3 +223,76 @@ def test_qwen2_moe_ep2_fsdp_fine_tune_matches_transformers_and_exports(tmp_path)
     unchanged = [k for k, v in after.state_dict().items() if torch.equal(v, before.state_dict()[k])]
     assert not [k for k in unchanged if ".experts." not in k]  # biases and the shared-expert gate trained too
     assert first_batch_loss(after, out) < first_batch_loss(before, out)  # 3 steps lowered the loss
+
+
+# ---- GPT-OSS through the same recipe: fused interleaved experts with biases, sinks, sliding windows, YaRN ----
+def hf_gpt_oss():
+    """A random fp32 GPT-OSS (2 MoE layers, 8 experts top-2, a window of 16 on layer 0, YaRN, clamp live)."""
+    yarn = dict(
+        rope_type="yarn",
+        rope_theta=150000.0,
+        factor=4.0,
+        original_max_position_embeddings=32,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        truncate=False,
+    )
+    config = tf.GptOssConfig(
+        vocab_size=97,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=16,
+        swiglu_limit=1.0,
+        rope_parameters=yarn,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+    )
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(
+                1.0 + 0.1 * torch.randn_like(p)
+                if name.endswith("norm.weight")
+                else 0.08 * torch.randn_like(p)
+            )
+    return model
+
+
+@pytest.mark.timeout(120)
+def test_gpt_oss_ep2_fsdp_fine_tune_matches_transformers_and_exports(tmp_path):
+    """The family furthest from the rest at EP=2 + FSDP2: each rank reads its rows of the interleaved fused expert
+    tensors and their biases; step 1's loss is transformers' (eager attention, the sinks' reference); the export
+    reloads with every dense tensor (attention biases, sinks, router bias) trained and a lower loss."""
+    hf_dir = tmp_path / "gpt_oss"
+    hf_gpt_oss().save_pretrained(hf_dir, max_shard_size="100KB")
+    out = tmp_path / "ep2"
+    run = run_finetune(2, out, hf_dir, "parallel=ep2", "parallel.fsdp=true", f"hf.export_to={out}/hf")
+    check_ok(run)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+
+    def load(path):
+        return tf.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+
+    before, after = load(hf_dir), load(out / "hf")
+    reference = first_batch_loss(before, out)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    tokens = saved["train"]["global_batch_size"] * saved["data"]["seq_len"]
+    atol = rounding_atol(torch.float32, terms=max(tokens, 97), depth=4 * 2 + 2, scale=reference)
+    assert records[0]["loss"] == pytest.approx(reference, abs=atol)
+    assert (saved["model"]["sliding_window"], saved["model"]["attention_sinks"]) == (16, True)
+    unchanged = [k for k, v in after.state_dict().items() if torch.equal(v, before.state_dict()[k])]
+    assert not unchanged, unchanged  # experts (fused rows and biases) included
+    assert first_batch_loss(after, out) < reference  # 3 steps lowered the loss
