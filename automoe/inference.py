@@ -66,9 +66,13 @@ def build_empty(cfg: ModelConfig, device: torch.device | str = "cpu") -> Transfo
     return model
 
 
-def data_tokenizer(data: dict[str, Any]) -> Tokenizer | None:
-    """The tokenizer a run's `data:` section trained with: `data.tokenizer`, or the token file's sidecar, or the
-    byte tokenizer for the text sources (None for synthetic ids)."""
+def data_tokenizer(job: dict[str, Any]) -> Tokenizer | None:
+    """The tokenizer a run (its resolved job config) trained with: `data.tokenizer`, the token file's sidecar,
+    `hf.init_from`'s, or the byte tokenizer (synthetic ids: its layout with `synthetic_vocab_size` content ids);
+    None when unknown."""
+    from automoe.data.tokenizer_check import has_tokenizer
+
+    data, init_from = job.get("data", {}), (job.get("hf") or {}).get("init_from")
     if data.get("tokenizer"):
         return load_tokenizer(data["tokenizer"], key="data.tokenizer")
     if data.get("source") == "tokens" and data.get("path"):
@@ -80,7 +84,11 @@ def data_tokenizer(data: dict[str, Any]) -> Tokenizer | None:
             if meta.get("tokenizer") in ("byte", "ByteTokenizer") and meta.get("vocab_size") == 259:
                 return ByteTokenizer()
         return None
-    return None if data.get("source") == "synthetic" else ByteTokenizer()
+    if init_from and has_tokenizer(init_from):
+        return load_tokenizer(init_from, key="hf.init_from")
+    if data.get("source") == "synthetic":  # ids of a Markov chain; with 256 content ids they decode as bytes
+        return ByteTokenizer(data.get("synthetic_vocab_size", 256))
+    return ByteTokenizer()
 
 
 def load_model(
@@ -128,5 +136,5 @@ def _load_trainer_checkpoint(step_dir: Path, *, device, max_seq_len: int | None)
         raise ValueError(
             f"max_seq_len={max_seq_len}: a trainer checkpoint keeps model.max_seq_len={cfg.max_seq_len}"
         )
-    tokenizer = data_tokenizer(job.get("data", {}))
+    tokenizer = data_tokenizer(job)
     return LoadedModel(cfg, model.eval(), tokenizer, f"checkpoint {step_dir}", job=job, step_dir=step_dir)

@@ -1,6 +1,7 @@
 """The recipe commands written in the docs (README.md, docs/*.md, recipe docstrings), parsed as a launcher would.
 
-Each command is found by its `recipes/pretrain.py` or `recipes/finetune.py` word. The words before it are the
+Each command is found by its `recipes/pretrain.py` or `recipes/finetune.py` word (the `python -m automoe.<command>`
+lines, e.g. generate and evaluate, are `ModuleCommand`s, listed with `markdown_commands(..., modules=True)`). The words before it are the
 launcher: torchrun's `--nproc-per-node` x `--nnodes` give the world size (a Slurm script's `--nnodes
 "$SLURM_NNODES"` takes its `#SBATCH --nodes=N`), a plain `python` is one process. The words after it are Hydra's:
 `--config-name NAME` picks the top-level config, `--cfg job`/`--help` only print, `[...]` is a placeholder, and an
@@ -93,6 +94,32 @@ def parse(line: str, *, where: str, block: str = "") -> Command | None:
     return Command(where, recipe, world, args, config_name, prints_only, launcher)
 
 
+@dataclass
+class ModuleCommand:
+    """A `python -m automoe.<name> ...` line (one process, argparse): run as written by the docs-runs test."""
+
+    where: str
+    module: str  # automoe.generate, automoe.evaluate, ...
+    args: list[str]
+
+    @property
+    def id(self) -> str:
+        return f"{self.where}:{self.module}:{' '.join(self.args)}"[:150]
+
+
+def parse_module(line: str, *, where: str) -> ModuleCommand | None:
+    """A `python -m automoe.X ...` command line -> its ModuleCommand (None for anything else)."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError:
+        return None
+    if len(words) < 3 or not Path(words[0]).name.startswith("python") or words[1] != "-m":
+        return None
+    if not words[2].startswith("automoe."):
+        return None
+    return ModuleCommand(where, words[2], words[3:])
+
+
 def _shell_lines(text: str, first_line: int) -> list[tuple[int, str]]:
     """(line number, command) of every command in a shell snippet: continuations joined, `&&` chains split."""
     out, buf, start = [], "", first_line
@@ -111,8 +138,9 @@ def _shell_lines(text: str, first_line: int) -> list[tuple[int, str]]:
     return out
 
 
-def markdown_commands(path: Path) -> list[Command]:
-    """Recipe commands in the fenced code blocks of a markdown file (python/yaml blocks skipped), in order."""
+def markdown_commands(path: Path, *, modules: bool = False) -> list[Command | ModuleCommand]:
+    """Recipe commands in the fenced code blocks of a markdown file (python/yaml blocks skipped), in order; with
+    `modules`, also the `python -m automoe.<command>` lines among them."""
     lines = path.read_text().splitlines()
     commands, k = [], 0
     while k < len(lines):
@@ -126,7 +154,10 @@ def markdown_commands(path: Path) -> list[Command]:
         block = "\n".join(line.strip() for line in lines[k + 1 : end])
         if lang not in ("python", "yaml", "json", "text"):
             for number, line in _shell_lines(block, k + 2):
-                cmd = parse(line, where=f"{path.relative_to(REPO)}:{number}", block=block)
+                where = f"{path.relative_to(REPO)}:{number}"
+                cmd = parse(line, where=where, block=block)
+                if cmd is None and modules:
+                    cmd = parse_module(line, where=where)
                 if cmd is not None:
                     commands.append(cmd)
         k = end + 1

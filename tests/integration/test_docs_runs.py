@@ -5,7 +5,8 @@ they would for a reader), scaled down: a small synthetic corpus and batch go fir
 and every step count of a command (`train.steps`, `train.stop_at_step`, intervals, `step_<N>` paths) is divided
 by `SCALE`, so a 300-step run becomes 6 steps and "extend to 400" becomes 8. Every command must train (exit 0,
 "finished step"): a command refused because an earlier one left checkpoints in its `output_dir`, or a resume
-that finds its run already complete, fails the test.
+that finds its run already complete, fails the test. The `python -m automoe.<command>` lines between them (evaluate,
+generate) run as written, `step_<N>` paths scaled, and must exit 0.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.doc_commands import REPO, markdown_commands
+from tests.doc_commands import REPO, ModuleCommand, markdown_commands
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,15 @@ def scaled(args: list[str]) -> list[str]:
 
 def run_in_order(page: str, cwd) -> list[str]:
     outputs = []
-    for cmd in markdown_commands(REPO / page):
+    for cmd in markdown_commands(REPO / page, modules=True):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        if isinstance(cmd, ModuleCommand):
+            argv = [sys.executable, "-m", cmd.module, *scaled(cmd.args)]
+            proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+            assert proc.returncode == 0, (
+                f"{cmd.where}: {' '.join(argv)}\n{(proc.stdout + proc.stderr)[-3000:]}"
+            )
+            continue
         data = [] if any(a.startswith("data=") for a in cmd.args) else ["data=synthetic"]
         argv = [
             sys.executable,
@@ -64,7 +73,6 @@ def run_in_order(page: str, cwd) -> list[str]:
             *SMALL,
             *scaled(cmd.args),
         ]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{cmd.where}: {' '.join(cmd.args)}\n{output[-3000:]}"

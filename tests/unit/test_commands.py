@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = ["automoe.convert", "automoe.plan", "automoe.prepare_data"]
+COMMANDS = ["automoe.convert", "automoe.plan", "automoe.prepare_data", "automoe.generate", "automoe.evaluate"]
 
 
 @pytest.mark.parametrize("module", COMMANDS)
