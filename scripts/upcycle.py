@@ -1,12 +1,15 @@
-"""Sparse upcycling: a dense HF Llama / Qwen2 / Qwen3 directory -> an HF MoE directory ready for fine-tuning.
+"""Sparse upcycling: a dense model -> an MoE whose experts start as copies of its MLPs, ready for fine-tuning.
 
-    python scripts/upcycle.py DENSE_HF_DIR OUT_DIR --experts 8 --top-k 2 --family mixtral [--shared-expert]
+    python scripts/upcycle.py DENSE_DIR OUT_DIR --experts 8 --top-k 2 [--family mixtral] [--shared-expert]
         [--noise 0.0] [--router-std STD] [--dense-layers 0] [--seed 0] [--dtype bfloat16]
     torchrun --nproc-per-node 2 recipes/finetune.py hf.init_from=OUT_DIR ...
 
-Experts are copies of each layer's dense MLP, the router is new (see automoe/hf/upcycle.py for the recipe and its
-sources); `--family` must be able to express the result (Llama -> mixtral, Qwen3 -> qwen3_moe; a shared expert
-needs a family with one, e.g. qwen2_moe once gated, which the upcycled model is not: export then names the setting).
+DENSE_DIR: an HF Llama / Qwen2 / Qwen3 directory, or an automoe checkpoint directory (`model_config.yaml` +
+`model.pt` or DCP `model/`, as `python -m automoe.convert hf-to-automoe` writes) of an all-dense model. With
+`--family` OUT_DIR is an HF directory of that family, which must express the result (Llama -> mixtral, Qwen3 ->
+qwen3_moe; no HF family has an ungated shared expert with softmax routing, so `--shared-expert` results are
+refused there, naming the setting); without it, an automoe directory (`model_config.yaml` + `model.pt`).
+The recipe and its sources: automoe/hf/upcycle.py.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import argparse
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("dense_dir", help="HF directory of a dense Llama / Qwen2 / Qwen3 model")
-    p.add_argument("out_dir", help="where the HF MoE checkpoint is written")
+    p.add_argument(
+        "dense_dir", help="HF dense Llama / Qwen2 / Qwen3 directory, or an automoe checkpoint directory"
+    )
+    p.add_argument("out_dir", help="where the MoE checkpoint is written")
     p.add_argument("--experts", type=int, required=True, help="routed experts E per MoE layer")
     p.add_argument("--top-k", type=int, required=True, help="experts per token K")
-    p.add_argument("--family", required=True, help="HF family written (automoe.hf.FAMILIES)")
+    p.add_argument("--family", default=None, help="HF family written (automoe.hf.FAMILIES); none: automoe")
     p.add_argument("--shared-expert", action="store_true", help="keep the dense MLP as a shared expert")
     p.add_argument("--noise", type=float, default=0.0, help="relative Gaussian noise on each expert copy")
     p.add_argument("--router-std", type=float, default=None, help="router init std (default: init_std)")
@@ -31,11 +36,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    from pathlib import Path
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from automoe.convert import CONFIG_NAME, read_automoe
     from automoe.hf import save_hf_checkpoint
     from automoe.hf.upcycle import load_dense_hf, upcycle
 
     args = parse_args(argv)
-    dense_cfg, dense_state = load_dense_hf(args.dense_dir)
+    src, out = Path(args.dense_dir), Path(args.out_dir)
+    dense_cfg, dense_state = read_automoe(src) if (src / CONFIG_NAME).is_file() else load_dense_hf(src)
     model = upcycle(
         dense_cfg,
         dense_state,
@@ -47,8 +59,15 @@ def main(argv=None) -> None:
         router_std=args.router_std,
         seed=args.seed,
     )
-    files = save_hf_checkpoint(model, model.cfg, args.out_dir, family=args.family, dtype=args.dtype)
-    print(f"upcycled {args.dense_dir} -> {args.out_dir} ({args.family}, {len(files)} files)")
+    if args.family is not None:
+        save_hf_checkpoint(model, model.cfg, out, family=args.family, dtype=args.dtype)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(model.cfg), out / CONFIG_NAME)
+        torch.save(model.state_dict(), out / "model.pt")
+    print(
+        f"upcycled {src} -> {out} ({args.family or 'automoe'}: {model.cfg.moe.num_experts} experts, top-{args.top_k})"
+    )
 
 
 if __name__ == "__main__":

@@ -142,3 +142,28 @@ def test_upcycled_llama_exports_as_mixtral_with_the_same_logits(tmp_path):
     tokens = _tokens()
     with torch.no_grad():
         _assert_same_logits(mixtral(tokens).logits, moe(tokens), cfg)
+
+
+def test_script_upcycles_an_automoe_dense_checkpoint(tmp_path):
+    """scripts/upcycle.py from an automoe checkpoint directory to an automoe one (no --family)."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from automoe.convert import CONFIG_NAME, read_automoe
+    from tests.unit.test_script_defaults import REPO
+
+    dense = _dense_model()
+    (tmp_path / "dense").mkdir()
+    OmegaConf.save(OmegaConf.structured(DENSE), tmp_path / "dense" / CONFIG_NAME)
+    torch.save(dense.state_dict(), tmp_path / "dense" / "model.pt")
+    spec = importlib.util.spec_from_file_location("upcycle_script", REPO / "scripts" / "upcycle.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main([str(tmp_path / "dense"), str(tmp_path / "moe"), "--experts", "4", "--top-k", "2"])
+    cfg, state = read_automoe(tmp_path / "moe")
+    assert (cfg.moe.num_experts, cfg.num_moe_layers) == (4, 2)
+    moe = Transformer(cfg).eval()
+    moe.load_state_dict(state)
+    with torch.no_grad():
+        _assert_same_logits(moe(_tokens()), dense(_tokens()), DENSE)
