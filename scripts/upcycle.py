@@ -2,7 +2,7 @@
 
     python scripts/upcycle.py DENSE_DIR OUT_DIR --experts 8 --top-k 2 [--family mixtral] [--shared-expert]
         [--noise 0.0] [--router-std STD] [--dense-layers 0] [--seed 0] [--dtype bfloat16]
-    torchrun --nproc-per-node 2 recipes/finetune.py hf.init_from=OUT_DIR ...
+    torchrun --nproc-per-node 2 recipes/finetune.py hf.init_from=OUT_DIR [key=value ...]
 
 DENSE_DIR: an HF Llama / Qwen2 / Qwen3 directory, or an automoe checkpoint directory (`model_config.yaml` +
 `model.pt` or DCP `model/`, as `python -m automoe.convert hf-to-automoe` writes) of an all-dense model. With
