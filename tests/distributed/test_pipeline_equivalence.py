@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from automoe.config.model import ModelConfig
 from automoe.config.moe import MoEConfig
@@ -111,6 +113,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_layout(world: int, layout: dict) -> None:
+    """Run `layout` and the single-process reference 3 steps and compare; then optionally (`reshard_to`) save a
+    DCP checkpoint, load it into another layout and compare it with the reference once more."""
     cfg = _model_cfg(layout.get("layers", 2))
     pcfg = ParallelConfig(
         pp=layout["pp"],
@@ -161,6 +165,52 @@ def _check_layout(world: int, layout: dict) -> None:
     for name, b in biases.items():  # +-factor * sign of the same integer loads: bitwise
         assert_equal(b, ref_buffers[name], msg=f"{layout} {name}")
         assert b.abs().sum() > 0, "the bias update never ran"
+    if "reshard_to" in layout:
+        _reshard(world, layout, cfg, (model, opts[0]), (reference, opts[1], single), num_seqs)
+
+
+def _reshard(world: int, layout: dict, cfg: ModelConfig, saved: tuple, ref: tuple, num_seqs: int) -> None:
+    """Save `saved` (model, optimizer) with DCP, load it into `layout["reshard_to"]` (ParallelConfig kwargs):
+    every tensor this rank saved comes back bitwise, and one more step matches the reference's."""
+    model, opt = saved
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=layout["dir"])
+    pcfg = ParallelConfig(fsdp=False, **layout["reshard_to"])
+    dims = ParallelDims(world_size=world, ep=pcfg.ep, pp=pcfg.pp, num_experts=cfg.moe.num_experts)
+    dims.build_meshes()
+    loaded = _build(cfg, dims, pcfg)
+    loaded_opt = torch.optim.AdamW(loaded.parameters(), lr=1e-2, weight_decay=0.1)
+    msd, osd = get_state_dict(loaded, loaded_opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=layout["dir"])
+    set_state_dict(loaded, loaded_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    now = dict(loaded.state_dict())
+    for (
+        name,
+        t,
+    ) in model.state_dict().items():  # collectives only within the saving stage: compare local shards
+        want_full, got = _full(t), now[name]
+        if isinstance(got, DTensor):
+            want = distribute_tensor(
+                want_full, got.device_mesh, got.placements, src_data_rank=None
+            ).to_local()
+            got = got.to_local()
+        else:
+            want = want_full
+        assert_equal(got, want, msg=f"{name} after resharding to {layout['reshard_to']}")
+    reference, ref_opt, single = ref
+    tokens = torch.randint(
+        0, VOCAB, (num_seqs, SEQ + 1), generator=torch.Generator().manual_seed(100 + STEPS)
+    )
+    dp_rank, dp_size = dims.dp_coordinate()
+    per_rank = num_seqs // dp_size
+    mbs = _micro_batches(tokens, slice(dp_rank * per_rank, (dp_rank + 1) * per_rank), num_seqs * SEQ)
+    got = _step(loaded, loaded_opt, dims, mbs)
+    want = _step(reference, ref_opt, single, _micro_batches(tokens, slice(None), num_seqs * SEQ))
+    for name, g, w in zip(("loss", "aux", "grad_norm"), got, want):
+        assert abs(g - w) <= (STEPS + 1) * TOL * abs(w), (
+            f"resumed at {layout['reshard_to']}: {name} {g} vs {w}"
+        )
 
 
 def _worker(rank: int, world: int, layouts: list[dict]) -> bool:
@@ -176,7 +226,8 @@ WORLD2 = [
     {"pp": 2, "layers": 4, "schedule": "Interleaved1F1B", "virtual": 2, "micro_batches": 2},
 ]
 WORLD4 = [
-    {"pp": 2, "ep": 2, "split": [1, 1]},  # pp2 x ep2 (EP inside each stage: 2 data ranks per stage)
+    # pp2 x ep2 (EP inside each stage: 2 data ranks per stage); its checkpoint resumes at pp1 x ep4
+    {"pp": 2, "ep": 2, "split": [1, 1], "reshard_to": {"ep": 4}},
     {"pp": 2, "ep": 1, "layers": 4, "schedule": "Interleaved1F1B", "virtual": 2},  # pp2 x dp2, interleaved
 ]
 
@@ -186,8 +237,9 @@ WORLD4 = [
     ("world", "layouts"),
     [
         pytest.param(2, WORLD2, id="pp2-1f1b-densestage+pp2-gpipe-ac+pp2-interleaved2"),
-        pytest.param(4, WORLD4, id="pp2-ep2+pp2-dp2-interleaved2"),
+        pytest.param(4, WORLD4, id="pp2-ep2-reshard-pp1-ep4+pp2-dp2-interleaved2"),
     ],
 )
-def test_pipeline_steps_match_single_process(world, layouts):
+def test_pipeline_steps_match_single_process(world, layouts, tmp_path):
+    layouts = [dict(layout, dir=str(tmp_path / f"ckpt{i}")) for i, layout in enumerate(layouts)]
     assert all(run_distributed(_worker, world, layouts))
