@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out")
     parser.add_argument("--seed", type=int, default=0, help="seeds the document split")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="processes encoding batches of documents (output unchanged)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer=tokenizer,
         split=args.split,
         streaming=args.streaming,
+        num_workers=args.num_workers,
         text_field=args.text_field,
         file_glob=args.file_glob,
         max_bytes=args.max_bytes,

@@ -81,16 +81,21 @@ def prepare_token_file(
     split: str = "train",
     streaming: bool = False,
     progress: bool | None = None,
+    num_workers: int = 1,
 ) -> dict[str, Any]:
     """Write `output` (and `<stem>_val.bin` when val_fraction > 0); -> {"train": meta, "val": meta | None}.
 
     `tokenizer`: default the byte tokenizer (`automoe.data.tokenizer.load_tokenizer` gives an HF one); its
     name, path, fingerprint, vocab size and special ids go into the sidecars. `progress`: a tqdm bar over
-    documents (None = only on a terminal)."""
+    documents (None = only on a terminal). `num_workers` > 1 encodes batches of documents in that many forked
+    processes (same output: batches are written in order); 1 encodes here (an HF tokenizer's batch still uses
+    every core)."""
     from tqdm import tqdm
 
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction={val_fraction} must be in [0, 1)")
+    if num_workers < 1:
+        raise ValueError(f"--num-workers={num_workers} must be >= 1")
     tokenizer = tokenizer or ByteTokenizer()
     info = tokenizer_info(tokenizer)
     ids = dict(
@@ -120,8 +125,8 @@ def prepare_token_file(
         val = (
             stack.enter_context(TokenFileWriter(val_output_path(output), **ids)) if val_fraction > 0 else None
         )
-        for batch in _batches((text for _, text in bar), BATCH_DOCUMENTS):
-            for doc_ids in _encode_documents(tokenizer, batch):
+        for encoded in _encoded_batches(tokenizer, (text for _, text in bar), num_workers):
+            for doc_ids in encoded:
                 to_val = val is not None and rng.random() < val_fraction
                 (val if to_val else train).write(doc_ids)
                 num_docs["val" if to_val else "train"] += 1
@@ -144,6 +149,26 @@ def _batches(items, size: int):
             batch = []
     if batch:
         yield batch
+
+
+_WORKER_TOKENIZER: list[Tokenizer] = []  # the tokenizer a forked worker inherited
+
+
+def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
+    return _encode_documents(_WORKER_TOKENIZER[0], texts)
+
+
+def _encoded_batches(tokenizer: Tokenizer, texts, num_workers: int):
+    """Each batch of BATCH_DOCUMENTS texts as encoded documents, in order (forked workers when num_workers > 1)."""
+    batches = _batches(texts, BATCH_DOCUMENTS)
+    if num_workers == 1:
+        yield from (_encode_documents(tokenizer, batch) for batch in batches)
+        return
+    import multiprocessing
+
+    _WORKER_TOKENIZER[:] = [tokenizer]
+    with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+        yield from pool.imap(_encode_in_worker, batches)
 
 
 def _encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:

@@ -146,3 +146,23 @@ def test_byte_data_for_an_hf_model_without_a_tokenizer_is_refused(tmp_path):
     check_data_tokenizer(
         _job(tmp_path, DataConfig(source="synthetic", synthetic_vocab_size=64), vocab=97, hf_dir=str(hf_dir))
     )
+
+
+def test_worker_processes_write_the_same_file(tmp_path, monkeypatch):
+    import automoe.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "BATCH_DOCUMENTS", 7)  # several batches over the 40 documents
+    tok = HFTokenizer(make_tokenizer(tmp_path / "tok"))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    for workers in (1, 2):
+        prepare_token_file(
+            "jsonl",
+            str(corpus),
+            tmp_path / f"w{workers}.bin",
+            tokenizer=tok,
+            val_fraction=0.2,
+            num_workers=workers,
+        )
+    for name in ("w{}.bin", "w{}_val.bin"):
+        assert (tmp_path / name.format(1)).read_bytes() == (tmp_path / name.format(2)).read_bytes()
