@@ -41,16 +41,13 @@ def main(argv=None) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from automoe.convert import CONFIG_NAME, read_automoe
-    from automoe.hf import save_hf_checkpoint
-    from automoe.hf.upcycle import load_dense_hf, upcycle
+    from automoe.convert import CONFIG_NAME
+    from automoe.hf import save_hf_checkpoint, upcycle_from
 
     args = parse_args(argv)
     src, out = Path(args.dense_dir), Path(args.out_dir)
-    dense_cfg, dense_state = read_automoe(src) if (src / CONFIG_NAME).is_file() else load_dense_hf(src)
-    model = upcycle(
-        dense_cfg,
-        dense_state,
+    model = upcycle_from(
+        src,
         num_experts=args.experts,
         top_k=args.top_k,
         shared_expert=args.shared_expert,

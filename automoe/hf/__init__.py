@@ -1,6 +1,7 @@
 """Hugging Face interop: config.json mapping, tensor plans, lazy safetensors import (per-expert or fused expert
 tensors, block-fp8 dequantized) and sharded export, for the families registered in `automoe/hf/families/`
-(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3; see docs/hf_interop.md)."""
+(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, GLM-4.5; see docs/hf_interop.md), and sparse
+upcycling of dense checkpoints (`upcycle_from`)."""
 
 from automoe.hf.checkpoint import (
     HFCheckpoint,
@@ -15,6 +16,7 @@ from automoe.hf.checkpoint import (
 )
 from automoe.hf.config_map import config_from_hf, config_to_hf, read_hf_config
 from automoe.hf.families import FAMILIES, Family, family_for_model_type, get_family
+from automoe.hf.upcycle import upcycle_from
 
 __all__ = [
     "FAMILIES",
@@ -32,5 +34,6 @@ __all__ = [
     "load_hf_weights",
     "read_hf_config",
     "save_hf_checkpoint",
+    "upcycle_from",
     "validate_checkpoint",
 ]

@@ -15,6 +15,7 @@ and the routed experts' are halved so that the sum is again the dense MLP at ini
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,17 @@ def load_dense_hf(
     return cfg, state
 
 
+def upcycle_from(path: str | Path, **upcycle_kwargs: Any) -> Transformer:
+    """The upcycled MoE of a dense checkpoint directory: an HF Llama / Qwen2 / Qwen3 directory, or an automoe one
+    (`model_config.yaml` + `model.pt` / DCP `model/`, `python -m automoe.convert`'s layout); `upcycle_kwargs` go to
+    `upcycle` (num_experts, top_k, shared_expert, noise, ...)."""
+    from automoe.convert import CONFIG_NAME, read_automoe  # the converter imports automoe.hf
+
+    path = Path(path)
+    dense_cfg, dense_state = read_automoe(path) if (path / CONFIG_NAME).is_file() else load_dense_hf(path)
+    return upcycle(dense_cfg, dense_state, **upcycle_kwargs)
+
+
 def upcycled_config(
     dense: ModelConfig,
     *,
@@ -83,8 +95,6 @@ def upcycled_config(
     aux_loss_coeff: float = 0.01,
 ) -> ModelConfig:
     """The MoE config of `dense` upcycled: layers >= num_dense_layers get E experts of the dense width."""
-    import dataclasses
-
     moe = MoEConfig(
         moe_inter_dim=dense.ffn_inter_dim,
         num_experts=num_experts,

@@ -33,7 +33,6 @@ class GptOss(Family):
     name = "gpt_oss"
     model_types = ("gpt_oss",)
     architecture = "GptOssForCausalLM"
-    fused_moe_prefix = "mlp."
     default_norm_eps = 1e-5
     not_supported = (
         "MXFP4-quantized checkpoints (the published ones): dequantize them to bf16 with transformers first "
