@@ -423,7 +423,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default=None, help=f"comma-separated of {list(ALL_ROWS)} (fast is always run)")
     p.add_argument("--stages", action="store_true", help="also time the fast layer's stages")
     p.add_argument(
-        "--quick", action="store_true", help="a few minutes: no loop row, --repeats 3 --warmup 1 unless given"
+        "--quick",
+        action="store_true",
+        help="a few minutes: no loop row, --tokens 2048 --repeats 3 --warmup 1 unless given",
     )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -431,6 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         given = set(argv if argv is not None else sys.argv[1:])
         args.repeats = args.repeats if "--repeats" in given else 3
         args.warmup = args.warmup if "--warmup" in given else 1
+        args.tokens = args.tokens if "--tokens" in given else 2048
     names = tuple(args.rows.split(",")) if args.rows else (QUICK_ROWS if args.quick else DEFAULT_ROWS)
     unknown = set(names) - set(ALL_ROWS)
     if unknown:

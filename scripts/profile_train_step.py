@@ -121,7 +121,8 @@ def main() -> None:
                     indent=2,
                 )
             )
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
