@@ -109,6 +109,28 @@ def test_evaluate_reproduces_the_logged_validation_loss(run, tmp_path):
     assert result["bits_per_byte"] == pytest.approx(bits / result["num_bytes"])
 
 
+@pytest.mark.timeout(240)
+def test_evaluate_under_torchrun_ep2_equals_one_process(run, tmp_path):
+    """The checkpoint (trained in one process) resharded to EP=2 + FSDP2 over 2 ranks gives the same loss."""
+    from automoe.torchrun import torchrun_command
+
+    evaluate.main([str(run), "--json", str(tmp_path / "one.json")])
+    cmd = torchrun_command(
+        2, "-m", "automoe.evaluate", str(run), "parallel.ep=2", "--json", str(tmp_path / "ep2.json")
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "applied expert parallelism: ep=2" in proc.stderr
+    one, ep2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "ep2"))
+    assert ep2["num_tokens"] == one["num_tokens"] and ep2["num_bytes"] == one["num_bytes"]
+    # per-micro-batch CE sums in another grouping (2 ranks, then an all-reduce), in fp32 inside each forward
+    num_micro_batches = one["num_tokens"] // (2 * 64)
+    assert_close_rounding(
+        torch.tensor(ep2["loss"]), torch.tensor(one["loss"]), terms=num_micro_batches, scale=one["loss"]
+    )
+
+
 def test_generate_reads_the_checkpoint_and_its_export_alike(run, capsys):
     generate.main([str(run), "--prompt", "def ", "--max-new-tokens", "6", "--print-ids", "--eos-id", "-1"])
     from_checkpoint = capsys.readouterr().out.split()
