@@ -131,7 +131,30 @@ def test_evaluate_under_torchrun_ep2_equals_one_process(run, tmp_path):
     )
 
 
-def test_generate_reads_the_checkpoint_and_its_export_alike(run, capsys):
+def test_evaluate_reads_a_token_file_with_the_export_or_the_checkpoint_alike(run, tmp_path):
+    from automoe.data.prepare import prepare_token_file
+
+    (tmp_path / "c.txt").write_text((REPO / "automoe" / "generate.py").read_text()[:3000])
+    prepare_token_file("text", str(tmp_path / "c.txt"), tmp_path / "bytes.bin")
+    for name, model in (("ckpt", run), ("hf", run / "hf")):
+        evaluate.main(
+            [
+                str(model),
+                "--tokens",
+                str(tmp_path / "bytes.bin"),
+                "--seq-len",
+                "64",
+                "--json",
+                str(tmp_path / f"{name}.json"),
+            ]
+        )
+    ckpt, hf = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ckpt", "hf"))
+    assert hf["num_tokens"] == ckpt["num_tokens"] and "bits_per_byte" in hf
+    # the export holds the same numbers (the gated shared expert included): the same sums up to fp64 rounding
+    assert_close_rounding(torch.tensor(hf["loss"]), torch.tensor(ckpt["loss"]), terms=2, scale=ckpt["loss"])
+
+
+def test_generate_reads_the_checkpoint_and_its_export_alike(run, capsys, tmp_path):
     generate.main([str(run), "--prompt", "def ", "--max-new-tokens", "6", "--print-ids", "--eos-id", "-1"])
     from_checkpoint = capsys.readouterr().out.split()
     prompt = " ".join(str(b) for b in b"def ")
@@ -141,6 +164,12 @@ def test_generate_reads_the_checkpoint_and_its_export_alike(run, capsys):
     assert from_export == from_checkpoint
     generate.main([str(run), "--prompt", "def ", "--max-new-tokens", "6"])
     assert capsys.readouterr().out.startswith("def ")  # decoded with the run's byte tokenizer
+    from automoe.convert import hf_to_automoe
+
+    hf_to_automoe(run / "hf", tmp_path / "converted", fmt="torch", max_seq_len=None)
+    capsys.readouterr()
+    generate.main([str(tmp_path / "converted"), "--prompt-ids", prompt, "--max-new-tokens", "6"])
+    assert capsys.readouterr().out.split() == from_checkpoint
 
 
 @pytest.mark.timeout(120)
