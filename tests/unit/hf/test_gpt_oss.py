@@ -156,3 +156,45 @@ def test_decoding_with_a_kv_cache_keeps_windows_and_sinks(saved):
         steps += [model(tokens[:, s : s + 1], kv_cache=cache) for s in range(9, 16)]
     # the same math with other key counts per SDPA call: reordering error only (as test_parity's bound)
     assert_close_rounding(torch.cat(steps, dim=1), full, terms=64, depth=9)
+
+
+@pytest.mark.parametrize("layout", ["cp2-contiguous", "cp2-zigzag"])
+def test_context_parallel_pieces_keep_windows_and_sinks(layout):
+    """Each CP rank's chunk, attending over the gathered keys (simulated in one process), gives the full sequence's
+    logits with a sliding window (positions compared across chunks) and sinks (one extra key per rank's softmax)."""
+    from tests.unit.models.test_transformer import (
+        RecordKV,
+        ReplayKV,
+        _cp_layout,
+        build,
+        model_rounding,
+        tiny_cfg,
+    )
+
+    cfg = tiny_cfg(attention_sinks=True, sliding_window=5, sliding_window_layers=[0, 2], rope_dim=4)
+    model = build(cfg).eval()
+    with torch.no_grad():
+        for block in model.layers.values():
+            block.attention.sinks.normal_(0, 1.0)
+    B, S = 2, 16
+    tokens = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(S).expand(B, S)
+    attns = [blk.attention for blk in model.layers.values()]
+    with torch.no_grad():
+        recorders = [RecordKV() for _ in attns]
+        for attn, rec in zip(attns, recorders):
+            attn.kv_gather = rec
+        full = model(tokens, positions_BS=pos)
+        pieces = _cp_layout(S, layout)
+        order = torch.cat(pieces)
+        for idx in pieces:
+            for attn, rec in zip(attns, recorders):
+                attn.kv_gather = ReplayKV(rec, idx, order, cfg)
+            got = model(tokens[:, idx], positions_BS=pos[:, idx])
+            assert_close_rounding(got, full[:, idx], **model_rounding(cfg))
+        for attn in attns:
+            attn.kv_gather = None
+        windowless = dataclasses.replace(cfg, sliding_window=None, sliding_window_layers=[])
+        other = build(windowless).eval()
+        other.load_state_dict(model.state_dict())
+        assert (other(tokens) - full).abs().max() > 1e-4  # the window is live at S=16
