@@ -16,6 +16,7 @@ words override the job config (layout: `parallel.ep=2`, `parallel.cp=2`; default
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -27,10 +28,11 @@ import torch
 from omegaconf import OmegaConf
 
 from automoe import parallel
+from automoe.config.data import DataConfig
 from automoe.config.job import JobConfig
 from automoe.data import IGNORE_INDEX, TokenDataset, build_datasets, read_token_file, val_batches
 from automoe.data.tokenizer import NUM_BYTES
-from automoe.data.tokenizer_check import data_tokenizer, data_tokenizer_infos
+from automoe.data.tokenizer_check import check_data_tokenizer, data_tokenizer, data_tokenizer_infos
 from automoe.models import Transformer
 
 logger = logging.getLogger("automoe.evaluate")
@@ -57,14 +59,23 @@ def job_config(model: str, overrides: list[str]) -> tuple[JobConfig, Path | None
         base = {"model": OmegaConf.to_container(OmegaConf.structured(model_cfg))}
     base.setdefault("parallel", {}).update(SINGLE_LAYOUT)
     base["checkpoint"] = {"resume": None, "init_from": None}
-    base["hf"] = {"init_from": None, "export_to": None, "family": None}
+    # hf.init_from stays: it names the tokenizer a fine-tune's text was encoded with (the weights come from above)
+    base["hf"] = {
+        "init_from": (base.get("hf") or {}).get("init_from", hf_dir),
+        "export_to": None,
+        "family": None,
+    }
     merged = OmegaConf.merge(OmegaConf.structured(JobConfig), base, OmegaConf.from_dotlist(overrides))
     return OmegaConf.to_object(merged), step_dir, hf_dir
 
 
 def eval_dataset(cfg: JobConfig, *, tokens: str | None, split: str) -> tuple[TokenDataset, bool]:
-    """-> (the dataset to evaluate, whether its ids are bytes of the byte tokenizer)."""
+    """-> (the dataset to evaluate, whether its ids are bytes of the byte tokenizer). A token file must be in the
+    model's tokenizer (`check_data_tokenizer`, as at the start of training)."""
     if tokens is not None:
+        check_data_tokenizer(
+            dataclasses.replace(cfg, data=DataConfig(source="tokens", path=tokens, seq_len=cfg.data.seq_len))
+        )
         ids, meta = read_token_file(tokens, field="tokens")
         pad = meta["pad_id"] if meta.get("pad_id") is not None else meta["eos_id"]
         dataset = TokenDataset(

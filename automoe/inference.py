@@ -106,7 +106,12 @@ def load_model(
 
         cfg, state = read_automoe(path)
         model = build_empty(cfg, device)
-        model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"output.weight"} if cfg.tie_embeddings else set()
+        if unexpected or set(missing) - tied:  # a tied head is not stored; it shares tok_embeddings.weight
+            raise ValueError(
+                f"{path}: tensors missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
+            )
         return LoadedModel(cfg, model.eval(), None, f"automoe checkpoint {path}")
     from automoe.hf import load_hf_checkpoint
     from automoe.hf.hub import resolve_local
