@@ -217,6 +217,7 @@ def training_curves(directory: Path) -> dict:
         "max_vio_batch": [float(np.mean([m["max_vio"] for m in r["moe"].values()])) for r in records],
         "loss": [r["loss"] for r in records],
         "train_loop_s": sum(r["step_time_s"] for r in records),
+        "batch_tokens": records[0]["tokens"] if records else None,
     }
 
 
@@ -230,6 +231,22 @@ def collect(out: Path) -> dict:
         run = {"eval": json.loads(ev.read_text()), "curves": training_curves(directory)}
         runs.setdefault(preset, {}).setdefault(setting, {})[int(seed)] = run
     return runs
+
+
+def first_below(curves: dict, level: float, *, window: int = 25) -> int | None:
+    """First step at which the `window`-step mean MaxVio_batch is <= level (None: never)."""
+    mean = smooth(curves["max_vio_batch"], window=window)
+    hits = np.nonzero(mean <= level)[0]
+    return int(curves["steps"][hits[0] + window - 1]) if len(hits) else None
+
+
+def balanced_max_vio_batch(tokens: int, experts: int, k: int, *, draws: int = 2000) -> float:
+    """Mean MaxVio of one batch when every token picks k distinct experts uniformly: the noise floor of
+    MaxVio_batch at this batch size (perfect balance in expectation still shows this much)."""
+    rng = np.random.default_rng(0)
+    picks = np.argsort(rng.random((draws, tokens, experts)), axis=-1)[..., :k].reshape(draws, -1)
+    load = np.stack([np.bincount(p, minlength=experts) for p in picks])
+    return float((load.max(1) / load.mean(1) - 1).mean())
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -268,6 +285,7 @@ def summarize(runs: dict) -> dict:
                 "max_vio_global": spread([e["val"]["max_vio_global"] for e in ev]),
                 "max_vio_global_max_layer": max(e["val"]["max_vio_global_max"] for e in ev),
                 "max_vio_batch_last100": spread(tail),
+                "steps_to_max_vio_batch_0.5": [first_below(seeds[s]["curves"], 0.5) for s in sorted(seeds)],
                 "held_out_loss_seed0": seeds[0]["eval"]["held_out"]["loss"] if 0 in seeds else None,
                 "held_out_max_vio_seed0": seeds[0]["eval"]["held_out"]["max_vio_global"]
                 if 0 in seeds
@@ -285,8 +303,8 @@ def summary_table(summary: dict) -> str:
         lines += [
             f"\n{preset} (chosen on the held-out slice: {s['chosen_on_held_out']})\n",
             "| setting | seeds | val loss | MaxVio_global (val) | worst layer | MaxVio_batch, last 100 steps | "
-            "held-out loss / MaxVio (seed 0) |",
-            "|---|---|---|---|---|---|---|",
+            "first step MaxVio_batch <= 0.5 | held-out loss / MaxVio (seed 0) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, r in sorted(s["rows"].items(), key=lambda kv: _order(kv[0])):
             (lm, ls), (vm, vs), (bm, bs) = r["val_loss"], r["max_vio_global"], r["max_vio_batch_last100"]
@@ -295,9 +313,11 @@ def summary_table(summary: dict) -> str:
                 if r["held_out_loss_seed0"] is not None
                 else "-"
             )
+            pm = (lambda x: "") if len(r["seeds"]) == 1 else (lambda x: f" ± {x:.4f}")  # one seed: no spread
+            first = ", ".join("never" if x is None else str(x) for x in r["steps_to_max_vio_batch_0.5"])
             lines.append(
-                f"| {name} | {','.join(map(str, r['seeds']))} | {lm:.4f} ± {ls:.4f} | {vm:.3f} ± {vs:.3f} | "
-                f"{r['max_vio_global_max_layer']:.3f} | {bm:.3f} ± {bs:.3f} | {ho} |"
+                f"| {name} | {','.join(map(str, r['seeds']))} | {lm:.4f}{pm(ls)} | {vm:.3f}{pm(vs)} | "
+                f"{r['max_vio_global_max_layer']:.3f} | {bm:.3f}{pm(bs)} | {first} | {ho} |"
             )
     return "\n".join(lines)
 
@@ -344,7 +364,13 @@ def plot(runs: dict, summary: dict, *, img_dir: Path, window: int = 25) -> list[
             )
             if len(seeds) > 1:
                 ax.fill_between(steps, curves.min(0), curves.max(0), color=color, alpha=0.15, lw=0)
-        ax.axhline(0.10, color="gray", ls="--", lw=1)
+        ax.axhline(0.10, color="gray", ls="--", lw=1, label="MaxVio = 0.10")
+        moe = OmegaConf.load(ROOT / "configs/model" / f"{preset}.yaml").moe
+        tokens = next(iter(next(iter(runs[preset].values())).values()))["curves"].get("batch_tokens", 512)
+        floor = balanced_max_vio_batch(tokens, moe.num_experts, moe.num_activated_experts)
+        ax.axhline(
+            floor, color="black", ls=":", lw=1, label=f"noise floor of a balanced router ({floor:.2f})"
+        )
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(f"{preset}: training-time imbalance")
