@@ -49,6 +49,7 @@ def job_config(model: str, overrides: list[str]) -> tuple[JobConfig, Path | None
         from automoe.train.checkpoint import saved_config
 
         base = saved_config(step_dir)
+        base["output_dir"] = str(step_dir.parent.parent)  # where the checkpoint is now (it may have moved)
         hf_dir = None
     else:
         from automoe.hf.finetune import hf_model_config
