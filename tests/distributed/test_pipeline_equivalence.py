@@ -119,13 +119,14 @@ def _check_layout(world: int, layout: dict) -> None:
     pcfg = ParallelConfig(
         pp=layout["pp"],
         ep=layout.get("ep", 1),
+        cp=layout.get("cp", 1),
         fsdp=False,
         pp_schedule=layout.get("schedule", "1F1B"),
         pp_virtual_stages=layout.get("virtual", 1),
         pp_layers_per_stage=layout.get("split"),
         activation_checkpointing=layout.get("ac", "none"),
     )
-    dims = ParallelDims(world_size=world, ep=pcfg.ep, pp=pcfg.pp, num_experts=cfg.moe.num_experts)
+    dims = ParallelDims(world_size=world, ep=pcfg.ep, pp=pcfg.pp, cp=pcfg.cp, num_experts=cfg.moe.num_experts)
     dims.build_meshes()
     model = _build(cfg, dims, pcfg)
     single = ParallelDims(world_size=1)
@@ -139,7 +140,7 @@ def _check_layout(world: int, layout: dict) -> None:
         dims,
         pcfg,
         num_micro_batches=per_rank // MICRO,
-        micro_batch_shape=(MICRO, SEQ),
+        micro_batch_shape=(MICRO, SEQ // pcfg.cp),
         device=torch.device("cpu"),
     )
     for step in range(STEPS):
@@ -228,7 +229,8 @@ WORLD2 = [
 WORLD4 = [
     # pp2 x ep2 (EP inside each stage: 2 data ranks per stage); its checkpoint resumes at pp1 x ep4
     {"pp": 2, "ep": 2, "split": [1, 1], "reshard_to": {"ep": 4}},
-    {"pp": 2, "ep": 1, "layers": 4, "schedule": "Interleaved1F1B", "virtual": 2},  # pp2 x dp2, interleaved
+    # pp2 x cp2, interleaved: each stage's 2 ranks split every sequence (zigzag), routing statistics over cp
+    {"pp": 2, "cp": 2, "layers": 4, "schedule": "Interleaved1F1B", "virtual": 2},
 ]
 
 
@@ -237,7 +239,7 @@ WORLD4 = [
     ("world", "layouts"),
     [
         pytest.param(2, WORLD2, id="pp2-1f1b-densestage+pp2-gpipe-ac+pp2-interleaved2"),
-        pytest.param(4, WORLD4, id="pp2-ep2-reshard-pp1-ep4+pp2-dp2-interleaved2"),
+        pytest.param(4, WORLD4, id="pp2-ep2-reshard-pp1-ep4+pp2-cp2-interleaved2"),
     ],
 )
 def test_pipeline_steps_match_single_process(world, layouts, tmp_path):
