@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -468,6 +470,9 @@ def main() -> None:
                     res = run_config(args, dtype_name, shape, args.names)
                     print_result(args, res)
                     report["results"].append(res)
+                    if args.json:  # after every configuration: a run cut short keeps what it measured
+                        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                        Path(args.json).write_text(json.dumps(report, indent=2))
     print_summary(report["results"])
     report_and_save(report, machine, args.json)
 
