@@ -49,7 +49,16 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: str = "floa
                 shard_placement_fn=_expert_placement(dims.ep_shard),
             )
         fully_shard(block, mesh=dense_mesh, mp_policy=mp, ignored_params=ignored & set(block.parameters()))
-    fully_shard(model, mesh=dense_mesh, mp_policy=mp, ignored_params=ignored)
+    if dims.pp_enabled:
+        # a pipeline stage runs its pieces (`pipeline.StageModule`), never the model's forward: the embedding and
+        # the norm and the head get their own units, and each unit is the root of its own forward/backward
+        if model.tok_embeddings is not None:
+            fully_shard(model.tok_embeddings, mesh=dense_mesh, mp_policy=mp)
+        if model.output is not None:
+            fully_shard(model.norm, mesh=dense_mesh, mp_policy=mp)
+            fully_shard(model.output, mesh=dense_mesh, mp_policy=mp)
+    else:
+        fully_shard(model, mesh=dense_mesh, mp_policy=mp, ignored_params=ignored)
     logger.info("applied FSDP2 over %s (params gathered in %s)", dense_mesh.mesh_dim_names, param_dtype)
 
 

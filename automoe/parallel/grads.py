@@ -56,8 +56,8 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
     """Finish the step's gradient reductions so every gradient equals the single-process one.
 
     1. Without FSDP, average plain (replicated) gradients over the ranks of the pipeline stage (all ranks without
-       PP) and expert gradients over the ranks that hold the same experts (dp_replicate x ep_shard); with FSDP (`apply_fsdp` made the root an `FSDPModule`)
-       the reduce-scatter already did this.
+       PP) and expert gradients over the ranks that hold the same experts (dp_replicate x ep_shard); with FSDP
+       (`apply_fsdp` made the root, or under PP each block, an `FSDPModule`) the reduce-scatter already did this.
     2. Expert gradients arrive ep-times too large: the all-to-all backward already summed the contributions of the
        ep group, and the average above divides only by the expert-data degree.
     """
@@ -65,7 +65,7 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
         return
     experts = {id(p) for p in expert_parameters(model)}
     stage_group = dims.all_data_mesh.get_group() if dims.pp_enabled else None  # None: the default group
-    if not isinstance(model, FSDPModule):
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):  # else FSDP reduce-scatters the gradients
         expert_group = dims.expert_fsdp_mesh
         for p in model.parameters():
             if p.grad is None:

@@ -114,10 +114,11 @@ def check_pipeline(model_cfg: ModelConfig, pcfg: ParallelConfig, *, num_micro_ba
             f"model.tie_embeddings=true with parallel.pp={pcfg.pp}: the embedding (first stage) and the output "
             "head (last stage) live on different ranks and cannot share one parameter"
         )
-    if pcfg.fsdp:
+    if pcfg.fsdp and pcfg.pp_virtual_stages > 1:
         raise ValueError(
-            f"parallel.fsdp=true with parallel.pp={pcfg.pp} is not supported yet: set parallel.fsdp=false (each "
-            "stage then all-reduces its gradients over its data ranks; experts can still be sharded with ep)"
+            f"parallel.fsdp=true with parallel.pp_virtual_stages={pcfg.pp_virtual_stages} is not supported yet: "
+            "set parallel.fsdp=false (each stage then all-reduces its gradients over its data ranks) or "
+            "pp_virtual_stages=1"
         )
     if pcfg.compile:
         raise ValueError(f"parallel.compile=true with parallel.pp={pcfg.pp} is not supported")

@@ -120,7 +120,7 @@ def _check_layout(world: int, layout: dict) -> None:
         pp=layout["pp"],
         ep=layout.get("ep", 1),
         cp=layout.get("cp", 1),
-        fsdp=False,
+        fsdp=layout.get("fsdp", False),
         pp_schedule=layout.get("schedule", "1F1B"),
         pp_virtual_stages=layout.get("virtual", 1),
         pp_layers_per_stage=layout.get("split"),
@@ -229,6 +229,11 @@ WORLD2 = [
 WORLD4 = [
     # pp2 x ep2 (EP inside each stage: 2 data ranks per stage); its checkpoint resumes at pp1 x ep4
     {"pp": 2, "ep": 2, "split": [1, 1], "reshard_to": {"ep": 4}},
+    {
+        "pp": 2,
+        "fsdp": True,
+        "split": [1, 1],
+    },  # pp2 x fsdp2: FSDP2 units per block / embedding / head per stage
     # pp2 x cp2, interleaved: each stage's 2 ranks split every sequence (zigzag), routing statistics over cp
     {"pp": 2, "cp": 2, "layers": 4, "schedule": "Interleaved1F1B", "virtual": 2},
 ]

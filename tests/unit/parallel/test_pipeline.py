@@ -52,7 +52,12 @@ def test_stage_layer_ids_explicit_and_automatic():
         ),
         (dict(pp=2, fsdp=False, pp_layers_per_stage=[1, 2]), {}, 4, r"parallel.pp_layers_per_stage=\[1, 2\]"),
         (dict(pp=2, fsdp=False), {}, 1, r"1 micro-batches per step .* fewer than parallel.pp=2"),
-        (dict(pp=2, fsdp=True), {}, 4, r"parallel.fsdp=true with parallel.pp=2"),
+        (
+            dict(pp=2, fsdp=True, pp_schedule="Interleaved1F1B", pp_virtual_stages=2),
+            {},
+            4,
+            r"parallel.fsdp=true with parallel.pp_virtual_stages=2",
+        ),
         (
             dict(pp=2, fsdp=False),
             dict(tie_embeddings=True),
