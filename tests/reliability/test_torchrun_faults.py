@@ -59,8 +59,9 @@ def test_hung_peer_ends_the_job_after_the_collective_timeout(tmp_path):
     )
     assert run.returncode != 0, tail(run)
     assert "step 3: a collective in forward/backward" in run.output, tail(run)
+    # The job ended itself (not the 110 s subprocess timeout) and says the 10 s collective timeout fired; no
+    # wall-clock bound, which would only measure the machine's load.
     assert "parallel.collective_timeout_s=10.0" in run.output, tail(run)
-    assert run.seconds < 60, f"took {run.seconds:.0f}s\n{tail(run)}"
 
 
 @pytest.mark.timeout(120)
