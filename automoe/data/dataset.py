@@ -61,7 +61,7 @@ class TokenDataset:
         return out
 
 
-def _check_exists(path: str, field: str) -> Path:
+def check_exists(path: str, field: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise ValueError(f"DataConfig.{field}={path!r} does not exist")
@@ -74,12 +74,12 @@ def _document_tokens(cfg: DataConfig, tokenizer: Tokenizer, path: str | None, fi
         docs = sources.iter_stdlib_documents()
         where = f"the stdlib at {sources.stdlib_root()}"
     elif cfg.source == "datasets":
-        _check_exists(path, field)
+        check_exists(path, field)
         docs = sources.iter_datasets_documents(path, text_field=cfg.text_field, split=cfg.dataset_split)
         where = f"DataConfig.{field}={path!r}"
     else:
         glob = cfg.file_glob or DEFAULT_GLOBS[cfg.source]
-        files = sources.list_files(_check_exists(path, field), glob)
+        files = sources.list_files(check_exists(path, field), glob)
         if not files:
             raise ValueError(f"DataConfig.{field}={path!r} holds no files matching file_glob={glob!r}")
         if cfg.source == "text":
@@ -123,7 +123,7 @@ def _load_stream(cfg: DataConfig, tokenizer: Tokenizer, path: str | None, field:
         )
         return tokens, vocab.vocab_size, vocab.eos_id, vocab.pad_id
     if cfg.source == "tokens":  # the sidecar's tokenizer is checked against the model's at start-up
-        tokens, meta = read_token_file(_check_exists(path, field), field=field)
+        tokens, meta = read_token_file(check_exists(path, field), field=field)
         pad = meta["pad_id"] if meta.get("pad_id") is not None else meta["eos_id"]
         return tokens, int(meta["vocab_size"]), int(meta["eos_id"]), int(pad)
     tokens = _document_tokens(cfg, tokenizer, path, field)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from automoe.config.data import TEXT_SOURCES
+from automoe.data.dataset import check_exists
 from automoe.data.token_file import sidecar_path
 from automoe.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_info
 
@@ -67,6 +68,9 @@ def data_tokenizer_infos(cfg: JobConfig) -> list[dict[str, Any]]:
     if data.source == "tokens":
         return [_sidecar_info(p, f) for f, p in (("path", data.path), ("val_path", data.val_path)) if p]
     if data.source in TEXT_SOURCES:
+        for field in ("path", "val_path"):  # a missing file is the first thing to say, before any vocabulary
+            if getattr(data, field):
+                check_exists(getattr(data, field), field)
         info = tokenizer_info(data_tokenizer(cfg))
         return [{**info, "where": f"data.source={data.source!r}"}]
     return []  # synthetic: ids without a tokenizer

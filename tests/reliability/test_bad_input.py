@@ -122,6 +122,10 @@ def test_config_mistakes_are_named():
 
 
 # ---- 2. data and layout: raised while building, before the first collective ----
+# Text sources use the byte tokenizer (259 ids): the model takes that vocabulary, so each case meets only its fault.
+BYTE_VOCAB = "model.vocab_size=259"
+
+
 def _data_cases(tmp: Path) -> list[tuple[str, int, list[str], list[str]]]:
     (tmp / "empty.txt").write_text("")
     (tmp / "empty_dir").mkdir()
@@ -132,26 +136,26 @@ def _data_cases(tmp: Path) -> list[tuple[str, int, list[str], list[str]]]:
         (
             "missing data path",
             1,
-            ["data.source=text", f"data.path={tmp}/nope.txt"],
+            [BYTE_VOCAB, "data.source=text", f"data.path={tmp}/nope.txt"],
             ["DataConfig.path=", "nope.txt"],
         ),
         ("token file path is a directory", 1, ["data.source=tokens", f"data.path={tmp}"], [f"path='{tmp}'"]),
         (
             "unreadable (non-JSON) jsonl data",
             1,
-            ["data.source=jsonl", f"data.path={tmp}/garbage.jsonl"],
+            [BYTE_VOCAB, "data.source=jsonl", f"data.path={tmp}/garbage.jsonl"],
             ["garbage.jsonl:1", "invalid JSON"],
         ),
         (
             "empty data file",
             1,
-            ["data.source=text", f"data.path={tmp}/empty.txt"],
+            [BYTE_VOCAB, "data.source=text", f"data.path={tmp}/empty.txt"],
             ["empty.txt", "holds no text"],
         ),
         (
             "data directory without matching files",
             1,
-            ["data.source=text", f"data.path={tmp}/empty_dir"],
+            [BYTE_VOCAB, "data.source=text", f"data.path={tmp}/empty_dir"],
             ["empty_dir", "no files"],
         ),
         (
@@ -170,7 +174,7 @@ def _data_cases(tmp: Path) -> list[tuple[str, int, list[str], list[str]]]:
             "token-file vocab > model vocab",
             1,
             ["data.source=tokens", f"data.path={tmp}/big_vocab.bin"],
-            ["model.vocab_size=35", "1000 ids"],
+            ["model.vocab_size=35", "vocab 1000"],
         ),
         (
             "global batch larger than the dataset",
