@@ -44,7 +44,9 @@ class ReplayReducer:
 
     def __init__(self) -> None:
         self._inner: StatsReducer | None = None
-        self._recordings: deque[list[tuple[Tensor, bool]]] = deque()  # forwards not replayed yet, oldest first
+        self._recordings: deque[list[tuple[Tensor, bool]]] = (
+            deque()
+        )  # forwards not replayed yet, oldest first
         self._results: list[tuple[Tensor, bool]] = []  # (value, requires_grad) of each reduction, in order
         self._next: int | None = None  # replay position; None while recording
 
