@@ -29,5 +29,7 @@ def _threads_around_shutdown(rank: int, world_size: int) -> tuple[int, int]:
 
 def test_shutdown_joins_gloo_threads_of_groups_held_by_cycles():
     for before, after in run_distributed(_threads_around_shutdown, 2):
-        assert before >= 2 * 3  # >= 2 live groups, each 2 `pt_gloo_runloop` workers + 1 `gloo_tcp_loop`
+        # Some gloo threads are live (so after == 0 is not vacuous). Not an exact count: each group has 2
+        # `pt_gloo_runloop` workers + 1 `gloo_tcp_loop`, but gloo starts them lazily (5 of 6 seen under load).
+        assert before >= 3
         assert after == 0
