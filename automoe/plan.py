@@ -1,4 +1,5 @@
-"""Layout planner command: memory per rank and communication per step for every (dp_replicate, dp_shard, cp, ep).
+"""Layout planner command: memory per rank and communication per step for every (pp, dp_replicate, dp_shard, cp, tp,
+ep).
 
     python -m automoe.plan --model mixtral_8x7b --cluster h100x8 --nodes 4 \
         --global-batch 256 --seq-len 4096 --ac full --json plan.json
@@ -14,6 +15,14 @@ import json
 from pathlib import Path
 
 from automoe import planner
+from automoe.config.parallel import PP_SCHEDULES
+
+
+def _degrees(text: str) -> tuple[int, ...]:
+    values = tuple(int(x) for x in text.split(",") if x.strip())
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated degrees >= 1 expected")
+    return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +55,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-fsdp", action="store_true", help="replicate dense params (all-reduce) instead of FSDP2"
     )
     tr.add_argument("--routing-imbalance", type=float, default=1.0, help="max/mean expert load on a rank")
+    tr.add_argument(
+        "--pp-schedule", default="1F1B", choices=PP_SCHEDULES, help="schedule of layouts with pp > 1"
+    )
+    tr.add_argument(
+        "--pp-virtual-stages", type=int, default=1, help="stages per pipeline rank (Interleaved1F1B)"
+    )
     p.add_argument("--max-cp", type=int, default=8)
+    p.add_argument(
+        "--pp", type=_degrees, default=(1,), help="pipeline degrees to consider, comma-separated (e.g. 1,2,4)"
+    )
+    p.add_argument(
+        "--tp",
+        type=_degrees,
+        default=(1,),
+        help="tensor-parallel degrees to consider, comma-separated (e.g. 1,2,4,8); only those dividing "
+        "--gpus-per-node are enumerated (tp stays inside a node)",
+    )
     p.add_argument("--sort", default="step", choices=sorted(planner.SORT_KEYS))
     p.add_argument("--top", type=int, default=0, help="print only the first N layouts (0 = all)")
     p.add_argument("--json", type=Path, default=None, help="write every plan and rejection here")
@@ -77,9 +102,16 @@ def verdict(plans: list, shape, cluster, *, model: str) -> str:
             + ", ".join(hints)
         )
     note = f" (first copy {model} into configs/model/)" if model.endswith(".yaml") or "/" in model else ""
+    pipeline = ""
+    if best.pipeline:
+        pp = best.pipeline
+        pipeline = (
+            f"; {pp['schedule']} stages {[len(b) for b in pp['stage_blocks']]} blocks, bubble "
+            f"{pp['bubble_fraction']:.1%}, fullest pipeline rank {pp['memory_rank']}"
+        )
     return (
         f"chosen: {best.layout.name()} ({best.memory_total / planner.GIB:.1f} of {per_rank}, ~{best.step_s:.2f} "
-        f"s per step); launch it with{note}:\n  "
+        f"s per step{pipeline}); launch it with{note}:\n  "
         + planner.launch_command(best, shape, cluster, model=model)
         + "\n  (DATA.bin: a token file from `python -m automoe.prepare_data`; OUT: a directory every node sees)"
     )
@@ -111,8 +143,18 @@ def main(argv: list[str] | None = None) -> None:
         activation_checkpointing=args.ac,
         fsdp=not args.no_fsdp,
         routing_imbalance=args.routing_imbalance,
+        pp_schedule=args.pp_schedule,
+        pp_virtual_stages=args.pp_virtual_stages,
     )
-    plans, rejected = planner.plan(cfg, shape, cluster, max_cp=args.max_cp, sort_by=args.sort)
+    plans, rejected = planner.plan(
+        cfg,
+        shape,
+        cluster,
+        max_cp=args.max_cp,
+        pp_degrees=args.pp,
+        tp_degrees=tuple(t for t in args.tp if cluster.gpus_per_node % t == 0),
+        sort_by=args.sort,
+    )
     counts = planner.param_counts(cfg)
     print(
         f"model {args.model}: {counts.total / 1e6:,.1f}M params ({counts.active / 1e6:,.1f}M active); "

@@ -1,4 +1,4 @@
-"""Layout planner: per-rank memory and per-step communication of (dp_replicate, dp_shard, cp, ep) layouts.
+"""Layout planner: per-rank memory and per-step communication of (pp, dp_replicate, dp_shard, cp, tp, ep) layouts.
 
 Pure arithmetic over a model config, a training shape and a cluster description; nothing is allocated (the model
 is built on the meta device to read parameter shapes) and no process group is touched. Formulas: docs/planning.md.
@@ -25,6 +25,7 @@ from automoe.planner.inputs import (
 from automoe.planner.memory import (
     Layout,
     ParamSpec,
+    Stage,
     activation_bytes,
     attention_bytes_per_token,
     ffn_bytes_per_token,
@@ -40,6 +41,7 @@ from automoe.planner.plan import (
     SORT_KEYS,
     Plan,
     candidate_layouts,
+    check_layout,
     compute_seconds,
     format_table,
     launch_command,
@@ -60,12 +62,14 @@ __all__ = [
     "Plan",
     "SORT_KEYS",
     "STEP_BYTES",
+    "Stage",
     "TrainingShape",
     "a2a_bytes_per_pair",
     "a2a_rows",
     "activation_bytes",
     "attention_bytes_per_token",
     "candidate_layouts",
+    "check_layout",
     "comm_per_step",
     "compute_seconds",
     "expected_distinct_ranks",

@@ -6,7 +6,16 @@ import math
 
 from automoe.config.model import ModelConfig
 from automoe.planner.inputs import DTYPE_BYTES, ClusterSpec, TrainingShape
-from automoe.planner.memory import Layout, fsdp_unit_numel, kv_width, param_inventory, shard_numel
+from automoe.planner.memory import (
+    Layout,
+    Stage,
+    fsdp_unit_numel,
+    kv_width,
+    param_inventory,
+    shard_numel,
+    tp_shard_dim,
+    whole_model,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -29,16 +38,19 @@ def expected_distinct_ranks(num_experts: int, top_k: int, num_ranks: int) -> flo
 # Communication per optimizer step (bytes each rank receives; ring collectives; time from the slowest link)
 # ---------------------------------------------------------------------------------------------------------------
 def _groups(layout: Layout) -> dict[str, list[int]]:
-    """The groups containing rank 0 on the row-major meshes of `ParallelDims`."""
-    nd, R = layout.dp_shard * layout.cp, layout.dp_replicate
+    """The groups containing rank 0 on the row-major meshes of `ParallelDims`: dense (pp, dp_replicate,
+    dp_shard, cp, tp), expert (pp, dp_replicate, ep_shard, ep)."""
+    nd, R, tp = layout.dp_shard * layout.cp, layout.dp_replicate, layout.tp
     return {
-        "dense_shard": list(range(nd)),
-        "replicate": [i * nd for i in range(R)],
-        "cp": list(range(layout.cp)),
+        "dense_shard": [i * tp for i in range(nd)],
+        "replicate": [i * nd * tp for i in range(R)],
+        "cp": [i * tp for i in range(layout.cp)],
+        "tp": list(range(tp)),
         "ep": list(range(layout.ep)),
         "ep_shard": [i * layout.ep for i in range(layout.ep_shard)],
         "expert_data": [i * layout.ep for i in range(R * layout.ep_shard)],
-        "world": list(range(layout.world_size)),
+        "stage": list(range(layout.stage_size)),
+        "pp": [i * layout.stage_size for i in range(layout.pp)],
     }
 
 
@@ -90,43 +102,83 @@ def a2a_bytes_per_pair(cfg: ModelConfig, a: int) -> dict[str, int]:
     return {"forward": 2 * a * D + K * (8 + a), "backward": 2 * a * D + K * a}
 
 
+def tp_messages_per_micro_batch(cfg: ModelConfig, *, activation_checkpointing: str, stage: Stage) -> int:
+    """[T, D] tensors one tp rank all-gathers or reduce-scatters per micro-batch (Megatron TP + sequence parallel).
+
+    Attention and every dense MLP: all-gather of the (sequence-sharded) input and reduce-scatter of the
+    row-parallel output in forward, the reverse pair in backward (4; 6 with full AC, whose recompute repeats the
+    forward pair). The MoE layer runs on the tp rank's slice of the sequence: none. Embedding (vocab-parallel,
+    output reduce-scattered to sequence shards) and head (input all-gathered): one each way (2 each).
+    """
+    per_block = 6 if activation_checkpointing == "full" else 4
+    dense_mlps = sum(1 for i in stage.blocks if not cfg.is_moe_layer(i))
+    return per_block * (len(stage.blocks) + dense_mlps) + 2 * stage.first + 2 * stage.last
+
+
+def tp_replicated_numel(cfg: ModelConfig, stage: Stage) -> int:
+    """Elements of the non-expert parameters replicated over tp (norms, router, shared experts, MLA latents):
+    each tp rank computes a partial gradient of them, all-reduced over tp."""
+    return sum(
+        math.prod(s.shape)
+        for s in param_inventory(cfg)
+        if stage.holds(s) and not s.expert and tp_shard_dim(s) is None
+    )
+
+
 def comm_per_step(
-    cfg: ModelConfig, shape: TrainingShape, layout: Layout, cluster: ClusterSpec
+    cfg: ModelConfig,
+    shape: TrainingShape,
+    layout: Layout,
+    cluster: ClusterSpec,
+    *,
+    stage: Stage | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{collective: {"bytes", "seconds"}} per optimizer step for rank 0 (bytes that cross the wire)."""
+    """{collective: {"bytes", "seconds"}} per optimizer step for the first rank of `stage` (default: the whole
+    model; bytes that cross the wire)."""
+    stage = whole_model(cfg) if stage is None else stage
     a, ac = DTYPE_BYTES[shape.compute_dtype], int(shape.activation_checkpointing == "full")
     moe_ac = int(shape.activation_checkpointing in ("full", "moe"))  # the MoE forward runs again in backward
     M = micro_batches_per_step(shape, layout)
     T = shape.micro_batch * shape.seq_len / layout.cp
+    tp = layout.tp
+    num_moe = sum(1 for i in stage.blocks if cfg.is_moe_layer(i))
     groups, out = _groups(layout), {}
-    if layout.ep > 1:  # forward runs again in the recompute under full or MoE AC
+    if layout.ep > 1 and num_moe:  # forward runs again in the recompute under full or MoE AC
         pair = a2a_bytes_per_pair(cfg, a)
-        remote = a2a_rows(cfg, T, layout.ep)["remote"]
+        remote = a2a_rows(cfg, T / tp, layout.ep)["remote"]  # each tp rank routes 1/tp of the sequence
         counts = (layout.ep - 1) * 8 * (2 + moe_ac)
-        total = (
-            cfg.num_moe_layers * M * (remote * ((1 + moe_ac) * pair["forward"] + pair["backward"]) + counts)
-        )
+        total = num_moe * M * (remote * ((1 + moe_ac) * pair["forward"] + pair["backward"]) + counts)
         out["expert_a2a"] = {"bytes": total, "seconds": _a2a_seconds(total, groups["ep"], cluster)}
     if layout.cp > 1:  # K/V (+ int64 positions) gathered per attention; backward reduce-scatters K/V grads
-        fwd, bwd = (layout.cp - 1) * T * (a * kv_width(cfg) + 8), (layout.cp - 1) * T * a * kv_width(cfg)
-        total = cfg.num_layers * M * ((1 + ac) * fwd + bwd)
+        width = kv_width(cfg, tp=tp)
+        fwd, bwd = (layout.cp - 1) * T * (a * width + 8), (layout.cp - 1) * T * a * width
+        total = len(stage.blocks) * M * ((1 + ac) * fwd + bwd)
         out["cp_kv_allgather"] = {"bytes": total, "seconds": _ring_seconds(total, groups["cp"], cluster)}
-    out.update(_data_parallel_comm(cfg, shape, layout, cluster, M, groups))
+    if tp > 1:  # ring all-gather / reduce-scatter of [T, D]: (tp - 1)/tp of it crosses the wire
+        n = tp_messages_per_micro_batch(
+            cfg, activation_checkpointing=shape.activation_checkpointing, stage=stage
+        )
+        total = M * n * (tp - 1) / tp * T * cfg.dim * a
+        out["tp_activations"] = {"bytes": total, "seconds": _ring_seconds(total, groups["tp"], cluster)}
+        grads = M * 2 * (tp - 1) / tp * a * tp_replicated_numel(cfg, stage)
+        out["tp_grad_allreduce"] = {"bytes": grads, "seconds": _ring_seconds(grads, groups["tp"], cluster)}
+    out.update(_data_parallel_comm(cfg, shape, layout, cluster, M, groups, stage))
     return out
 
 
-def _data_parallel_comm(cfg, shape, layout, cluster, M, groups) -> dict[str, dict[str, float]]:
+def _data_parallel_comm(cfg, shape, layout, cluster, M, groups, stage) -> dict[str, dict[str, float]]:
     """FSDP2: all-gather each block in forward and again in backward (the root once: it is not resharded),
     reduce-scatter fp32 gradients every micro-batch, HSDP all-reduce of the shards over replicas. Without FSDP:
-    one all-reduce per step of dense grads over every rank and of expert grads over the expert-data ranks."""
-    a, units = DTYPE_BYTES[shape.compute_dtype], fsdp_unit_numel(cfg)
+    one all-reduce per step of dense grads over the stage's data ranks and of expert grads over the expert-data
+    ranks. Dense sizes are a tp rank's (its part of the TP-sharded tensors)."""
+    a, units = DTYPE_BYTES[shape.compute_dtype], fsdp_unit_numel(cfg, tp=layout.tp, stage=stage)
     nd, es, R = layout.dp_shard * layout.cp, layout.ep_shard, layout.dp_replicate
     dense = units["blocks_dense_total"] + units["root"]
     # FSDP2 pads dim 0 to a multiple of the shard count: E/ep = 1 expert over es ranks moves es padded rows
     expert_local = sum(
         shard_numel((s.shape[0] // layout.ep, *s.shape[1:]), es, 0) * es
         for s in param_inventory(cfg)
-        if s.expert
+        if s.expert and stage.holds(s)
     )
     out = {}
 
@@ -135,8 +187,8 @@ def _data_parallel_comm(cfg, shape, layout, cluster, M, groups) -> dict[str, dic
             out[name] = {"bytes": num_bytes, "seconds": _ring_seconds(num_bytes, group, cluster)}
 
     if not shape.fsdp:
-        W = layout.world_size
-        add("dense_allreduce", 2 * (W - 1) / W * 4 * dense, groups["world"])
+        W = R * nd  # the stage's ranks holding the same tp shard
+        add("dense_allreduce", 2 * (W - 1) / W * 4 * dense, groups["stage"][:: layout.tp])
         G = R * es
         add("expert_allreduce", 2 * (G - 1) / G * 4 * expert_local, groups["expert_data"])
         return out

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from automoe.config.model import ModelConfig
-from automoe.config.parallel import AC_MODES
+from automoe.config.parallel import AC_MODES, PP_MULTI_STAGE_SCHEDULES, PP_SCHEDULES
 
 # The config tree inside the package (package data; in a checkout, a link to the repo's configs/)
 PRESETS = Path(__file__).resolve().parents[1] / "configs"
@@ -41,6 +41,8 @@ class TrainingShape:
     routing_imbalance: float = (
         1.0  # max/mean expert-slot load per rank: scales routed activations (1 = uniform)
     )
+    pp_schedule: str = "1F1B"  # pipeline schedule of layouts with pp > 1: 1F1B | Interleaved1F1B | GPipe
+    pp_virtual_stages: int = 1  # stages per pipeline rank (> 1 needs Interleaved1F1B)
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "micro_batch", "seq_len"):
@@ -55,6 +57,17 @@ class TrainingShape:
             raise ValueError(
                 f"TrainingShape.activation_checkpointing={self.activation_checkpointing!r} is not one of "
                 f"{list(AC_MODES)}"
+            )
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ValueError(
+                f"TrainingShape.pp_schedule={self.pp_schedule!r} is not one of {list(PP_SCHEDULES)}"
+            )
+        if self.pp_virtual_stages < 1 or (
+            self.pp_virtual_stages > 1 and self.pp_schedule not in PP_MULTI_STAGE_SCHEDULES
+        ):
+            raise ValueError(
+                f"TrainingShape.pp_virtual_stages={self.pp_virtual_stages} must be >= 1, and 1 unless pp_schedule is "
+                f"one of {list(PP_MULTI_STAGE_SCHEDULES)} (got {self.pp_schedule!r})"
             )
         if self.routing_imbalance < 1.0:
             raise ValueError(f"TrainingShape.routing_imbalance={self.routing_imbalance} must be >= 1")

@@ -1,4 +1,5 @@
-"""Planner memory model: parameter shapes from a meta-device model, per-rank sharding, activations."""
+"""Planner memory model: parameter shapes from a meta-device model, per-rank sharding (FSDP, EP, TP; one pipeline
+stage's pieces), activations."""
 
 from __future__ import annotations
 
@@ -79,44 +80,127 @@ def shard_numel(shape: tuple[int, ...], num_shards: int, index: int) -> int:
     return local_rows * math.prod(shape[1:])
 
 
+def chunk_len(n: int, num_chunks: int, index: int) -> int:
+    """Length of chunk `index` when `n` is split like `torch.chunk` (ceil-sized chunks, the last ones short)."""
+    size = math.ceil(n / num_chunks)
+    return max(0, min(size, n - index * size))
+
+
 @dataclass(frozen=True)
 class Layout:
-    """One candidate layout; `ParallelDims` is the judge of validity."""
+    """One candidate layout; `ParallelDims` is the judge of validity. Row-major over ranks like its meshes:
+    dense (pp, dp_replicate, dp_shard, cp, tp), expert (pp, dp_replicate, ep_shard, ep), so a tp group is `tp`
+    consecutive ranks and a pipeline stage `world / pp` consecutive ranks."""
 
     dp_replicate: int
     dp_shard: int
     cp: int
     ep: int
+    pp: int = 1  # pipeline stages (outermost axis)
+    tp: int = 1  # tensor-parallel ranks (innermost axis; sequence parallel outside attention and dense MLP)
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.cp
+        return self.pp * self.stage_size
+
+    @property
+    def stage_size(self) -> int:
+        """Ranks of one pipeline stage."""
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     @property
     def ep_shard(self) -> int:
-        return self.dp_shard * self.cp // self.ep
+        """EP borrows its ranks from dp_shard x cp x tp; the rest shard each expert with FSDP."""
+        return self.dp_shard * self.cp * self.tp // self.ep
 
     @property
     def data_parallel(self) -> int:
         return self.dp_replicate * self.dp_shard
 
     def name(self) -> str:
-        return f"rep{self.dp_replicate}-shard{self.dp_shard}-cp{self.cp}-ep{self.ep}"
+        pp = f"pp{self.pp}-" if self.pp > 1 else ""
+        tp = f"-tp{self.tp}" if self.tp > 1 else ""
+        return f"{pp}rep{self.dp_replicate}-shard{self.dp_shard}-cp{self.cp}-ep{self.ep}{tp}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The pieces of the model one rank holds: its blocks, and the embedding (first) / norm + head (last)."""
+
+    blocks: tuple[int, ...]
+    first: bool = True
+    last: bool = True
+
+    def holds(self, spec: ParamSpec) -> bool:
+        if spec.block is not None:
+            return spec.block in self.blocks
+        return self.first if spec.name.startswith("tok_embeddings.") else self.last
+
+
+def whole_model(cfg: ModelConfig) -> Stage:
+    return Stage(tuple(range(cfg.num_layers)))
+
+
+# Megatron-style TP (torchtitan's plans): column-parallel projections shard dim 0 (output features), row-parallel
+# ones dim 1 (input features); the embedding shards the vocabulary. Norms, the MoE router and shared experts and
+# MLA's low-rank down-projections are replicated over tp; routed experts use EP instead.
+_TP_COLWISE = (
+    "attention.q_proj.",
+    "attention.k_proj.",
+    "attention.v_proj.",
+    "attention.q_b_proj.",
+    "attention.kv_b_proj.",
+    "attention.sinks",
+    "feed_forward.gate_proj.",
+    "feed_forward.up_proj.",
+)
+_TP_ROWWISE = ("attention.o_proj.weight", "feed_forward.down_proj.weight")
+
+
+def tp_shard_dim(spec: ParamSpec) -> int | None:
+    """The dim tensor parallelism shards `spec` along, or None when it is replicated over the tp ranks."""
+    name = spec.name
+    if name in ("tok_embeddings.weight", "output.weight"):
+        return 0
+    if spec.block is None or ".moe." in name:
+        return None
+    if any(key in name for key in _TP_COLWISE):
+        return 0
+    if any(name.endswith(key) for key in _TP_ROWWISE):
+        return 1
+    return None
+
+
+def tp_local_shape(spec: ParamSpec, tp: int, index: int = 0) -> tuple[int, ...]:
+    """`spec`'s shape on tp rank `index` (torch.chunk split of its TP dim, as DTensor `Shard` does)."""
+    dim = tp_shard_dim(spec)
+    if tp == 1 or dim is None:
+        return spec.shape
+    shape = list(spec.shape)
+    shape[dim] = chunk_len(shape[dim], tp, index)
+    return tuple(shape)
 
 
 def local_param_numel(
-    cfg: ModelConfig, layout: Layout, *, rank: int = 0, fsdp: bool = True
+    cfg: ModelConfig, layout: Layout, *, rank: int = 0, fsdp: bool = True, stage: Stage | None = None
 ) -> dict[str, int]:
-    """Parameter elements held by `rank`: dense ones sharded over dp_shard*cp (FSDP), experts over ep x ep_shard.
+    """Parameter elements held by `rank`: dense ones split over tp (the TP-sharded ones) and then sharded over
+    dp_shard*cp (FSDP), experts over ep x ep_shard; only the pieces of `stage` (default: the whole model).
 
-    Rank coordinates follow the row-major meshes of `ParallelDims`: dense (dp_replicate, dp_shard*cp) and
-    expert (dp_replicate, ep_shard, ep). Returns {"dense", "expert", "tensors"} (tensors = local parameter count).
+    Rank coordinates follow the row-major meshes of `ParallelDims` inside one stage: dense (dp_replicate,
+    dp_shard*cp, tp) and expert (dp_replicate, ep_shard, ep). Returns {"dense", "expert", "tensors"} (tensors =
+    local parameter count).
     """
+    stage = whole_model(cfg) if stage is None else stage
+    r = rank % layout.stage_size
+    tp_index = r % layout.tp
     dense_shards = layout.dp_shard * layout.cp if fsdp else 1
-    dense_index = rank % (layout.dp_shard * layout.cp) if fsdp else 0
-    ep_shard_index = (rank // layout.ep) % layout.ep_shard
+    dense_index = (r // layout.tp) % (layout.dp_shard * layout.cp) if fsdp else 0
+    ep_shard_index = (r // layout.ep) % layout.ep_shard
     out = {"dense": 0, "expert": 0, "tensors": 0}
     for spec in param_inventory(cfg):
+        if not stage.holds(spec):
+            continue
         if spec.expert:
             ep_local = (spec.shape[0] // layout.ep, *spec.shape[1:])
             if fsdp and ep_local[0] < layout.ep_shard and len(ep_local) > 1:
@@ -125,14 +209,16 @@ def local_param_numel(
             n = shard_numel(ep_local, layout.ep_shard, ep_shard_index) if fsdp else math.prod(ep_local)
             out["expert"] += n
         else:
-            out["dense"] += shard_numel(spec.shape, dense_shards, dense_index)
+            out["dense"] += shard_numel(tp_local_shape(spec, layout.tp, tp_index), dense_shards, dense_index)
         out["tensors"] += 1
     return out
 
 
-def state_bytes(cfg: ModelConfig, shape: TrainingShape, layout: Layout, *, rank: int = 0) -> dict[str, int]:
+def state_bytes(
+    cfg: ModelConfig, shape: TrainingShape, layout: Layout, *, rank: int = 0, stage: Stage | None = None
+) -> dict[str, int]:
     """Parameter, gradient and AdamW-state bytes on `rank` (gradients in the parameter dtype, states fp32)."""
-    numel = local_param_numel(cfg, layout, rank=rank, fsdp=shape.fsdp)
+    numel = local_param_numel(cfg, layout, rank=rank, fsdp=shape.fsdp, stage=stage)
     elems = numel["dense"] + numel["expert"]
     p = DTYPE_BYTES[shape.param_dtype]
     return {
@@ -142,17 +228,22 @@ def state_bytes(cfg: ModelConfig, shape: TrainingShape, layout: Layout, *, rank:
     }
 
 
-def fsdp_unit_numel(cfg: ModelConfig) -> dict[str, int]:
-    """Global elements per FSDP unit: the largest block's dense part, its experts, and the root."""
-    dense: dict[int | None, int] = {}
+def fsdp_unit_numel(cfg: ModelConfig, *, tp: int = 1, stage: Stage | None = None) -> dict[str, int]:
+    """Elements per FSDP unit on tp rank 0 (the TP-sharded tensors' local part): the largest block's dense part,
+    its experts, the root (embedding, final norm, head), and the totals, over `stage`'s pieces."""
+    stage = whole_model(cfg) if stage is None else stage
+    dense: dict[int | None, int] = {None: 0}
     expert: dict[int | None, int] = {}
     for spec in param_inventory(cfg):
+        if not stage.holds(spec):
+            continue
         bucket = expert if spec.expert else dense
-        bucket[spec.block] = bucket.get(spec.block, 0) + math.prod(spec.shape)
+        numel = math.prod(spec.shape) if spec.expert else math.prod(tp_local_shape(spec, tp))
+        bucket[spec.block] = bucket.get(spec.block, 0) + numel
     blocks = [b for b in dense if b is not None]
     return {
-        "root": dense.get(None, 0),
-        "block_dense_max": max(dense[b] for b in blocks),
+        "root": dense[None],
+        "block_dense_max": max((dense[b] for b in blocks), default=0),
         "block_expert_max": max(expert.values(), default=0),
         "blocks_dense_total": sum(dense[b] for b in blocks),
         "expert_total": sum(expert.values()),
@@ -162,85 +253,100 @@ def fsdp_unit_numel(cfg: ModelConfig) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Activations (bytes saved for backward, per token, one micro-batch in flight)
 # ---------------------------------------------------------------------------------------------------------------
-def attention_bytes_per_token(cfg: ModelConfig, a: int) -> int:
+def attention_bytes_per_token(cfg: ModelConfig, a: int, *, tp: int = 1) -> float:
     """Tensors the attention sub-block saves for backward, per local token (a = compute dtype bytes).
 
     GQA: norm input + output (2D), q and k before and after RoPE, v (2q + 3kv), the SDPA output and its
     contiguous copy into o_proj (2q), plus the fp32 log-sum-exp per head (flash-style kernels: no S x S matrix).
     MLA: the same idea over its latent tensors (q_lora, kv_lora, rope key) and the expanded per-head q/k/v.
+    Tensor parallel with sequence parallel: the norm's tensors hold 1/tp of the sequence, the per-head tensors
+    1/tp of the heads, and the projections' input is the all-gathered full sequence (D more); MLA's low-rank
+    latents are computed on that full sequence, replicated over tp.
     """
     D, H = cfg.dim, cfg.num_heads
+    gathered = D if tp > 1 else 0
     if cfg.attention == "mla":
         N, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         ql = 2 * cfg.q_lora_rank if cfg.q_lora_rank else 0
-        elems = (
-            2 * D + ql + H * (N + R) + (C + R) + 2 * C + H * (N + V) + 2 * H * (N + R) + H * R + R + 2 * H * V
-        )
-        return a * elems + 4 * H
+        per_head = H * (N + R) + H * (N + V) + 2 * H * (N + R) + H * R + 2 * H * V
+        latent = ql + (C + R) + 2 * C + R
+        return a * (2 * D / tp + gathered + latent + per_head / tp) + 4 * H / tp
     q, kv = H * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    elems = 2 * D + 4 * q + 3 * kv + (q + kv if cfg.qk_norm else 0)
-    return a * elems + 4 * H
+    per_head = 4 * q + 3 * kv + (q + kv if cfg.qk_norm else 0)
+    return a * (2 * D / tp + gathered + per_head / tp) + 4 * H / tp
 
 
-def ffn_bytes_per_token(cfg: ModelConfig, layer_id: int, a: int, *, imbalance: float = 1.0) -> float:
+def ffn_bytes_per_token(
+    cfg: ModelConfig, layer_id: int, a: int, *, imbalance: float = 1.0, tp: int = 1
+) -> float:
     """The FFN sub-block: norm input/output (2D) plus a dense SwiGLU (4F) or the MoE layer.
 
     MoE, per token: router in fp32 (input cast when a != 4, logits and scores 2E), top-k ids (int64) and weights;
     the K-fold expansion of expert inputs: K slots x (input row D, up output H = 2F gated or F, activation
     output F, expert output D before weighting), times `imbalance` on the busiest rank; shared experts 4 x F_s.
+    Tensor parallel (sequence parallel): the MoE layer routes 1/tp of the sequence on each tp rank, so all of it
+    is / tp; the dense MLP keeps its all-gathered input (D) and 1/tp of its hidden features.
     """
     D = cfg.dim
-    base = a * 2 * D
+    base = a * 2 * D / tp
     if not cfg.is_moe_layer(layer_id):
-        return base + a * 4 * cfg.ffn_inter_dim
+        return base + a * ((D if tp > 1 else 0) + 4 * cfg.ffn_inter_dim / tp)
     moe = cfg.moe
     E, K, F = moe.num_experts, moe.num_activated_experts, moe.moe_inter_dim
     router = 4 * (D if a != 4 else 0) + 4 * 2 * E + K * (8 + a)
     hidden = 3 * F if moe.gated else 2 * F
     routed = imbalance * K * a * (2 * D + hidden)
     shared = a * 4 * moe.shared_inter_dim
-    return base + router + routed + shared
+    return base + (router + routed + shared) / tp
 
 
-def activation_bytes(cfg: ModelConfig, shape: TrainingShape, layout: Layout) -> dict[str, float]:
-    """Peak bytes saved for backward on one rank for one micro-batch (micro-batches run one after another).
+def activation_bytes(
+    cfg: ModelConfig, shape: TrainingShape, layout: Layout, *, stage: Stage | None = None
+) -> dict[str, float]:
+    """Peak bytes saved for backward on one rank for one micro-batch (micro-batches run one after another), over
+    the blocks of `stage` (default: the whole model); the head counts only on the last stage.
 
     T = micro_batch * seq_len / cp local tokens. No AC: every block's saved tensors, T * sum_l bytes_l.
-    Full AC: only each block's input (T * D) plus one block recomputed during its backward (T * max_l bytes_l).
+    Full AC: only each block's input (T * D, / tp under sequence parallel) plus one block recomputed during its
+    backward (T * max_l bytes_l).
     MoE AC: every block's saved tensors except its MoE layer's internals (the MoE input is the FFN norm's
     output, already counted), plus one MoE layer's internals recomputed during its backward.
     Context parallel adds the gathered K/V of the other cp-1 ranks and a bool visibility mask per layer.
-    The head holds the logits (a) and CE's fp32 log-softmax (4) over the vocabulary.
+    The head holds the final norm's tensors, the gathered input of the (vocab-parallel) head and the logits (a) and
+    CE's fp32 log-softmax (4) over the vocabulary (V / tp).
     """
-    a = DTYPE_BYTES[shape.compute_dtype]
+    stage = whole_model(cfg) if stage is None else stage
+    a, tp = DTYPE_BYTES[shape.compute_dtype], layout.tp
     T = shape.micro_batch * shape.seq_len / layout.cp
-    per_layer, moe_internals = [], [0.0]
-    for i in range(cfg.num_layers):
-        ffn = ffn_bytes_per_token(cfg, i, a, imbalance=shape.routing_imbalance)
+    per_layer, moe_internals = [0.0], [0.0]
+    for i in stage.blocks:
+        ffn = ffn_bytes_per_token(cfg, i, a, imbalance=shape.routing_imbalance, tp=tp)
         if shape.activation_checkpointing == "moe" and cfg.is_moe_layer(i):
-            moe_internals.append(T * (ffn - a * 2 * cfg.dim))  # all but the FFN norm's input and output
-            ffn = a * 2 * cfg.dim
-        layer = attention_bytes_per_token(cfg, a) + ffn
+            moe_internals.append(T * (ffn - a * 2 * cfg.dim / tp))  # all but the FFN norm's input and output
+            ffn = a * 2 * cfg.dim / tp
+        layer = attention_bytes_per_token(cfg, a, tp=tp) + ffn
         per_layer.append(T * layer + _cp_extra_bytes(cfg, shape, layout, a))
     if shape.activation_checkpointing == "full":
-        blocks = cfg.num_layers * T * a * cfg.dim + max(per_layer)
+        blocks = len(stage.blocks) * T * a * cfg.dim / tp + max(per_layer)
     else:
         blocks = sum(per_layer) + max(moe_internals)
-    head = T * (a * 2 * cfg.dim + (a + 4) * cfg.vocab_size)
+    gathered = cfg.dim if tp > 1 else 0
+    head = T * (a * (2 * cfg.dim / tp + gathered) + (a + 4) * cfg.vocab_size / tp) if stage.last else 0.0
     return {"blocks": blocks, "head": head}
 
 
-def kv_width(cfg: ModelConfig) -> int:
-    """Numbers per token the CP K/V gather moves (MLA gathers its compressed latent and shared RoPE key)."""
+def kv_width(cfg: ModelConfig, *, tp: int = 1) -> float:
+    """Numbers per token the CP K/V gather moves (MLA gathers its compressed latent and shared RoPE key,
+    replicated over tp; GQA the tp rank's kv heads)."""
     if cfg.attention == "mla":
         return cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    return 2 * cfg.num_kv_heads * cfg.head_dim
+    return 2 * cfg.num_kv_heads * cfg.head_dim / tp
 
 
 def _cp_extra_bytes(cfg: ModelConfig, shape: TrainingShape, layout: Layout, a: int) -> float:
     if layout.cp == 1:
         return 0.0
     local = shape.micro_batch * shape.seq_len / layout.cp
-    gathered = (layout.cp - 1) * local * (a * kv_width(cfg) + 8)
+    gathered = (layout.cp - 1) * local * (a * kv_width(cfg, tp=layout.tp) + 8)
     mask = local * shape.seq_len  # bool [B, S/cp, S]: one byte per (query, key)
     return gathered + mask

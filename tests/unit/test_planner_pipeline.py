@@ -2,8 +2,26 @@
 
 import pytest
 
-from automoe.planner import ClusterSpec, Layout, TrainingShape, activation_bytes, load_model_config
-from automoe.planner.pipeline import bubble_fraction, in_flight_micro_batches, pipeline_terms
+from automoe.config.parallel import ParallelConfig
+from automoe.parallel.pipeline import stage_layer_ids
+from automoe.planner import (
+    GIB,
+    ClusterSpec,
+    Layout,
+    TrainingShape,
+    activation_bytes,
+    load_model_config,
+    plan_layout,
+    state_bytes,
+)
+from automoe.planner.pipeline import (
+    bubble_fraction,
+    in_flight_micro_batches,
+    p2p_messages,
+    pipeline_terms,
+    rank_stage,
+    stage_blocks,
+)
 
 
 def test_bubble_fraction_per_schedule():
@@ -30,3 +48,91 @@ def test_pipeline_terms_tiny_pp2_ep2():
     assert terms.in_flight == 2
     assert terms.p2p_bytes == M * 4 * 128 * cfg.dim * 4  # gradients of stage 0's output, fp32
     assert terms.activation_bytes == pytest.approx(activation_bytes(cfg, shape, stage)["blocks"] / 2 * 2)
+
+
+def test_in_flight_per_pipeline_rank():
+    # 1F1B: rank r runs pp - r warm-up forwards before its first backward; GPipe: every micro-batch
+    assert [in_flight_micro_batches("1F1B", 4, 8, rank=r) for r in range(4)] == [4, 3, 2, 1]
+    assert [in_flight_micro_batches("GPipe", 4, 8, rank=r) for r in range(4)] == [8] * 4
+    # interleaved, pp=2, v=2, M=4 (2 rounds of 2): warm-up (v-1)*2 + 2*(pp-1-r), plus one; chunks of 1/2
+    assert [in_flight_micro_batches("Interleaved1F1B", 2, 4, virtual_stages=2, rank=r) for r in (0, 1)] == [
+        5 / 2,
+        3 / 2,
+    ]
+
+
+def test_p2p_messages_per_pipeline_rank():
+    # rank 0 receives only gradients (and the inputs of its later chunks), the last rank only activations
+    assert [p2p_messages(4, 8, rank=r) for r in range(4)] == [8, 16, 16, 8]
+    assert [p2p_messages(2, 4, virtual_stages=2, rank=r) for r in range(2)] == [12, 12]
+    assert p2p_messages(1, 8) == 0
+
+
+@pytest.mark.parametrize(("pp", "v"), [(2, 1), (2, 2), (4, 1)])
+def test_stage_split_is_the_trainings(pp, v):
+    cfg = load_model_config("tiny")
+    pcfg = ParallelConfig(pp=pp, pp_virtual_stages=v, pp_schedule="Interleaved1F1B" if v > 1 else "1F1B")
+    split = stage_blocks(cfg, pp * v)
+    assert split == [tuple(int(k) for k in ids) for ids in stage_layer_ids(cfg, pcfg)]
+    for r in range(pp):  # loop placement: rank r holds stages r, r + pp, ...
+        stage = rank_stage(split, pp, r)
+        assert stage.blocks == tuple(b for s in range(r, pp * v, pp) for b in split[s])
+        assert (stage.first, stage.last) == (r == 0, r == pp - 1)
+
+
+def test_plan_layout_pp2_per_rank_memory_and_bubble():
+    """pp=2 on 2 ranks: the two ranks' state bytes add up to the one-process model's, each rank's activations are
+    its blocks' (and the head's on the last) times its micro-batches in flight; the fuller rank is reported."""
+    cfg = load_model_config("tiny")
+    shape = TrainingShape(global_batch=16, micro_batch=4, seq_len=128, compute_dtype="float32", fsdp=False)
+    cluster = ClusterSpec(gpus_per_node=2, overhead_gib=0.0)
+    p = plan_layout(cfg, shape, Layout(1, 1, 1, 1, pp=2), cluster)
+    M = 4
+    assert p.micro_batches == M and p.pipeline["bubble_fraction"] == pytest.approx(1 / (M + 1))
+    whole = state_bytes(cfg, shape, Layout(1, 1, 1, 1))
+    split = stage_blocks(cfg, 2)
+    totals = []
+    for r, in_flight in ((0, 2), (1, 1)):
+        stage = rank_stage(split, 2, r)
+        act = activation_bytes(cfg, shape, Layout(1, 1, 1, 1), stage=stage)
+        parts = state_bytes(cfg, shape, Layout(1, 1, 1, 1), stage=stage)
+        totals.append((sum(parts.values()) + (act["blocks"] + act["head"]) * in_flight) / GIB)
+        for key in whole:
+            whole[key] -= parts[key]
+    assert whole == {"params": 0, "grads": 0, "optimizer": 0}
+    assert p.pipeline["stage_memory_gib"] == pytest.approx(totals)
+    assert p.memory_total / GIB == pytest.approx(max(totals))
+    assert p.pipeline["p2p_bytes"] == M * 4 * 128 * cfg.dim * 4  # one [B, S, D] fp32 tensor per micro-batch
+
+
+def test_pipeline_layouts_rejected_like_training():
+    cfg = load_model_config("tiny")
+    cluster = ClusterSpec(gpus_per_node=8)
+    few = TrainingShape(global_batch=2, micro_batch=1, seq_len=128)
+    with pytest.raises(ValueError, match="fewer than parallel.pp=4 stages"):
+        plan_layout(cfg, few, Layout(1, 1, 1, 1, pp=4), cluster)
+    deep = TrainingShape(global_batch=16, micro_batch=1, seq_len=128)
+    with pytest.raises(ValueError, match="model.num_layers=4"):
+        plan_layout(cfg, deep, Layout(1, 1, 1, 1, pp=8), cluster)
+    interleaved = TrainingShape(
+        global_batch=16, seq_len=128, pp_schedule="Interleaved1F1B", pp_virtual_stages=2
+    )
+    with pytest.raises(ValueError, match="parallel.fsdp=true with parallel.pp_virtual_stages=2"):
+        plan_layout(cfg, interleaved, Layout(1, 2, 1, 1, pp=2), cluster)
+
+
+def test_cli_pipeline_command_composes_onto_the_job(capsys, tmp_path):
+    from automoe.plan import main
+    from automoe.train.build import check_layout
+    from tests.doc_commands import compose_job, parse
+
+    argv = "--model tiny --cluster cpu2 --gpus-per-node 4 --global-batch 16 --micro-batch 4 --seq-len 128"
+    main([*argv.split(), "--compute-dtype", "float32", "--no-fsdp", "--pp", "2", "--pp-schedule", "GPipe"])
+    out = capsys.readouterr().out
+    assert (
+        " pp  rep shard  cp  tp  ep" in out and "chosen: pp2-" in out and "GPipe stages [2, 2] blocks" in out
+    )
+    cmd = parse(next(x.strip() for x in out.splitlines() if x.strip().startswith("torchrun")), where="plan")
+    job = compose_job(cmd, tmp_path)
+    dims = check_layout(job, cmd.world_size)
+    assert (dims.pp, job.parallel.pp_schedule, job.parallel.pp_virtual_stages) == (2, "GPipe", 1)
