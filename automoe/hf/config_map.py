@@ -13,16 +13,26 @@ from typing import Any
 
 from automoe.config.model import ModelConfig
 from automoe.hf.families import FAMILIES, family_for_model_type, get_family
+from automoe.hf.safetensors_io import SafetensorsReader
 
 __all__ = ["FAMILIES", "config_from_hf", "config_to_hf", "read_hf_config"]
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
-    """The parsed `config.json` of an HF checkpoint directory."""
+    """The parsed `config.json` of an HF checkpoint directory, as its tensors have it (`Family.checkpoint_config`:
+    declared multi-token-prediction layers that the directory does not hold are dropped) when the directory has
+    weights and a known `model_type`."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise ValueError(f"no config.json in HF checkpoint directory {str(path)!r}")
-    return json.loads(file.read_text())
+    hf = json.loads(file.read_text())
+    if hf.get("model_type") not in {t for f in FAMILIES.values() for t in f.model_types}:
+        return hf  # a dense model (upcycling) or an unsupported one, refused where it is imported
+    try:
+        keys = SafetensorsReader(path).keys()  # the index or the headers only
+    except ValueError:
+        return hf  # no weights (yet): the config as written
+    return family_for_model_type(hf["model_type"]).checkpoint_config(hf, keys)
 
 
 def config_from_hf(

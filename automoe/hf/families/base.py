@@ -15,6 +15,7 @@ recipe only talk to it, so adding a family touches its module and its tests only
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from automoe.config.checks import check_choice
@@ -174,6 +175,26 @@ def gqa_heads(hf: dict) -> dict[str, Any]:
     )
 
 
+def declared_mtp_layers(hf: dict) -> int:
+    """The multi-token-prediction layers `config.json` declares (`num_nextn_predict_layers`, or transformers 5's
+    `num_mtp_layers`)."""
+    value = hf.get("num_nextn_predict_layers")
+    return int((hf.get("num_mtp_layers") if value is None else value) or 0)
+
+
+def mtp_layers_held(hf: dict, keys: set[str]) -> dict:
+    """`hf` with the declared MTP layers cut to the leading ones whose `eh_proj` the checkpoint holds: transformers'
+    `save_pretrained` keeps `num_nextn_predict_layers` (GLM-4.5's and DeepSeek-V3's configs default to 1) but
+    writes no MTP tensors, as its ForCausalLM models hold none. A layer whose `eh_proj` is there is imported whole
+    (a missing tensor of it is then an error naming it)."""
+    declared, L = declared_mtp_layers(hf), hf["num_hidden_layers"]
+    held = next((k for k in range(declared) if f"model.layers.{L + k}.eh_proj.weight" not in keys), declared)
+    if held == declared:
+        return hf
+    out = {k: v for k, v in hf.items() if k != "num_mtp_layers"}
+    return {**out, "num_nextn_predict_layers": held}
+
+
 def dense_prefix(mlp_only_layers: list[int], key: str = "mlp_only_layers") -> int:
     """num_dense_layers for a list of dense layers that must be the first N."""
     dense = sorted(mlp_only_layers or [])
@@ -220,6 +241,11 @@ class Family:
             init_std=hf.get("initializer_range", 0.02),
             dtype=dtype,
         )
+
+    def checkpoint_config(self, hf: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+        """`config.json` as the checkpoint's tensor names `keys` have it (what `read_hf_config` returns for a
+        directory with weights); by default unchanged."""
+        return hf
 
     # ---- export ----
     def to_hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
@@ -421,6 +447,21 @@ class Family:
                 hf + "experts.down_proj",
             )
         )
+
+    def mtp_tensors(self, plan: TensorPlan, cfg: ModelConfig) -> None:
+        """The `cfg.mtp_layers` multi-token-prediction depths in the DeepSeek-V3 layout (GLM-4.5 uses it too): depth
+        k + 1 is `model.layers.{L + k}.`, a full decoder layer plus `enorm`, `hnorm`, `eh_proj` and
+        `shared_head.norm`; its `embed_tokens` / `shared_head.head` are copies of the main model's (written on
+        export, never read). Layers beyond `mtp_layers` are accounted for and skipped (`ignored_hf`)."""
+        plan.ignored_hf = re.compile(r"model\.layers\.(\d+)\.")
+        for k in range(cfg.mtp_layers):
+            ours, hf = f"mtp.depths.{k}.", f"model.layers.{cfg.num_layers + k}."
+            self.block_tensors(plan, cfg, cfg.num_layers + k, ours + "block.", hf)
+            for name in ("enorm", "hnorm", "eh_proj"):
+                plan.direct[ours + f"{name}.weight"] = hf + f"{name}.weight"
+            plan.direct[ours + "norm.weight"] = hf + "shared_head.norm.weight"
+            plan.duplicates[hf + "embed_tokens.weight"] = "tok_embeddings.weight"
+            plan.duplicates[hf + "shared_head.head.weight"] = "output.weight"
 
     def shared_expert_tensors(self, d: dict[str, str], cfg: ModelConfig, ours: str, hf: str) -> None:
         """The fused shared-expert MLP (DeepSeek naming: `mlp.shared_experts.*`)."""

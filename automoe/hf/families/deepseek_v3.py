@@ -2,11 +2,11 @@
 sigmoid routing with the `e_score_correction_bias` selection bias (noaux_tc), group-limited top-k, routed scaling,
 shared experts `mlp.shared_experts.*`, a dense prefix (`first_k_dense_replace`) and `moe_layer_freq`. The
 `num_nextn_predict_layers` multi-token-prediction layers (`model.layers.{L + k}`) map to `ModelConfig.mtp_layers`
-(`automoe/models/mtp.py`); the published block-fp8 weights are dequantized on import (`automoe/hf/quant.py`)."""
+(`automoe/models/mtp.py`), those the checkpoint holds; the published block-fp8 weights are dequantized on import
+(`automoe/hf/quant.py`)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from automoe.config.model import ModelConfig
@@ -14,6 +14,8 @@ from automoe.hf.adapters import TensorPlan
 from automoe.hf.families.base import (
     Family,
     check_common,
+    declared_mtp_layers,
+    mtp_layers_held,
     require,
     rope_fields,
     sigmoid_moe,
@@ -66,7 +68,7 @@ class DeepseekV3(Family):
             qk_rope_head_dim=hf["qk_rope_head_dim"],
             v_head_dim=hf["v_head_dim"],
             rope_interleave=bool(hf.get("rope_interleave", True)),
-            mtp_layers=int(hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers")) or 0),
+            mtp_layers=declared_mtp_layers(hf),
         )
 
     def check_expressible(self, cfg: ModelConfig) -> None:
@@ -97,16 +99,11 @@ class DeepseekV3(Family):
 
     def build_plan(self, cfg: ModelConfig, layout: str = "per_expert") -> TensorPlan:
         plan = super().build_plan(cfg, layout)
-        plan.ignored_hf = re.compile(r"model\.layers\.(\d+)\.")  # MTP layers beyond mtp_layers are skipped
-        for k in range(cfg.mtp_layers):  # depth k + 1: a full decoder layer plus its projection and norms
-            ours, hf = f"mtp.depths.{k}.", f"model.layers.{cfg.num_layers + k}."
-            self.block_tensors(plan, cfg, cfg.num_layers + k, ours + "block.", hf)
-            for our_name, hf_name in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj")):
-                plan.direct[ours + f"{our_name}.weight"] = hf + f"{hf_name}.weight"
-            plan.direct[ours + "norm.weight"] = hf + "shared_head.norm.weight"
-            plan.duplicates[hf + "embed_tokens.weight"] = "tok_embeddings.weight"
-            plan.duplicates[hf + "shared_head.head.weight"] = "output.weight"
+        self.mtp_tensors(plan, cfg)
         return plan
+
+    def checkpoint_config(self, hf: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+        return mtp_layers_held(hf, keys)
 
     def attention_tensors(self, d: dict[str, str], cfg: ModelConfig, ours: str, hf: str) -> None:
         for our_name, hf_name in _MLA_DIRECT:

@@ -3,12 +3,12 @@ optional per-head q/k RMSNorm (`use_qk_norm`), partial RoPE in the rotate-half l
 `partial_rotary_factor` (0.5) of each head; DeepSeek-V3 routing (sigmoid scores, `e_score_correction_bias`
 selection, group-limited top-k, `routed_scaling_factor`) with shared experts `mlp.shared_experts.*`, a dense prefix
 (`first_k_dense_replace`) and an fp32 router weight. Its multi-token-prediction layers
-(`model.layers.{i >= num_hidden_layers}`, `num_nextn_predict_layers`) are accounted for but not imported, as
-transformers does."""
+(`model.layers.{L + k}`, `num_nextn_predict_layers`; the DeepSeek-V3 layout with a GLM decoder layer) map to
+`ModelConfig.mtp_layers` (`automoe/models/mtp.py`), those the checkpoint holds: transformers' `Glm4MoeForCausalLM`
+has no MTP module, so a model it saved declares the layer without its tensors and imports without MTP."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from automoe.config.model import ModelConfig
@@ -16,6 +16,8 @@ from automoe.hf.adapters import TensorPlan
 from automoe.hf.families.base import (
     Family,
     check_common,
+    declared_mtp_layers,
+    mtp_layers_held,
     rope_fields,
     sigmoid_moe,
     sigmoid_moe_hf,
@@ -29,7 +31,8 @@ class Glm4Moe(Family):
     default_norm_eps = 1e-5
     not_supported = (
         "rope types other than default",
-        "multi-token-prediction layers (accounted for, not imported; exported with num_nextn_predict_layers=0)",
+        "the MTP layers' copies of the embedding and output head are not read (they are the main model's); export "
+        "writes them",
         "moe_layer_freq / listed dense layers (GLM-4.5 has a dense prefix only), gated or differently sized "
         "shared experts, a bias on o_proj",
     )
@@ -48,6 +51,7 @@ class Glm4Moe(Family):
             qk_norm=bool(hf.get("use_qk_norm", False)),
             moe=sigmoid_moe(hf),
             **rope_fields(hf, self.name, head_dim=head_dim),
+            mtp_layers=declared_mtp_layers(hf),
         )
 
     def check_expressible(self, cfg: ModelConfig) -> None:
@@ -65,16 +69,19 @@ class Glm4Moe(Family):
             use_qk_norm=cfg.qk_norm,
             partial_rotary_factor=cfg.rotary_width / cfg.head_dim,
             rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-            num_nextn_predict_layers=0,
+            num_nextn_predict_layers=cfg.mtp_layers,
         )
 
     def build_plan(self, cfg: ModelConfig, layout: str = "per_expert") -> TensorPlan:
         plan = super().build_plan(cfg, layout)
-        plan.ignored_hf = re.compile(r"model\.layers\.(\d+)\.")  # MTP layers live after the main stack
-        for i in range(cfg.num_layers):
+        self.mtp_tensors(plan, cfg)
+        for i in range(cfg.num_layers + cfg.mtp_layers):
             if cfg.is_moe_layer(i):  # transformers keeps the router weight in fp32
                 plan.fp32_hf.add(f"model.layers.{i}.mlp.gate.weight")
         return plan
+
+    def checkpoint_config(self, hf: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+        return mtp_layers_held(hf, keys)
 
 
 FAMILY = Glm4Moe()
