@@ -19,7 +19,8 @@ class ParallelConfig:
     dp_replicate: int = 1  # replicas of the whole model (HSDP outer axis); 1 = pure sharding
     dp_shard: int = -1  # ranks dense parameters are sharded over; -1 = world / (dp_replicate * cp)
     cp: int = 1  # context-parallel ranks splitting each sequence (attention all-gathers K/V over them)
-    ep: int = 1  # expert-parallel ranks (borrowed from dp_shard * cp); must divide num_experts
+    ep: int = 1  # expert-parallel ranks (borrowed from dp_shard*cp*tp); divides num_experts; 1 or k*tp
+    tp: int = 1  # tensor-parallel ranks (innermost axis): heads, dense MLP, embedding, head sharded
     pp: int = 1  # pipeline stages over ranks (outermost axis); pp * pp_virtual_stages stages of blocks
     pp_schedule: str = "1F1B"  # 1F1B | Interleaved1F1B | GPipe (torch.distributed.pipelining schedules)
     pp_virtual_stages: int = 1  # stages per pipeline rank; > 1 needs pp_schedule=Interleaved1F1B
@@ -35,7 +36,7 @@ class ParallelConfig:
         check_choice("parallel.activation_checkpointing", self.activation_checkpointing, AC_MODES)
         check_choice("parallel.fsdp_param_dtype", self.fsdp_param_dtype, PARAM_DTYPES)
         check_choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
-        for name in ("pp", "pp_virtual_stages"):
+        for name in ("pp", "pp_virtual_stages", "tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if self.pp_virtual_stages > 1 and self.pp_schedule not in PP_MULTI_STAGE_SCHEDULES:

@@ -1,8 +1,9 @@
 """`ParallelDims`: the parallel degrees, their validation, and the dense and expert device meshes.
 
-This is the only place that spells mesh axis names. Pipeline parallelism is the outermost axis of both meshes;
-inside a stage, expert parallelism borrows ranks from dp_shard x cp: dense mesh = (pp, dp_replicate, dp_shard,
-cp), expert mesh = (pp, dp_replicate, ep_shard, ep) over the same world.
+This is the only place that spells mesh axis names. Pipeline parallelism is the outermost axis of both meshes and
+tensor parallelism the innermost of the dense one; inside a stage, expert parallelism borrows ranks from
+dp_shard x cp x tp: dense mesh = (pp, dp_replicate, dp_shard, cp, tp), expert mesh = (pp, dp_replicate, ep_shard,
+ep) over the same world.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from automoe.config.checks import check_experts_split
 
-# Axes of the dense mesh (pp, dp_replicate, dp_shard, cp) and of the expert mesh (pp, dp_replicate, ep_shard, ep) ...
+# Axes of the dense mesh (pp, dp_replicate, dp_shard, cp, tp) and of the expert mesh (pp, dp_replicate, ep_shard, ep) ...
 PP = "pp"
-DP_REPLICATE, DP_SHARD, CP = "dp_replicate", "dp_shard", "cp"
+DP_REPLICATE, DP_SHARD, CP, TP = "dp_replicate", "dp_shard", "cp", "tp"
 EP_SHARD, EP = "ep_shard", "ep"
 # ... and the flattened axes built from them (each is also its key in `ParallelDims._meshes`)
 DP = "dp"  # flattened (dp_replicate, dp_shard): ranks that hold different sequences
 DENSE_DATA = "dp_shard_cp"  # flattened (dp_shard, cp): where dense parameters are sharded
-DENSE_ALL = "dp_cp"  # flattened (dp_replicate, dp_shard, cp): every rank of this pipeline stage
+DENSE_ALL = "dp_cp_tp"  # flattened (dp_replicate, dp_shard, cp, tp): every rank of this pipeline stage
+DENSE_REPLICAS = "dp_cp"  # flattened (dp_replicate, dp_shard, cp): ranks holding the same tp shard
+SEQUENCE = "cp_tp"  # flattened (cp, tp): ranks holding pieces of the same sequences
 EXPERT_DATA = "expert_data"  # flattened (dp_replicate, ep_shard): ranks that hold the same experts
 _DENSE, _EXPERTS = "dense", "experts"  # keys of the two 3-D meshes
 
@@ -37,34 +40,42 @@ class ParallelDims:
     cp: int = 1
     ep: int = 1
     pp: int = 1
+    tp: int = 1
     num_experts: int | None = None  # when given, `num_experts % ep` is validated too
     _meshes: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "dp_replicate", "cp", "ep", "pp"):
+        for name in ("world_size", "dp_replicate", "cp", "ep", "pp", "tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         pp_names, pp_values = ("pp*", f"{self.pp}*") if self.pp > 1 else ("", "")
+        tp_names, tp_values = ("*tp", f"*{self.tp}") if self.tp > 1 else ("", "")
         if self.dp_shard == -1:
-            rest = self.pp * self.dp_replicate * self.cp
+            rest = self.pp * self.dp_replicate * self.cp * self.tp
             if self.world_size % rest:
                 raise ValueError(
-                    f"world size {self.world_size} is not divisible by {pp_names}dp_replicate*cp = "
-                    f"{pp_values}{self.dp_replicate}*{self.cp} = {rest}, so dp_shard cannot be inferred"
+                    f"world size {self.world_size} is not divisible by {pp_names}dp_replicate*cp{tp_names} = "
+                    f"{pp_values}{self.dp_replicate}*{self.cp}{tp_values} = {rest}, so dp_shard cannot be inferred"
                 )
             self.dp_shard = self.world_size // rest
         if self.dp_shard < 1:
             raise ValueError(f"parallel.dp_shard={self.dp_shard} must be >= 1 or -1 (inferred)")
-        product = self.pp * self.dp_replicate * self.dp_shard * self.cp
+        product = self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
         if product != self.world_size:
             raise ValueError(
-                f"{pp_names}dp_replicate*dp_shard*cp = {pp_values}{self.dp_replicate}*{self.dp_shard}*{self.cp} = "
-                f"{product} does not match the world size {self.world_size}"
+                f"{pp_names}dp_replicate*dp_shard*cp{tp_names} = {pp_values}{self.dp_replicate}*{self.dp_shard}*"
+                f"{self.cp}{tp_values} = {product} does not match the world size {self.world_size}"
             )
-        if (self.dp_shard * self.cp) % self.ep:
+        borrowed = self.dp_shard * self.cp * self.tp
+        if borrowed % self.ep:
             raise ValueError(
-                f"parallel.ep={self.ep} must divide dp_shard*cp = {self.dp_shard}*{self.cp} = "
-                f"{self.dp_shard * self.cp} (expert parallelism borrows those ranks)"
+                f"parallel.ep={self.ep} must divide dp_shard*cp{tp_names} = {self.dp_shard}*{self.cp}{tp_values} = "
+                f"{borrowed} (expert parallelism borrows those ranks)"
+            )
+        if self.ep > 1 and self.ep % self.tp:
+            raise ValueError(
+                f"parallel.ep={self.ep} must be 1 or a multiple of parallel.tp={self.tp}: experts are not "
+                "tensor-parallel, so each expert-parallel group holds whole tensor-parallel groups"
             )
         if self.num_experts is not None:
             check_experts_split(self.num_experts, self.ep)
@@ -72,7 +83,7 @@ class ParallelDims:
     # ---- derived degrees ----
     @property
     def ep_shard(self) -> int:
-        return self.dp_shard * self.cp // self.ep
+        return self.dp_shard * self.cp * self.tp // self.ep
 
     @property
     def data_parallel(self) -> int:
@@ -96,6 +107,10 @@ class ParallelDims:
     def ep_enabled(self) -> bool:
         return self.ep > 1
 
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
     # ---- meshes ----
     @cached_property
     def device_type(self) -> str:
@@ -105,8 +120,8 @@ class ParallelDims:
         """Create the dense and expert meshes (collective: call on every rank)."""
         dense = init_device_mesh(
             self.device_type,
-            (self.pp, self.dp_replicate, self.dp_shard, self.cp),
-            mesh_dim_names=(PP, DP_REPLICATE, DP_SHARD, CP),
+            (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp),
+            mesh_dim_names=(PP, DP_REPLICATE, DP_SHARD, CP, TP),
         )
         experts = init_device_mesh(
             self.device_type,
@@ -117,7 +132,9 @@ class ParallelDims:
             _DENSE: dense,
             _EXPERTS: experts,
             DENSE_DATA: dense[DP_SHARD, CP]._flatten(DENSE_DATA),
-            DENSE_ALL: dense[DP_REPLICATE, DP_SHARD, CP]._flatten(DENSE_ALL),
+            DENSE_ALL: dense[DP_REPLICATE, DP_SHARD, CP, TP]._flatten(DENSE_ALL),
+            DENSE_REPLICAS: dense[DP_REPLICATE, DP_SHARD, CP]._flatten(DENSE_REPLICAS),
+            SEQUENCE: dense[CP, TP]._flatten(SEQUENCE),
             DP: dense[DP_REPLICATE, DP_SHARD]._flatten(DP),
             EXPERT_DATA: experts[DP_REPLICATE, EP_SHARD]._flatten(EXPERT_DATA),
         }
@@ -155,6 +172,21 @@ class ParallelDims:
         return self._mesh(_DENSE)[CP]
 
     @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self._mesh(_DENSE)[TP]
+
+    @property
+    def sequence_mesh(self) -> DeviceMesh:
+        """(cp x tp) flattened: the ranks that hold pieces of the same sequences (one sequence for the MoE
+        statistics: under tp each rank routes its own slice of the sequence)."""
+        return self._mesh(SEQUENCE)
+
+    @property
+    def dense_replica_mesh(self) -> DeviceMesh:
+        """(dp_replicate x dp_shard x cp) flattened: the ranks holding the same tensor-parallel shard."""
+        return self._mesh(DENSE_REPLICAS)
+
+    @property
     def dp_mesh(self) -> DeviceMesh:
         """(dp_replicate x dp_shard) flattened: ranks holding different sequences; used to shard the data."""
         return self._mesh(DP)
@@ -174,7 +206,7 @@ class ParallelDims:
 
     @property
     def all_data_mesh(self) -> DeviceMesh:
-        """Every rank of this pipeline stage (dp_replicate x dp_shard x cp) flattened: sums of per-step
+        """Every rank of this pipeline stage (dp_replicate x dp_shard x cp x tp) flattened: sums of per-step
         statistics and gradient averages (the whole world when pp=1)."""
         return self._mesh(DENSE_ALL)
 
@@ -188,5 +220,5 @@ class ParallelDims:
     def describe(self) -> str:
         return (
             f"world={self.world_size} pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} "
-            f"cp={self.cp} ep={self.ep} ep_shard={self.ep_shard}"
+            f"cp={self.cp} tp={self.tp} ep={self.ep} ep_shard={self.ep_shard}"
         )

@@ -16,7 +16,7 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from automoe.moe.layer import moe_layers
 from automoe.parallel import flight_recorder
-from automoe.parallel.dims import ParallelDims
+from automoe.parallel.dims import TP, ParallelDims
 
 
 def loss_scale(dims: ParallelDims) -> float:
@@ -47,6 +47,11 @@ def sum_over_stage(t: Tensor, dims: ParallelDims) -> Tensor:
     return out
 
 
+def is_tensor_parallel(p: Tensor) -> bool:
+    """Whether `p` is a DTensor sharded or replicated over the tp mesh axis (`apply_tp`)."""
+    return isinstance(p, DTensor) and TP in (p.device_mesh.mesh_dim_names or ())
+
+
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, layer in moe_layers(model) for p in layer.experts.parameters()]
 
@@ -60,6 +65,11 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
        (`apply_fsdp` made the root, or under PP each block, an `FSDPModule`) the reduce-scatter already did this.
     2. Expert gradients arrive ep-times too large: the all-to-all backward already summed the contributions of the
        ep group, and the average above divides only by the expert-data degree.
+    3. Tensor-parallel parameters (DTensors on the tp axis) hold a different shard on each tp rank, each already
+       the whole gradient of its rank's loss (the collectives' backward summed over tp, and every tp rank's loss
+       is its data rank's): they average over the ranks holding the same shard and divide by tp (the loss scale
+       counts the tp ranks). Everything else (the MoE layer: each tp rank routes its own tokens) averages over
+       the whole stage, which sums its tp ranks' parts.
     """
     if dims.world_size == 1:
         return
@@ -74,6 +84,11 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
             if id(p) in experts and dims.ep_enabled:
                 if expert_group.size() > 1:
                     _all_reduce_avg(grad, expert_group)
+            elif is_tensor_parallel(p):
+                replicas = dims.dense_replica_mesh
+                if replicas.size() > 1:
+                    _all_reduce_avg(grad, replicas)
+                grad.div_(dims.tp)
             else:
                 with flight_recorder.collective("all_reduce (gradient avg)", stage_group, grad):
                     dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=stage_group)

@@ -16,13 +16,24 @@ from automoe.parallel.dims import ParallelDims
 from automoe.parallel.expert_parallel import apply_ep
 from automoe.parallel.fsdp import apply_fsdp
 from automoe.parallel.pipeline import apply_pp
+from automoe.parallel.tensor_parallel import apply_tp
 
 logger = logging.getLogger(__name__)
 
+_FSDP_TP = (
+    "parallel.fsdp=true with parallel.tp > 1 and more than one data-parallel or context-parallel rank is not "
+    "supported yet: set parallel.fsdp=false (gradients are then all-reduced)"
+)
+
 
 def apply_stats_reducers(model: nn.Module, dims: ParallelDims) -> None:
-    """Per-sequence statistics over the CP group, global-batch statistics over every rank of the pipeline stage."""
-    sequence_group = dims.cp_mesh.get_group() if dims.cp_enabled else None
+    """Per-sequence statistics over the CP x TP group (the ranks holding pieces of the same sequences),
+    global-batch statistics over every rank of the pipeline stage."""
+    sequence_group = None
+    if dims.cp_enabled and dims.tp_enabled:
+        sequence_group = dims.sequence_mesh.get_group()
+    elif dims.cp_enabled or dims.tp_enabled:
+        sequence_group = (dims.cp_mesh if dims.cp_enabled else dims.tp_mesh).get_group()
     batch_group = dims.all_data_mesh.get_group() if dims.pp_enabled else dist.group.WORLD
     for _, layer in moe_layers(model):
         layer.reducer = DistributedStatsReducer(sequence_group=sequence_group, batch_group=batch_group)
@@ -34,18 +45,27 @@ def parallelize(model: nn.Module, dims: ParallelDims, pcfg: ParallelConfig) -> N
         # 0. pipeline parallelism: keep only this rank's stages (blocks, embedding / head)
         if dims.pp_enabled:
             apply_pp(model, dims, pcfg)
-        # 1. context parallelism: attention K/V gather + CP-aware routing statistics
+        # 1. tensor parallelism: DTensor plans for the dense parts, each tp rank routes its slice of the sequence
+        if dims.tp_enabled:
+            apply_tp(model, dims.tp_mesh)
+        # 2. context parallelism: attention K/V gather + CP- and TP-aware routing statistics
         if dims.cp_enabled:
             apply_cp(model, dims)
         apply_stats_reducers(model, dims)
-        # 2. expert parallelism: shard experts over `ep`, all-to-all dispatch
+        # 3. expert parallelism: shard experts over `ep`, all-to-all dispatch
         if dims.ep_enabled:
             apply_ep(model, dims.ep_mesh)
-    # 3. activation checkpointing (before compile and FSDP, which wrap what it wraps)
+    # 4. activation checkpointing (before compile and FSDP, which wrap what it wraps)
     apply_ac(model, pcfg.activation_checkpointing)
-    # 4. torch.compile per block
+    # 5. torch.compile per block
     if pcfg.compile:
         apply_compile(model)
-    # 5. FSDP2 last: it shards whatever parameters the steps above left
+    # 6. FSDP2 last: it shards whatever parameters the steps above left
     if dims.world_size > 1 and pcfg.fsdp:
-        apply_fsdp(model, dims, param_dtype=pcfg.fsdp_param_dtype)
+        if dims.tp_enabled and dims.stage_size == dims.tp:
+            # no data-parallel rank to shard over (`check_tensor_parallel` refuses FSDP x TP with one)
+            logger.warning("parallel.fsdp=true has no effect: every rank of the stage is a tp rank")
+        elif dims.tp_enabled:
+            raise ValueError(_FSDP_TP)
+        else:
+            apply_fsdp(model, dims, param_dtype=pcfg.fsdp_param_dtype)

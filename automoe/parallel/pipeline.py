@@ -314,7 +314,9 @@ class Pipeline:
             self.chunks.append(chunk)
             # static shapes (meta tensors): the schedule's dynamic shape inference would run a stage's forward on
             # uninitialized data, counting its routing in the step's expert loads
-            inputs, outputs = self._example_args(model.cfg, micro_batch_shape, first=first, last=last)
+            inputs, outputs = self._example_args(
+                model.cfg, micro_batch_shape, first=first, last=last, seq_shards=dims.tp
+            )
             self.stages.append(
                 PipelineStage(
                     chunk,
@@ -337,11 +339,15 @@ class Pipeline:
         self.schedule_name = pcfg.pp_schedule
 
     @staticmethod
-    def _example_args(cfg, shape: tuple[int, int], *, first: bool, last: bool) -> tuple[Tensor, Tensor]:
+    def _example_args(
+        cfg, shape: tuple[int, int], *, first: bool, last: bool, seq_shards: int = 1
+    ) -> tuple[Tensor, Tensor]:
         """Meta tensors shaped like one micro-batch's stage input and output ([B, S] tokens on the first stage,
-        else [B, S, D] hidden states; [B, S, V] logits from the last)."""
+        else [B, S / seq_shards, D] hidden states (tensor parallelism: this rank's sequence slice); [B, S, V]
+        logits from the last)."""
         dtype = torch_dtype(cfg.dtype)
-        hidden = torch.empty(*shape, cfg.dim, dtype=dtype, device="meta", requires_grad=True)
+        B, S = shape
+        hidden = torch.empty(B, S // seq_shards, cfg.dim, dtype=dtype, device="meta", requires_grad=True)
         tokens = torch.empty(*shape, dtype=torch.int64, device="meta")
         logits = torch.empty(*shape, cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
         return (tokens if first else hidden), (logits if last else hidden)

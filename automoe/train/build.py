@@ -37,6 +37,7 @@ from automoe.data import StatefulLoader, build_datasets
 from automoe.data.tokenizer_check import check_data_tokenizer, data_tokenizer
 from automoe.models import Transformer, num_params
 from automoe.parallel.pipeline import check_pipeline
+from automoe.parallel.tensor_parallel import check_tensor_parallel
 from automoe.train.checkpoint import (
     Checkpointer,
     check_model_shapes,
@@ -109,9 +110,9 @@ def _launch_hint(cfg: JobConfig, world_size: int) -> str:
     """How to launch a layout that does not fit `world_size` ranks (the smallest world it fits)."""
     pcfg = cfg.parallel
     if pcfg.dp_shard == -1:
-        needed = pcfg.pp * pcfg.dp_replicate * math.lcm(pcfg.ep, pcfg.cp)
+        needed = pcfg.pp * pcfg.dp_replicate * math.lcm(pcfg.ep, pcfg.cp * pcfg.tp)
     else:
-        needed = pcfg.pp * pcfg.dp_replicate * pcfg.dp_shard * pcfg.cp
+        needed = pcfg.pp * pcfg.dp_replicate * pcfg.dp_shard * pcfg.cp * pcfg.tp
     script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "recipes/pretrain.py"
     launched = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ else None
     if world_size == 1 and launched is None:
@@ -136,11 +137,20 @@ def check_layout(cfg: JobConfig, world_size: int) -> parallel.ParallelDims:
             cp=pcfg.cp,
             ep=pcfg.ep,
             pp=pcfg.pp,
+            tp=pcfg.tp,
             num_experts=cfg.model.moe.num_experts if cfg.model.num_moe_layers else None,
         )
     except ValueError as e:
         raise ValueError(f"{e}{_launch_hint(cfg, world_size)}") from None
     check_sequence_split(cfg.data.seq_len, pcfg.cp)
+    check_tensor_parallel(
+        cfg.model,
+        tp=pcfg.tp,
+        seq_len=cfg.data.seq_len,
+        cp=pcfg.cp,
+        fsdp=pcfg.fsdp,
+        replicas=dims.dp_replicate * dims.dp_shard * dims.cp,
+    )
     dp = dims.data_parallel
     if train.global_batch_size % (train.micro_batch_size * dp):
         raise ValueError(

@@ -112,7 +112,7 @@ def forward_backward(
                 loss = loss + aux * share
                 aux_total += aux.detach().float()
             (loss * scale).backward()
-            ce_total += ce_sum.detach()
+            ce_total += ce_sum.detach() / dims.tp  # each tp rank has the same whole-sequence CE
     finally:
         set_step_totals(model, None)
     return ce_total, aux_total
@@ -128,8 +128,8 @@ def step_totals(
         padding_BS = padding_rows_mask(mb["labels"])
         valid_BS = torch.ones_like(mb["labels"], dtype=torch.bool) if padding_BS is None else ~padding_BS
         local += torch.tensor(micro_batch_counts(valid_BS, mb.get("document_ids")))
-    # context-parallel ranks hold the same (unsharded) micro-batches: count them once
-    total = (parallel.sum_over_stage(local.to(device), dims) // dims.cp).tolist()
+    # context- and tensor-parallel ranks hold the same (unsharded) micro-batches: count them once
+    total = (parallel.sum_over_stage(local.to(device), dims) // (dims.cp * dims.tp)).tolist()
     return StepTotals(len(micro_batches) * dims.data_parallel, *total)
 
 
@@ -175,11 +175,12 @@ def pipeline_forward_backward(
         set_step_totals(model, step_totals(micro_batches, dims=dims, device=device))
     try:
         with autocast(device, dtype):
-            return pipeline.run(
+            ce_sum, aux_sum = pipeline.run(
                 pipeline_inputs(micro_batches, dims=dims, cp_load_balance=cp_load_balance),
                 num_tokens=micro_batches[0]["global_num_tokens"],
                 train=True,
                 scale=parallel.loss_scale(dims),
             )
+        return ce_sum / dims.tp, aux_sum  # tp ranks compute the same whole-sequence CE: count it once
     finally:
         set_step_totals(model, None)

@@ -351,7 +351,8 @@ class Trainer:
             for mb in micro_batches:
                 ce_sum += self._ce_sum(mb).float()
         self.model.train()
-        return parallel.sum_over_ranks(ce_sum, self.dims).item() / num_tokens
+        # tp ranks compute the same whole-sequence CE: count it once
+        return parallel.sum_over_ranks(ce_sum, self.dims).item() / (num_tokens * self.dims.tp)
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step, refusing to save weights that are no longer finite."""
