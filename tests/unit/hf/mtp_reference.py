@@ -84,12 +84,12 @@ def hf_block(layer: torch.nn.Module, rotary: torch.nn.Module) -> Callable[[Tenso
     return run
 
 
-def randomize(module: torch.nn.Module, *, skip: tuple[str, ...] = ()) -> None:
-    """Non-trivial weights: norms 1 + 0.1 N(0, 1), the rest 0.15 N(0, 1), correction biases 0.1 N(0, 1)."""
+def randomize(module: torch.nn.Module, *, skip: tuple[str, ...] = (), scale: float = 0.15) -> None:
+    """Non-trivial weights: norms 1 + 0.1 N(0, 1), the rest `scale` N(0, 1), correction biases 0.1 N(0, 1)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
             if not name.startswith(skip):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else scale * torch.randn_like(p))
         for name, b in module.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn_like(b))
