@@ -187,7 +187,9 @@ def mtp_layers_held(hf: dict, keys: set[str]) -> dict:
     `save_pretrained` keeps `num_nextn_predict_layers` (GLM-4.5's and DeepSeek-V3's configs default to 1) but
     writes no MTP tensors, as its ForCausalLM models hold none. A layer whose `eh_proj` is there is imported whole
     (a missing tensor of it is then an error naming it)."""
-    declared, L = declared_mtp_layers(hf), hf["num_hidden_layers"]
+    declared, L = declared_mtp_layers(hf), hf.get("num_hidden_layers")
+    if not declared or not isinstance(L, int):
+        return hf  # nothing declared, or a config the family's import refuses on its own
     held = next((k for k in range(declared) if f"model.layers.{L + k}.eh_proj.weight" not in keys), declared)
     if held == declared:
         return hf
