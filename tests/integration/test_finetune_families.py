@@ -3,8 +3,8 @@ test_finetune_recipe.py does not run (it runs Qwen3-MoE, Qwen2-MoE and GPT-OSS):
 multi-token-prediction layer. Each starts from a tiny random `transformers` checkpoint made here; step 1's loss is
 transformers' loss on the same batch (for GLM-4.5 the main CE plus 0.3 x the MTP CE of transformers' `MtpModel`),
 every step is finite, the export loads back in transformers (GLM's MTP layer through `MtpModel.from_pretrained`)
-with every tensor trained and a lower loss, and imports again as the run's model. One launch per family: the recipe
-fine-tunes one `hf.init_from`."""
+with every tensor trained and a lower loss, and imports again as the run's model, exporting once more to the same
+tensors. One launch per family: the recipe fine-tunes one `hf.init_from`."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import yaml
 
 from automoe.config.data import DataConfig
 from automoe.data import StatefulLoader, build_datasets
-from automoe.hf import config_from_hf, load_hf_checkpoint, read_hf_config
+from automoe.hf import config_from_hf, load_hf_checkpoint, read_hf_config, save_hf_checkpoint
 from automoe.hf.safetensors_io import SafetensorsReader
 from automoe.torchrun import torchrun_command
 from automoe.train.metrics import read_metrics
 from tests.integration.recipe import FAST, REPO, RecipeRun, check_ok
-from tests.tolerance import rounding_atol
+from tests.tolerance import assert_equal, rounding_atol
 from tests.unit.hf.conftest import hf_config
 from tests.unit.hf.mtp_reference import published_state, randomize, write_checkpoint
 
@@ -96,6 +96,17 @@ def loss_atol(reference: float, *, num_layers: int, tokens: int) -> float:
     return rounding_atol(torch.float32, terms=max(tokens, V), depth=4 * num_layers + 2, scale=reference)
 
 
+def assert_round_trips(export, family: str, again) -> None:
+    """The export imports into automoe and exports again to the very same tensors under the same names."""
+    cfg, state = load_hf_checkpoint(export)
+    save_hf_checkpoint(state, cfg, again, family=family)
+    first, second = SafetensorsReader(export), SafetensorsReader(again)
+    keys = first.keys()  # SafetensorsReader.keys(): a set
+    assert keys == second.keys()
+    for key in keys:
+        assert_equal(second.get(key), first.get(key), msg=key)
+
+
 def untrained(before: torch.nn.Module, after: torch.nn.Module) -> list[str]:
     """Tensors the fine-tune left bitwise unchanged."""
     return [k for k, v in after.state_dict().items() if torch.equal(v, before.state_dict()[k])]
@@ -138,6 +149,7 @@ def test_olmoe_ep2_fsdp_fine_tune_matches_transformers_and_exports(tmp_path):
     assert untrained(before, after) == []  # every expert, bias and q/k norm trained
     assert loss_of(after) < reference  # 3 steps lowered the loss on the first batch
     assert config_from_hf(read_hf_config(export)) == config_from_hf(read_hf_config(hf_dir))  # the same model
+    assert_round_trips(export, "olmoe", tmp_path / "again")
 
 
 @pytest.mark.timeout(150)
@@ -200,3 +212,4 @@ def test_glm4_moe_with_mtp_ep2_fsdp_fine_tune_matches_transformers_and_exports(t
     assert loss_of(after, mtp_after) < reference
     cfg, _ = load_hf_checkpoint(export)
     assert cfg.mtp_layers == 1 and cfg == config_from_hf(read_hf_config(hf_dir))[0]
+    assert_round_trips(export, "glm4_moe", tmp_path / "again")
