@@ -175,6 +175,22 @@ def _remove_every_other_file(path: Path) -> None:
         f.unlink()
 
 
+# AdamW implementation choices of this run's layout (`automoe.train.optim`), not state: a checkpoint's param
+# groups must not switch them (fused=True from an all-DTensor FSDP run fails on a layout mixing DTensors and plain
+# tensors, e.g. tensor or expert parallelism without FSDP)
+_OPTIMIZER_IMPLEMENTATION = ("fused", "foreach")
+
+
+def set_model_and_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict
+) -> None:
+    """`set_state_dict` of a loaded checkpoint, keeping the optimizer's own implementation flags."""
+    kept = [{k: g[k] for k in _OPTIMIZER_IMPLEMENTATION if k in g} for g in optimizer.param_groups]
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    for group, flags in zip(optimizer.param_groups, kept):
+        group.update(flags)
+
+
 class Checkpointer:
     """Saves and loads `step_<N>/` checkpoints under `root`. Every rank calls every method (they are collective).
 
@@ -350,7 +366,7 @@ class Checkpointer:
             raise ValueError(
                 f"could not read the tensors of checkpoint {path} (files {shards}): corrupt? {cause}"
             ) from e
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_model_and_optimizer_state(model, optimizer, state["model"], state["optim"])
         scheduler.load_state_dict(trainer_state["scheduler"])  # its step counter; shape: apply_optim_config
         try:
             loader.load_state_dict(trainer_state["loader"])
@@ -406,7 +422,7 @@ class Checkpointer:
         if optimizer is None:
             set_model_state_dict(model, state["model"])
         else:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_model_and_optimizer_state(model, optimizer, state["model"], state["optim"])
         what = "weights and optimizer moments" if optimizer is not None else "weights"
         logger.info("initialized the %s from %s (step, schedule and data position start at 0)", what, path)
 

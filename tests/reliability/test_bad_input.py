@@ -200,6 +200,31 @@ def _data_cases(tmp: Path) -> list[tuple[str, int, list[str], list[str]]]:
             ["parallel.ep=4"],
             ["parallel.ep=4", "dp_shard*cp = 2*1 = 2"],
         ),
+        (
+            "world size not a product of the degrees with TP",
+            2,
+            ["parallel.tp=4"],
+            ["world size 2", "dp_replicate*cp*tp = 1*1*4 = 4"],
+        ),
+        ("kv heads not divisible by TP", 2, ["parallel.tp=2"], ["model.num_kv_heads=1", "parallel.tp=2"]),
+        (
+            "heads not divisible by TP",
+            4,
+            ["parallel.tp=4", "model.num_kv_heads=2"],
+            ["model.num_heads=2", "parallel.tp=4"],
+        ),
+        (
+            "TP with FSDP over data-parallel ranks",
+            4,
+            ["parallel.tp=2", "model.num_kv_heads=2"],
+            ["parallel.fsdp=true with parallel.tp=2", "dp_replicate*dp_shard*cp = 2"],
+        ),
+        (
+            "EP not a multiple of TP",
+            4,
+            ["parallel.tp=4", "parallel.ep=2", "model.num_heads=4", "model.num_kv_heads=4"],
+            ["parallel.ep=2 must be 1 or a multiple of parallel.tp=4"],
+        ),
     ]
 
 

@@ -1,0 +1,156 @@
+"""The tensor-parallel plan (which parameter gets which placement, what each rank keeps) and the layout checks.
+
+The plan is applied in one process on a fake 2-rank process group (no communication: parallelizing a meta-device
+model runs no collective), as rank 1 of tp=2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from automoe.config.model import ModelConfig
+from automoe.config.moe import MoEConfig
+from automoe.config.parallel import ParallelConfig
+from automoe.models.transformer import Transformer
+from automoe.parallel import ParallelDims, parallelize
+from automoe.parallel.tensor_parallel import SequenceSlice, check_tensor_parallel
+
+TP = 2
+
+
+def _cfg(**kw) -> ModelConfig:
+    moe = MoEConfig(num_experts=4, num_activated_experts=2, moe_inter_dim=16, num_shared_experts=1)
+    base = dict(
+        vocab_size=65, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_inter_dim=48, num_dense_layers=1
+    )
+    return ModelConfig(**(base | kw), moe=moe)
+
+
+@pytest.fixture
+def fake_world():
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=TP)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plan_shards_the_dense_parts_and_leaves_the_moe_layer_whole(fake_world):
+    cfg = _cfg(qk_norm=True)
+    dims = ParallelDims(world_size=TP, tp=TP, num_experts=4)
+    dims.build_meshes()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    parallelize(model, dims, ParallelConfig(tp=TP, fsdp=False))
+    assert [n for n, _ in model.named_parameters()] == names  # checkpoints keep their keys
+    colwise, rowwise, replicated = Shard(0), Shard(1), Replicate()
+    want = {
+        "tok_embeddings.weight": (colwise, (32, 32)),  # vocab rows 65 = 33 + 32: rank 1 keeps 32
+        "output.weight": (colwise, (32, 32)),
+        "norm.weight": (replicated, (32,)),
+    }
+    for i in ("0", "1"):
+        want |= {
+            f"layers.{i}.attention_norm.weight": (replicated, (32,)),
+            f"layers.{i}.ffn_norm.weight": (replicated, (32,)),
+            f"layers.{i}.attention.q_proj.weight": (colwise, (2 * 8, 32)),  # 2 of 4 heads of width 8
+            f"layers.{i}.attention.k_proj.weight": (colwise, (1 * 8, 32)),  # 1 of 2 kv heads
+            f"layers.{i}.attention.v_proj.weight": (colwise, (1 * 8, 32)),
+            f"layers.{i}.attention.o_proj.weight": (rowwise, (32, 2 * 8)),
+        }
+    want |= {
+        "layers.0.feed_forward.gate_proj.weight": (colwise, (24, 32)),
+        "layers.0.feed_forward.up_proj.weight": (colwise, (24, 32)),
+        "layers.0.feed_forward.down_proj.weight": (rowwise, (32, 24)),
+    }
+    params = dict(model.named_parameters())
+    for name, (placement, local_shape) in want.items():
+        p = params[name]
+        assert isinstance(p, DTensor) and p.device_mesh.mesh_dim_names == ("tp",), name
+        assert p.placements == (placement,), f"{name}: {p.placements}"
+        assert tuple(p.to_local().shape) == local_shape, f"{name}: {tuple(p.to_local().shape)}"
+    # not tensor-parallel: the MoE layer (router, experts, shared experts) and the per-head q/k norms
+    plain = {n for n, p in params.items() if not isinstance(p, DTensor)}
+    assert plain == {n for n in names if ".moe." in n or n.endswith(("q_norm.weight", "k_norm.weight"))}
+    for block in model.layers.values():
+        assert (block.attention.num_heads, block.attention.num_kv_heads) == (2, 1)  # this rank's heads
+    hooks = list(model.layers["1"].moe._forward_pre_hooks.values())
+    assert [type(h) for h in hooks] == [SequenceSlice] and (hooks[0].rank, hooks[0].size) == (1, TP)
+
+
+def test_sequence_slice_gives_the_moe_layer_this_ranks_chunk():
+    mask_BS = torch.arange(12).view(2, 6) % 5 == 0
+    docs_BS = torch.arange(12).view(2, 6)
+    _, kwargs = SequenceSlice(rank=1, size=3)(
+        None, (), {"padding_mask_BS": mask_BS, "document_ids_BS": docs_BS}
+    )
+    assert torch.equal(kwargs["document_ids_BS"], torch.tensor([[2, 3], [8, 9]]))
+    assert torch.equal(kwargs["padding_mask_BS"], mask_BS[:, 2:4])
+    _, kwargs = SequenceSlice(rank=0, size=2)(None, (), {"padding_mask_BS": None})
+    assert kwargs["padding_mask_BS"] is None
+
+
+@pytest.mark.parametrize(
+    ("model_kw", "check_kw", "match"),
+    [
+        (
+            dict(num_heads=6, num_kv_heads=2, head_dim=8),
+            dict(tp=4),
+            r"model.num_heads=6 is not divisible by parallel.tp=4",
+        ),
+        (dict(num_kv_heads=1), dict(tp=2), r"model.num_kv_heads=1 is not divisible by parallel.tp=2"),
+        (dict(ffn_inter_dim=49), dict(tp=2), r"model.ffn_inter_dim=49 is not divisible by parallel.tp=2"),
+        ({}, dict(tp=2, seq_len=12, cp=4), r"data.seq_len=12 is not divisible by parallel.cp\*tp = 4\*2 = 8"),
+        ({}, dict(tp=2, fsdp=True, replicas=2), r"parallel.fsdp=true with parallel.tp=2 and dp_replicate"),
+        (
+            dict(attention="mla", q_lora_rank=None, kv_lora_rank=16),
+            dict(tp=2),
+            r"parallel.tp=2 does not support model.attention='mla'",
+        ),
+        (dict(attention_sinks=True), dict(tp=2), r"model.attention_sinks=true"),
+        (dict(tie_embeddings=True), dict(tp=2), r"model.tie_embeddings=true"),
+        (dict(qk_norm=True, qk_norm_scope="projection"), dict(tp=2), r"model.qk_norm_scope='projection'"),
+    ],
+)
+def test_layouts_tp_cannot_shard_name_the_setting(model_kw, check_kw, match):
+    with pytest.raises(ValueError, match=match):
+        check_tensor_parallel(_cfg(**model_kw), **check_kw)
+
+
+def test_supported_layouts_pass_the_check():
+    check_tensor_parallel(_cfg(), tp=2, seq_len=16, cp=2, fsdp=True, replicas=1)  # fsdp: no effect, no error
+    check_tensor_parallel(_cfg(num_kv_heads=1), tp=1)  # tp=1 checks nothing
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"world_size": 4, "tp": 2, "ep": 1, "dp_shard": 4},
+            r"dp_replicate\*dp_shard\*cp\*tp = 1\*4\*1\*2 = 8",
+        ),
+        ({"world_size": 6, "tp": 4}, r"world size 6 is not divisible by dp_replicate\*cp\*tp = 1\*1\*4 = 4"),
+        ({"world_size": 4, "tp": 4, "ep": 2, "num_experts": 4}, r"parallel.ep=2 must be 1 or a multiple of"),
+        (
+            {"world_size": 4, "tp": 2, "ep": 8, "num_experts": 8},
+            r"parallel.ep=8 must divide dp_shard\*cp\*tp",
+        ),
+        ({"world_size": 2, "tp": 0}, r"parallel.tp=0 must be >= 1"),
+    ],
+)
+def test_bad_tp_degrees_raise_before_any_collective(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ParallelDims(**kwargs)
+
+
+def test_ep_borrows_tp_ranks():
+    dims = ParallelDims(world_size=8, tp=2, ep=4, num_experts=8)
+    assert (dims.dp_shard, dims.ep_shard, dims.data_parallel, dims.stage_size) == (4, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"parallel.tp=0 must be >= 1"):
+        ParallelConfig(tp=0)
