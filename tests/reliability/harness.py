@@ -1,28 +1,19 @@
 """Run small world-1 training jobs in forked workers (crashable with SIGKILL) and compare their metrics.
 
-Workers come from a forkserver that imported torch and automoe once, so each job starts in milliseconds, and a
-worker killed by a fault dies like a real process: no handlers, no flushing, its files as it left them.
+Workers come from the forkserver of `tests.distributed.spawn` (torch and automoe imported once), so each job starts in
+milliseconds, and a worker killed by a fault dies like a real process: no handlers, no flushing, its files as it
+left them.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import warnings
 from pathlib import Path
 
+from tests.distributed.spawn import forkserver_context
+
 LOOP_KEYS = ("loss", "aux_loss", "grad_norm", "lr", "skipped")
-_CONTEXT = None
-
-
-def _context():
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = multiprocessing.get_context("forkserver")
-        # torch._dynamo is imported lazily by the first meta-device init: seconds that every worker would repeat
-        preload = ["torch._dynamo", "automoe.train", "tests.unit.train.conftest", "tests.reliability.harness"]
-        _CONTEXT.set_forkserver_preload(preload)
-    return _CONTEXT
 
 
 def _job(output_dir: str, overrides: tuple[str, ...], fault: str | None) -> None:
@@ -45,7 +36,7 @@ def run_job(output_dir: Path, *overrides: str, fault: str | None = None, timeout
 
     0: finished; -9: killed by its fault; 1: raised (the traceback goes to stderr).
     """
-    proc = _context().Process(target=_job, args=(str(output_dir), tuple(overrides), fault))
+    proc = forkserver_context().Process(target=_job, args=(str(output_dir), tuple(overrides), fault))
     proc.start()
     proc.join(timeout)
     if proc.is_alive():
