@@ -92,10 +92,28 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
             else:
                 with flight_recorder.collective("all_reduce (gradient avg)", stage_group, grad):
                     dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=stage_group)
+    elif dims.tp_enabled:  # FSDP averaged over the data ranks of each tp shard only
+        _finish_tp_after_fsdp(model, dims, experts)
     if dims.ep_enabled:
         for p in expert_parameters(model):
             if p.grad is not None:
                 p.grad.div_(dims.ep)
+
+
+def _finish_tp_after_fsdp(model: nn.Module, dims: ParallelDims, experts: set[int]) -> None:
+    """FSDP x TP: FSDP's reduce-scatter averaged each gradient over the data ranks holding the same tp shard; a
+    tp-parallel gradient is then tp times too large (÷ tp), and every other one (the MoE layer's, each tp rank's part
+    from its own tokens) still lacks the sum over its tp ranks (average over tp: the loss scale counts them)."""
+    tp_group = dims.tp_mesh.get_group()
+    for p in model.parameters():
+        if p.grad is None or (id(p) in experts and dims.ep_enabled):
+            continue
+        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        if is_tensor_parallel(p):
+            grad.div_(dims.tp)
+        else:
+            with flight_recorder.collective("all_reduce (gradient avg over tp)", tp_group, grad):
+                dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=tp_group)
 
 
 def _mesh_group(mesh) -> dist.ProcessGroup | str:

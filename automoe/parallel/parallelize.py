@@ -20,11 +20,6 @@ from automoe.parallel.tensor_parallel import apply_tp
 
 logger = logging.getLogger(__name__)
 
-_FSDP_TP = (
-    "parallel.fsdp=true with parallel.tp > 1 and more than one data-parallel or context-parallel rank is not "
-    "supported yet: set parallel.fsdp=false (gradients are then all-reduced)"
-)
-
 
 def apply_stats_reducers(model: nn.Module, dims: ParallelDims) -> None:
     """Per-sequence statistics over the CP x TP group (the ranks holding pieces of the same sequences),
@@ -63,9 +58,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, pcfg: ParallelConfig) -> N
     # 6. FSDP2 last: it shards whatever parameters the steps above left
     if dims.world_size > 1 and pcfg.fsdp:
         if dims.tp_enabled and dims.stage_size == dims.tp:
-            # no data-parallel rank to shard over (`check_tensor_parallel` refuses FSDP x TP with one)
+            # no data-parallel rank to shard over
             logger.warning("parallel.fsdp=true has no effect: every rank of the stage is a tp rank")
-        elif dims.tp_enabled:
-            raise ValueError(_FSDP_TP)
         else:
             apply_fsdp(model, dims, param_dtype=pcfg.fsdp_param_dtype)

@@ -32,26 +32,10 @@ logger = logging.getLogger(__name__)
 _MOE_SEQUENCE_KWARGS = ("padding_mask_BS", "document_ids_BS")
 
 
-def check_tensor_parallel(
-    model: ModelConfig,
-    *,
-    tp: int,
-    seq_len: int | None = None,
-    cp: int = 1,
-    fsdp: bool = False,
-    replicas: int = 1,
-) -> None:
-    """Refuse a model / layout tensor parallelism cannot shard, naming the setting (before any collective).
-
-    `replicas`: the ranks of a stage holding the same tp shard (dp_replicate * dp_shard * cp); FSDP over them
-    composed with tp is not implemented yet."""
+def check_tensor_parallel(model: ModelConfig, *, tp: int, seq_len: int | None = None, cp: int = 1) -> None:
+    """Refuse a model / layout tensor parallelism cannot shard, naming the setting (before any collective)."""
     if tp == 1:
         return
-    if fsdp and replicas > 1:
-        raise ValueError(
-            f"parallel.fsdp=true with parallel.tp={tp} and dp_replicate*dp_shard*cp = {replicas} > 1 is not "
-            "supported yet: set parallel.fsdp=false (gradients are then all-reduced)"
-        )
     unsupported = {
         "model.attention='mla'": model.attention == "mla",
         "model.attention_sinks=true": model.attention_sinks,

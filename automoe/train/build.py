@@ -143,14 +143,7 @@ def check_layout(cfg: JobConfig, world_size: int) -> parallel.ParallelDims:
     except ValueError as e:
         raise ValueError(f"{e}{_launch_hint(cfg, world_size)}") from None
     check_sequence_split(cfg.data.seq_len, pcfg.cp)
-    check_tensor_parallel(
-        cfg.model,
-        tp=pcfg.tp,
-        seq_len=cfg.data.seq_len,
-        cp=pcfg.cp,
-        fsdp=pcfg.fsdp,
-        replicas=dims.dp_replicate * dims.dp_shard * dims.cp,
-    )
+    check_tensor_parallel(cfg.model, tp=pcfg.tp, seq_len=cfg.data.seq_len, cp=pcfg.cp)
     dp = dims.data_parallel
     if train.global_batch_size % (train.micro_batch_size * dp):
         raise ValueError(

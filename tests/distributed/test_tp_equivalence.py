@@ -233,6 +233,10 @@ def _world4(ckpt: str) -> list[dict]:
         {"pp": 2, "tp": 2, "aux": "global"},
         # tp2 x cp2: a sequence split over cp x tp = 4 ranks is one sequence for the per-sequence aux loss
         {"tp": 2, "cp": 2, "aux": "sequence"},
+        # tp2 x fsdp2: FSDP2 over the 2 data ranks of each tp shard (2-D DTensors), the MoE layer's grads over tp
+        {"tp": 2, "fsdp": True, "aux": "sequence"},
+        # tp2 x ep2 x fsdp2: experts Shard(0) over ep = the tp pair, FSDP over ep_shard
+        {"tp": 2, "ep": 2, "fsdp": True},
         # pp2 x ep2 (tp=1): the checkpoint the 2-process spawn resumes at tp2
         {"pp": 2, "ep": 2, "save": ckpt},
     ]

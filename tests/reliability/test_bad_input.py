@@ -214,12 +214,6 @@ def _data_cases(tmp: Path) -> list[tuple[str, int, list[str], list[str]]]:
             ["model.num_heads=2", "parallel.tp=4"],
         ),
         (
-            "TP with FSDP over data-parallel ranks",
-            4,
-            ["parallel.tp=2", "model.num_kv_heads=2"],
-            ["parallel.fsdp=true with parallel.tp=2", "dp_replicate*dp_shard*cp = 2"],
-        ),
-        (
             "EP not a multiple of TP",
             4,
             ["parallel.tp=4", "parallel.ep=2", "model.num_heads=4", "model.num_kv_heads=4"],

@@ -107,7 +107,6 @@ def test_sequence_slice_gives_the_moe_layer_this_ranks_chunk():
         (dict(num_kv_heads=1), dict(tp=2), r"model.num_kv_heads=1 is not divisible by parallel.tp=2"),
         (dict(ffn_inter_dim=49), dict(tp=2), r"model.ffn_inter_dim=49 is not divisible by parallel.tp=2"),
         ({}, dict(tp=2, seq_len=12, cp=4), r"data.seq_len=12 is not divisible by parallel.cp\*tp = 4\*2 = 8"),
-        ({}, dict(tp=2, fsdp=True, replicas=2), r"parallel.fsdp=true with parallel.tp=2 and dp_replicate"),
         (
             dict(attention="mla", q_lora_rank=None, kv_lora_rank=16),
             dict(tp=2),
@@ -124,7 +123,7 @@ def test_layouts_tp_cannot_shard_name_the_setting(model_kw, check_kw, match):
 
 
 def test_supported_layouts_pass_the_check():
-    check_tensor_parallel(_cfg(), tp=2, seq_len=16, cp=2, fsdp=True, replicas=1)  # fsdp: no effect, no error
+    check_tensor_parallel(_cfg(), tp=2, seq_len=16, cp=2)
     check_tensor_parallel(_cfg(num_kv_heads=1), tp=1)  # tp=1 checks nothing
 
 
