@@ -8,7 +8,6 @@ from automoe.planner.comm import (
     a2a_bytes_per_pair,
     a2a_rows,
     comm_per_step,
-    expected_distinct_ranks,
     micro_batches_per_step,
 )
 from automoe.planner.inputs import (
@@ -28,6 +27,7 @@ from automoe.planner.memory import (
     Stage,
     activation_bytes,
     attention_bytes_per_token,
+    expected_distinct_ranks,
     ffn_bytes_per_token,
     fsdp_unit_numel,
     kv_width,

@@ -9,29 +9,16 @@ from automoe.planner.inputs import DTYPE_BYTES, ClusterSpec, TrainingShape
 from automoe.planner.memory import (
     Layout,
     Stage,
+    expected_distinct_ranks,
     fsdp_unit_numel,
+    is_tp_param,
     kv_width,
     param_inventory,
     shard_numel,
+    tp_local_shape,
     tp_shard_dim,
     whole_model,
 )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Routing: expected distinct destination ranks per token
-# ---------------------------------------------------------------------------------------------------------------
-def expected_distinct_ranks(num_experts: int, top_k: int, num_ranks: int) -> float:
-    """E[#ranks hit] when a token picks `top_k` distinct experts uniformly from `num_experts`, E/P per rank.
-
-    A given rank owns n = E/P experts and is missed only if all K picks fall among the other E - n:
-    P(miss) = C(E-n, K) / C(E, K). By linearity, E[ranks hit] = P * (1 - C(E-n, K) / C(E, K)).
-    """
-    if num_experts % num_ranks:
-        raise ValueError(f"num_experts % ep = {num_experts} % {num_ranks} != 0")
-    n = num_experts // num_ranks
-    miss = math.comb(num_experts - n, top_k) / math.comb(num_experts, top_k)
-    return num_ranks * (1.0 - miss)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,26 +89,30 @@ def a2a_bytes_per_pair(cfg: ModelConfig, a: int) -> dict[str, int]:
     return {"forward": 2 * a * D + K * (8 + a), "backward": 2 * a * D + K * a}
 
 
-def tp_messages_per_micro_batch(cfg: ModelConfig, *, activation_checkpointing: str, stage: Stage) -> int:
-    """[T, D] tensors one tp rank all-gathers or reduce-scatters per micro-batch (Megatron TP + sequence parallel).
+def tp_message_width(cfg: ModelConfig, *, activation_checkpointing: str, stage: Stage) -> int:
+    """Numbers per token one tp rank all-gathers or reduce-scatters per micro-batch (`apply_tp`: Megatron TP +
+    sequence parallel): a multiple of D plus, on the last stage, the vocabulary.
 
     Attention and every dense MLP: all-gather of the (sequence-sharded) input and reduce-scatter of the
-    row-parallel output in forward, the reverse pair in backward (4; 6 with full AC, whose recompute repeats the
-    forward pair). The MoE layer runs on the tp rank's slice of the sequence: none. Embedding (vocab-parallel,
-    output reduce-scattered to sequence shards) and head (input all-gathered): one each way (2 each).
+    row-parallel output in forward, the reverse pair in backward (4 D; 6 D with full AC, whose recompute repeats
+    the forward pair). The MoE layer runs on the tp rank's slice of the sequence: none. Embedding (vocab-parallel,
+    output reduce-scattered to sequence shards): 2 D. Head: its input all-gathered (and its gradient
+    reduce-scattered back), 2 D, and its logits all-gathered over the vocabulary (V; the gradient of replicated
+    logits is sliced locally).
     """
     per_block = 6 if activation_checkpointing == "full" else 4
     dense_mlps = sum(1 for i in stage.blocks if not cfg.is_moe_layer(i))
-    return per_block * (len(stage.blocks) + dense_mlps) + 2 * stage.first + 2 * stage.last
+    messages = per_block * (len(stage.blocks) + dense_mlps) + 2 * stage.first + 2 * stage.last
+    return messages * cfg.dim + (cfg.vocab_size if stage.last else 0)
 
 
-def tp_replicated_numel(cfg: ModelConfig, stage: Stage) -> int:
-    """Elements of the non-expert parameters replicated over tp (norms, router, shared experts, MLA latents):
-    each tp rank computes a partial gradient of them, all-reduced over tp."""
+def tp_norm_numel(cfg: ModelConfig, stage: Stage) -> int:
+    """Elements of the sequence-parallel norms' weights (replicated DTensors on tp): their partial gradients are
+    all-reduced over tp in every backward."""
     return sum(
         math.prod(s.shape)
         for s in param_inventory(cfg)
-        if stage.holds(s) and not s.expert and tp_shard_dim(s) is None
+        if stage.holds(s) and is_tp_param(s) and tp_shard_dim(s) is None
     )
 
 
@@ -154,13 +145,11 @@ def comm_per_step(
         fwd, bwd = (layout.cp - 1) * T * (a * width + 8), (layout.cp - 1) * T * a * width
         total = len(stage.blocks) * M * ((1 + ac) * fwd + bwd)
         out["cp_kv_allgather"] = {"bytes": total, "seconds": _ring_seconds(total, groups["cp"], cluster)}
-    if tp > 1:  # ring all-gather / reduce-scatter of [T, D]: (tp - 1)/tp of it crosses the wire
-        n = tp_messages_per_micro_batch(
-            cfg, activation_checkpointing=shape.activation_checkpointing, stage=stage
-        )
-        total = M * n * (tp - 1) / tp * T * cfg.dim * a
+    if tp > 1:  # ring all-gather / reduce-scatter of [T, width]: (tp - 1)/tp of it crosses the wire
+        width = tp_message_width(cfg, activation_checkpointing=shape.activation_checkpointing, stage=stage)
+        total = M * (tp - 1) / tp * T * width * a
         out["tp_activations"] = {"bytes": total, "seconds": _ring_seconds(total, groups["tp"], cluster)}
-        grads = M * 2 * (tp - 1) / tp * a * tp_replicated_numel(cfg, stage)
+        grads = M * 2 * (tp - 1) / tp * a * tp_norm_numel(cfg, stage)
         out["tp_grad_allreduce"] = {"bytes": grads, "seconds": _ring_seconds(grads, groups["tp"], cluster)}
     out.update(_data_parallel_comm(cfg, shape, layout, cluster, M, groups, stage))
     return out
@@ -187,8 +176,15 @@ def _data_parallel_comm(cfg, shape, layout, cluster, M, groups, stage) -> dict[s
             out[name] = {"bytes": num_bytes, "seconds": _ring_seconds(num_bytes, group, cluster)}
 
     if not shape.fsdp:
-        W = R * nd  # the stage's ranks holding the same tp shard
-        add("dense_allreduce", 2 * (W - 1) / W * 4 * dense, groups["stage"][:: layout.tp])
+        W, tp = R * nd, layout.tp  # W: the stage's ranks holding the same tp shard
+        if tp == 1:
+            add("dense_allreduce", 2 * (W - 1) / W * 4 * dense, groups["stage"])
+        else:  # tp DTensors over the tp shard's replicas; the MoE layer's plain tensors over the whole stage
+            specs = [s for s in param_inventory(cfg) if stage.holds(s) and not s.expert]
+            sharded = sum(math.prod(tp_local_shape(s, tp)) for s in specs if is_tp_param(s))
+            plain = sum(math.prod(s.shape) for s in specs if not is_tp_param(s))
+            add("dense_allreduce", 2 * (W - 1) / W * 4 * sharded, groups["stage"][::tp])
+            add("moe_dense_allreduce", 2 * (W * tp - 1) / (W * tp) * 4 * plain, groups["stage"])
         G = R * es
         add("expert_allreduce", 2 * (G - 1) / G * 4 * expert_local, groups["expert_data"])
         return out

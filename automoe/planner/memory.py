@@ -141,20 +141,19 @@ def whole_model(cfg: ModelConfig) -> Stage:
     return Stage(tuple(range(cfg.num_layers)))
 
 
-# Megatron-style TP (torchtitan's plans): column-parallel projections shard dim 0 (output features), row-parallel
-# ones dim 1 (input features); the embedding shards the vocabulary. Norms, the MoE router and shared experts and
-# MLA's low-rank down-projections are replicated over tp; routed experts use EP instead.
+# Megatron-style TP as `automoe.parallel.tensor_parallel.apply_tp` applies it: column-parallel projections shard
+# dim 0 (output features), row-parallel ones dim 1 (input features); the embedding shards the vocabulary and the
+# head its output features. Norms (sequence parallel) and the whole MoE layer are replicated over tp; routed
+# experts use EP instead.
 _TP_COLWISE = (
     "attention.q_proj.",
     "attention.k_proj.",
     "attention.v_proj.",
-    "attention.q_b_proj.",
-    "attention.kv_b_proj.",
-    "attention.sinks",
     "feed_forward.gate_proj.",
     "feed_forward.up_proj.",
 )
 _TP_ROWWISE = ("attention.o_proj.weight", "feed_forward.down_proj.weight")
+_TP_NORMS = ("attention_norm.weight", "ffn_norm.weight")
 
 
 def tp_shard_dim(spec: ParamSpec) -> int | None:
@@ -169,6 +168,12 @@ def tp_shard_dim(spec: ParamSpec) -> int | None:
     if any(name.endswith(key) for key in _TP_ROWWISE):
         return 1
     return None
+
+
+def is_tp_param(spec: ParamSpec) -> bool:
+    """A DTensor on the tp axis under `apply_tp`: the sharded tensors and the sequence-parallel norms' weights
+    (replicated; their gradients are summed over tp in backward). The MoE layer's parameters stay plain."""
+    return tp_shard_dim(spec) is not None or spec.name == "norm.weight" or spec.name.endswith(_TP_NORMS)
 
 
 def tp_local_shape(spec: ParamSpec, tp: int, index: int = 0) -> tuple[int, ...]:
@@ -253,51 +258,98 @@ def fsdp_unit_numel(cfg: ModelConfig, *, tp: int = 1, stage: Stage | None = None
 # ---------------------------------------------------------------------------------------------------------------
 # Activations (bytes saved for backward, per token, one micro-batch in flight)
 # ---------------------------------------------------------------------------------------------------------------
-def attention_bytes_per_token(cfg: ModelConfig, a: int, *, tp: int = 1) -> float:
-    """Tensors the attention sub-block saves for backward, per local token (a = compute dtype bytes).
+def expected_distinct_ranks(num_experts: int, top_k: int, num_ranks: int) -> float:
+    """E[#ranks hit] when a token picks `top_k` distinct experts uniformly from `num_experts`, E/P per rank.
 
-    GQA: norm input + output (2D), q and k before and after RoPE, v (2q + 3kv), the SDPA output and its
-    contiguous copy into o_proj (2q), plus the fp32 log-sum-exp per head (flash-style kernels: no S x S matrix).
+    A given rank owns n = E/P experts and is missed only if all K picks fall among the other E - n:
+    P(miss) = C(E-n, K) / C(E, K). By linearity, E[ranks hit] = P * (1 - C(E-n, K) / C(E, K)).
+    """
+    if num_experts % num_ranks:
+        raise ValueError(f"num_experts % ep = {num_experts} % {num_ranks} != 0")
+    n = num_experts // num_ranks
+    miss = math.comb(num_experts - n, top_k) / math.comb(num_experts, top_k)
+    return num_ranks * (1.0 - miss)
+
+
+def norm_bytes_per_token(width: int, a: int) -> float:
+    """What an RMSNorm saves per token (`automoe.models.norms`: computed in fp32, scaled in the input dtype): the
+    fp32 copy of its input (the input itself when a = 4), 1/rms (fp32), and the normalized tensor before the
+    weight. Its output is saved by the projection that reads it, counted there as that projection's input."""
+    return 4 * width + 4 + a * width
+
+
+def attention_bytes_per_token(cfg: ModelConfig, a: int, *, tp: int = 1) -> float:
+    """Tensors the attention sub-block (with its norm) saves for backward, per local token (a = compute bytes).
+
+    GQA: the norm, the projections' input (D), q and k after RoPE and v (2q + 2kv: RoPE's multiplications save
+    only cos/sin), the SDPA output (q; `o_proj` reads it without a copy) and the fp32 log-sum-exp per head
+    (flash-style kernels: no S x S matrix); with qk-norm, each norm's fp32 input, 1/rms and normalized tensor;
+    below fp32, RoPE saves its cos/sin cast to the compute dtype (4A; in fp32 they are shared by every layer).
     MLA: the same idea over its latent tensors (q_lora, kv_lora, rope key) and the expanded per-head q/k/v.
-    Tensor parallel with sequence parallel: the norm's tensors hold 1/tp of the sequence, the per-head tensors
-    1/tp of the heads, and the projections' input is the all-gathered full sequence (D more); MLA's low-rank
-    latents are computed on that full sequence, replicated over tp.
+    Tensor parallel with sequence parallel: the norm holds 1/tp of the sequence, the per-head tensors 1/tp of
+    the heads, and the projections' input is the all-gathered full sequence (D); MLA's low-rank latents are
+    computed on that full sequence, replicated over tp. Measured: docs/planning.md#validation.
     """
     D, H = cfg.dim, cfg.num_heads
-    gathered = D if tp > 1 else 0
+    base = norm_bytes_per_token(D, a) / tp + a * D
     if cfg.attention == "mla":
         N, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         ql = 2 * cfg.q_lora_rank if cfg.q_lora_rank else 0
         per_head = H * (N + R) + H * (N + V) + 2 * H * (N + R) + H * R + 2 * H * V
         latent = ql + (C + R) + 2 * C + R
-        return a * (2 * D / tp + gathered + latent + per_head / tp) + 4 * H / tp
-    q, kv = H * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    per_head = 4 * q + 3 * kv + (q + kv if cfg.qk_norm else 0)
-    return a * (2 * D / tp + gathered + per_head / tp) + 4 * H / tp
+        return base + a * (latent + per_head / tp) + 4 * H / tp
+    A, G = cfg.head_dim, cfg.num_kv_heads
+    q, kv = H * A, G * A
+    per_head = a * (2 * q + 2 * kv) + 4 * H
+    if cfg.qk_norm:
+        per_head += (4 + a) * (q + kv) + 4 * (H + G)
+    rope = 4 * a * A if a != 4 else 0
+    return base + per_head / tp + rope
 
 
 def ffn_bytes_per_token(
-    cfg: ModelConfig, layer_id: int, a: int, *, imbalance: float = 1.0, tp: int = 1
+    cfg: ModelConfig, layer_id: int, a: int, *, imbalance: float = 1.0, tp: int = 1, ep: int = 1
 ) -> float:
-    """The FFN sub-block: norm input/output (2D) plus a dense SwiGLU (4F) or the MoE layer.
+    """The FFN sub-block: its norm plus a dense SwiGLU (input D; gate, up, silu(gate), product: 4F) or the MoE
+    layer.
 
-    MoE, per token: router in fp32 (input cast when a != 4, logits and scores 2E), top-k ids (int64) and weights;
-    the K-fold expansion of expert inputs: K slots x (input row D, up output H = 2F gated or F, activation
-    output F, expert output D before weighting), times `imbalance` on the busiest rank; shared experts 4 x F_s.
+    MoE, per token: its input (read by the shared experts, and by the router in fp32), the router in fp32 (input
+    cast when a != 4, logits and scores 2E), top-k ids (int64) and weights; the K-fold expansion of expert
+    inputs: K slots x (input row D, up output U = 2F gated or F: the activation is recomputed in backward, expert
+    output D kept for the weighting), times `imbalance` on the busiest rank; shared experts as a dense MLP 4 x F_s.
+    Under EP the all-to-all path also keeps, per (token, destination rank) pair (u per token,
+    `expected_distinct_ranks`), the row sent and the row returned (2D) and the pair's K expert ids and weights.
     Tensor parallel (sequence parallel): the MoE layer routes 1/tp of the sequence on each tp rank, so all of it
     is / tp; the dense MLP keeps its all-gathered input (D) and 1/tp of its hidden features.
     """
     D = cfg.dim
-    base = a * 2 * D / tp
+    norm = norm_bytes_per_token(D, a) / tp
     if not cfg.is_moe_layer(layer_id):
-        return base + a * ((D if tp > 1 else 0) + 4 * cfg.ffn_inter_dim / tp)
+        return norm + a * (D + 4 * cfg.ffn_inter_dim / tp)
     moe = cfg.moe
     E, K, F = moe.num_experts, moe.num_activated_experts, moe.moe_inter_dim
+    has_shared = moe.shared_inter_dim > 0
+    moe_input = a * D if (has_shared or a == 4) else 0
     router = 4 * (D if a != 4 else 0) + 4 * 2 * E + K * (8 + a)
-    hidden = 3 * F if moe.gated else 2 * F
-    routed = imbalance * K * a * (2 * D + hidden)
+    up = 2 * F if moe.gated else F
+    routed = imbalance * K * a * (2 * D + up)
     shared = a * 4 * moe.shared_inter_dim
-    return base + (router + routed + shared) / tp
+    pairs = expected_distinct_ranks(E, K, ep) * (2 * a * D + K * (a + 8)) if ep > 1 else 0.0
+    return norm + (moe_input + router + routed + shared + pairs) / tp
+
+
+def moe_internal_bytes_per_token(
+    cfg: ModelConfig, layer_id: int, a: int, *, imbalance: float, tp: int, ep: int = 1
+) -> float:
+    """What activation checkpointing of the MoE layer alone (`moe` AC) recomputes: all of the FFN sub-block but
+    its norm and the MoE input (the checkpoint keeps that)."""
+    D = cfg.dim
+    full = ffn_bytes_per_token(cfg, layer_id, a, imbalance=imbalance, tp=tp, ep=ep)
+    return (
+        full
+        - norm_bytes_per_token(D, a) / tp
+        - (a * D if (cfg.moe.shared_inter_dim > 0 or a == 4) else 0) / tp
+    )
 
 
 def activation_bytes(
@@ -307,31 +359,37 @@ def activation_bytes(
     the blocks of `stage` (default: the whole model); the head counts only on the last stage.
 
     T = micro_batch * seq_len / cp local tokens. No AC: every block's saved tensors, T * sum_l bytes_l.
-    Full AC: only each block's input (T * D, / tp under sequence parallel) plus one block recomputed during its
-    backward (T * max_l bytes_l).
-    MoE AC: every block's saved tensors except its MoE layer's internals (the MoE input is the FFN norm's
-    output, already counted), plus one MoE layer's internals recomputed during its backward.
+    Full AC: only each block's input (T * a * D, / tp under sequence parallel) plus one block recomputed during
+    its backward (T * max_l bytes_l).
+    MoE AC: every block's saved tensors except its MoE layer's internals (`moe_internal_bytes_per_token`), plus
+    one MoE layer's internals recomputed during its backward.
     Context parallel adds the gathered K/V of the other cp-1 ranks and a bool visibility mask per layer.
-    The head holds the final norm's tensors, the gathered input of the (vocab-parallel) head and the logits (a) and
-    CE's fp32 log-softmax (4) over the vocabulary (V / tp).
+    Once per stage: the token ids (int64, first stage) and, in fp32, RoPE's cos/sin (2 x A x 4). The head holds
+    its norm, its input (D, all-gathered under tp) and CE's fp32 log-softmax over the vocabulary (whole on every
+    tp rank: `apply_tp` all-gathers the logits) and the labels.
     """
     stage = whole_model(cfg) if stage is None else stage
     a, tp = DTYPE_BYTES[shape.compute_dtype], layout.tp
     T = shape.micro_batch * shape.seq_len / layout.cp
+    imbalance = shape.routing_imbalance
     per_layer, moe_internals = [0.0], [0.0]
     for i in stage.blocks:
-        ffn = ffn_bytes_per_token(cfg, i, a, imbalance=shape.routing_imbalance, tp=tp)
+        ffn = ffn_bytes_per_token(cfg, i, a, imbalance=imbalance, tp=tp, ep=layout.ep)
         if shape.activation_checkpointing == "moe" and cfg.is_moe_layer(i):
-            moe_internals.append(T * (ffn - a * 2 * cfg.dim / tp))  # all but the FFN norm's input and output
-            ffn = a * 2 * cfg.dim / tp
+            internal = moe_internal_bytes_per_token(cfg, i, a, imbalance=imbalance, tp=tp, ep=layout.ep)
+            moe_internals.append(T * internal)
+            ffn -= internal
         layer = attention_bytes_per_token(cfg, a, tp=tp) + ffn
         per_layer.append(T * layer + _cp_extra_bytes(cfg, shape, layout, a))
     if shape.activation_checkpointing == "full":
         blocks = len(stage.blocks) * T * a * cfg.dim / tp + max(per_layer)
     else:
         blocks = sum(per_layer) + max(moe_internals)
-    gathered = cfg.dim if tp > 1 else 0
-    head = T * (a * (2 * cfg.dim / tp + gathered) + (a + 4) * cfg.vocab_size / tp) if stage.last else 0.0
+    rope = 2 * cfg.head_dim * 4 if a == 4 and cfg.attention != "mla" else 0
+    blocks += T * (rope + (8 if stage.first else 0))
+    head = 0.0
+    if stage.last:
+        head = T * (norm_bytes_per_token(cfg.dim, a) / tp + a * cfg.dim + 4 * cfg.vocab_size + 8)
     return {"blocks": blocks, "head": head}
 
 

@@ -52,6 +52,49 @@ def in_flight_micro_batches(
     return chunks / v
 
 
+def interleaved_chunk_order(
+    pp: int, micro_batches: int, virtual_stages: int, rank: int
+) -> list[tuple[int, int]]:
+    """(local chunk, +1 forward / -1 backward) in the order `ScheduleInterleaved1F1B` runs them on pipeline rank
+    `rank`: torch's own warm-up count and 1F1B op list (`_get_warmup_ops`, `_get_1f1b_rank_ops`) with the stage
+    index functions of `ScheduleInterleaved1F1B._calculate_single_rank_operations`."""
+    from torch.distributed.pipelining import schedules
+
+    v, M = virtual_stages, micro_batches
+    per_round = M // max(1, M // pp)
+    warmup = schedules._get_warmup_ops(rank, v, per_round, pp, M, multiply_factor=2)
+    fwd_bwd = v * M - warmup
+
+    def forward_stage(step: int) -> int:
+        return ((step // per_round) % v) * pp + rank
+
+    def backward_stage(step: int) -> int:
+        return (v - 1 - ((step - warmup) // per_round) % v) * pp + rank
+
+    actions = schedules._get_1f1b_rank_ops(
+        v, pp, warmup, fwd_bwd, v * M - fwd_bwd, rank, forward_stage, backward_stage
+    )
+    forward = schedules._ComputationType.FORWARD
+    return [
+        (a.stage_index // pp, 1 if a.computation_type == forward else -1) for a in actions if a is not None
+    ]
+
+
+def peak_activation_bytes(
+    schedule: str, pp: int, micro_batches: int, chunk_bytes: list[float], *, rank: int = 0
+) -> float:
+    """Peak bytes of the micro-batches in flight on pipeline rank `rank`, whose chunks (local stages, in order)
+    save `chunk_bytes` per micro-batch: GPipe and 1F1B in whole-rank units (`in_flight_micro_batches`); interleaved
+    1F1B by running the schedule's own op order (its chunks differ in size and in micro-batches held)."""
+    if schedule != "Interleaved1F1B":
+        return in_flight_micro_batches(schedule, pp, micro_batches, rank=rank) * sum(chunk_bytes)
+    live = peak = 0.0
+    for chunk, step in interleaved_chunk_order(pp, micro_batches, len(chunk_bytes), rank):
+        live += step * chunk_bytes[chunk]
+        peak = max(peak, live)
+    return peak
+
+
 def stage_blocks(cfg: ModelConfig, num_stages: int) -> list[tuple[int, ...]]:
     """Blocks of each of `num_stages` stages: `automoe.parallel.pipeline.balanced_split` over the blocks'
     parameter counts, the embedding counted on the first stage and norm + head on the last (what training does
@@ -67,6 +110,11 @@ def stage_blocks(cfg: ModelConfig, num_stages: int) -> list[tuple[int, ...]]:
         out.append(tuple(range(start, start + n)))
         start += n
     return out
+
+
+def rank_chunks(split: list[tuple[int, ...]], pp: int, rank: int) -> list[Stage]:
+    """Pipeline rank `rank`'s local stages (chunks) in order, each with its blocks and end pieces."""
+    return [Stage(split[s], first=s == 0, last=s == len(split) - 1) for s in range(rank, len(split), pp)]
 
 
 def rank_stage(split: list[tuple[int, ...]], pp: int, rank: int) -> Stage:

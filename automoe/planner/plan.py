@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from automoe.config.checks import check_experts_split
 from automoe.config.model import ModelConfig
 from automoe.config.parallel import ParallelConfig
 from automoe.parallel.dims import ParallelDims
 from automoe.parallel.pipeline import check_pipeline
+from automoe.parallel.tensor_parallel import check_tensor_parallel
 from automoe.planner import pipeline as pipe
 from automoe.planner.comm import _ring_seconds, a2a_rows, comm_per_step, micro_batches_per_step
 from automoe.planner.inputs import DTYPE_BYTES, GIB, ClusterSpec, TrainingShape
@@ -148,31 +148,24 @@ def memory_per_rank(
 
 
 def check_layout(cfg: ModelConfig, shape: TrainingShape, layout: Layout) -> int:
-    """ValueError naming the setting when training would refuse `layout` (`ParallelDims`, `check_pipeline`, the
-    tp divisibility rules); else the micro-batches per rank and step."""
-    dims = {f.name for f in dataclasses.fields(ParallelDims)}
-    tp_in_dims = "tp" in dims
-    num_experts = cfg.moe.num_experts if cfg.num_moe_layers else None
-    extra = {"tp": layout.tp} if tp_in_dims else {}
+    """ValueError naming the setting when training would refuse `layout` (`ParallelDims`, `check_pipeline`,
+    `check_tensor_parallel`); else the micro-batches per rank and step."""
     ParallelDims(
-        world_size=layout.world_size if tp_in_dims else layout.world_size // layout.tp,
+        world_size=layout.world_size,
         dp_replicate=layout.dp_replicate,
         dp_shard=layout.dp_shard,
         cp=layout.cp,
-        ep=layout.ep if tp_in_dims else 1,
+        ep=layout.ep,
         pp=layout.pp,
-        num_experts=num_experts,
-        **extra,
+        tp=layout.tp,
+        num_experts=cfg.moe.num_experts if cfg.num_moe_layers else None,
     )
-    if layout.tp > 1:
-        _check_tp(cfg, layout, num_experts)
+    tp_rules = {"tp": layout.tp, "seq_len": shape.seq_len, "cp": layout.cp}
+    if "fsdp" in inspect.signature(check_tensor_parallel).parameters:  # while FSDP x TP is refused
+        tp_rules |= {"fsdp": shape.fsdp, "replicas": layout.dp_replicate * layout.dp_shard * layout.cp}
+    check_tensor_parallel(cfg, **tp_rules)
     if layout.cp > 1 and shape.seq_len % (2 * layout.cp):
         raise ValueError(f"seq_len={shape.seq_len} must be divisible by 2*cp = {2 * layout.cp} (zigzag CP)")
-    if layout.tp > 1 and (shape.seq_len // layout.cp) % layout.tp:
-        raise ValueError(
-            f"seq_len/cp = {shape.seq_len}/{layout.cp} must be divisible by parallel.tp={layout.tp} (sequence "
-            "parallel splits each cp rank's tokens over the tp ranks)"
-        )
     M = micro_batches_per_step(shape, layout)
     if layout.pp > 1:
         v = shape.pp_virtual_stages
@@ -190,23 +183,6 @@ def check_layout(cfg: ModelConfig, shape: TrainingShape, layout: Layout) -> int:
         )
         check_pipeline(cfg, pcfg, num_micro_batches=M)
     return M
-
-
-def _check_tp(cfg: ModelConfig, layout: Layout, num_experts: int | None) -> None:
-    """TP rules the planner checks itself while `ParallelDims` has no tp (heads and EP are checked either way)."""
-    tp = layout.tp
-    if cfg.num_heads % tp:
-        raise ValueError(f"model.num_heads={cfg.num_heads} is not divisible by parallel.tp={tp}")
-    if cfg.attention != "mla" and cfg.num_kv_heads % tp:
-        raise ValueError(f"model.num_kv_heads={cfg.num_kv_heads} is not divisible by parallel.tp={tp}")
-    inner = layout.dp_shard * layout.cp * tp
-    if inner % layout.ep:
-        raise ValueError(
-            f"parallel.ep={layout.ep} must divide dp_shard*cp*tp = {layout.dp_shard}*{layout.cp}*{tp} = {inner} "
-            "(expert parallelism borrows those ranks)"
-        )
-    if num_experts is not None:
-        check_experts_split(num_experts, layout.ep)
 
 
 def plan_layout(cfg: ModelConfig, shape: TrainingShape, layout: Layout, cluster: ClusterSpec) -> Plan:
@@ -235,7 +211,10 @@ def plan_layout(cfg: ModelConfig, shape: TrainingShape, layout: Layout, cluster:
     per_rank = []
     for r in range(pp):
         stage = pipe.rank_stage(split, pp, r)
-        in_flight = pipe.in_flight_micro_batches(shape.pp_schedule, pp, M, virtual_stages=v, rank=r)
+        act = [activation_bytes(cfg, shape, layout, stage=c) for c in pipe.rank_chunks(split, pp, r)]
+        per_mb = [c["blocks"] + c["head"] for c in act]
+        peak = pipe.peak_activation_bytes(shape.pp_schedule, pp, M, per_mb, rank=r)
+        in_flight = peak / sum(per_mb)  # micro-batches in flight, in whole-rank units
         mem = memory_per_rank(
             cfg, shape, layout, cluster, stage=stage, in_flight=in_flight, rank=r * layout.stage_size
         )
@@ -358,6 +337,7 @@ def format_table(plans: list[Plan]) -> str:
         L, m, c = p.layout, {k: v / GIB for k, v in p.memory.items()}, p.comm
         gb = {k: v["bytes"] / 1e9 for k, v in c.items()}
         named = ("expert_a2a", "cp_kv_allgather", "tp_activations", "tp_grad_allreduce", "pp_p2p")
+        # fsdp column: FSDP collectives or, without FSDP, the data-parallel gradient all-reduces
         fsdp_gb = sum(v for k, v in gb.items() if k not in named)
         tp_gb = gb.get("tp_activations", 0.0) + gb.get("tp_grad_allreduce", 0.0)
         lines.append(

@@ -87,8 +87,13 @@ def test_state_bytes_world1_equal_a_real_model():
 def test_moe_activation_formula_hand_computed():
     cfg = planner.load_model_config("mixtral_8x7b")
     D, K, F, E = 4096, 2, 14336, 8
-    want = 2 * 2 * D + (4 * D + 4 * 2 * E + K * (8 + 2)) + K * 2 * (2 * D + 3 * F)
+    norm = 4 * D + 4 + 2 * D  # fp32 copy of the input, 1/rms, normalized bf16 tensor
+    router = 4 * D + 4 * 2 * E + K * (8 + 2)  # fp32 input, logits and scores; top-k ids and weights
+    routed = K * 2 * (2 * D + 2 * F)  # per slot: input row, fused gate/up output, expert output
+    want = norm + router + routed  # no shared expert: the bf16 MoE input itself is not kept
     assert planner.ffn_bytes_per_token(cfg, 0, 2) == want
+    # ep=8 (one expert per rank): each token's 2 pairs keep a sent and a returned row, 2 ids and 2 weights
+    assert planner.ffn_bytes_per_token(cfg, 0, 2, ep=8) == want + 2 * (2 * 2 * D + K * (2 + 8))
 
 
 def test_activation_checkpointing_and_cp_shrink_activations():

@@ -18,6 +18,7 @@ from automoe.planner.pipeline import (
     bubble_fraction,
     in_flight_micro_batches,
     p2p_messages,
+    peak_activation_bytes,
     pipeline_terms,
     rank_stage,
     stage_blocks,
@@ -61,6 +62,16 @@ def test_in_flight_per_pipeline_rank():
     ]
 
 
+def test_interleaved_peak_follows_the_schedules_order():
+    """pp=2, v=2, M=4 (2 rounds of 2), chunk bytes c0, c1. Rank 0 runs F0 F0 F1 F1 F0, then B1 F0 B1 F1 B0 ...:
+    peak max(3 c0 + 2 c1, 4 c0 + c1). Rank 1 runs F0 F0 F1 B1 F1 B1 F0 B0 ...: peak max(2 c0 + c1, 3 c0)."""
+    assert peak_activation_bytes("Interleaved1F1B", 2, 4, [10.0, 1.0], rank=0) == 41.0  # 4 c0 + c1
+    assert peak_activation_bytes("Interleaved1F1B", 2, 4, [1.0, 10.0], rank=0) == 23.0  # 3 c0 + 2 c1
+    assert peak_activation_bytes("Interleaved1F1B", 2, 4, [10.0, 1.0], rank=1) == 30.0  # 3 c0
+    assert peak_activation_bytes("Interleaved1F1B", 2, 4, [1.0, 10.0], rank=1) == 12.0  # 2 c0 + c1
+    assert peak_activation_bytes("1F1B", 4, 8, [5.0], rank=1) == 15.0  # 3 in flight
+
+
 def test_p2p_messages_per_pipeline_rank():
     # rank 0 receives only gradients (and the inputs of its later chunks), the last rank only activations
     assert [p2p_messages(4, 8, rank=r) for r in range(4)] == [8, 16, 16, 8]
@@ -92,7 +103,7 @@ def test_plan_layout_pp2_per_rank_memory_and_bubble():
     whole = state_bytes(cfg, shape, Layout(1, 1, 1, 1))
     split = stage_blocks(cfg, 2)
     totals = []
-    for r, in_flight in ((0, 2), (1, 1)):
+    for r, in_flight in ((0, 2), (1, 1)):  # 1F1B: pp - r warm-up forwards
         stage = rank_stage(split, 2, r)
         act = activation_bytes(cfg, shape, Layout(1, 1, 1, 1), stage=stage)
         parts = state_bytes(cfg, shape, Layout(1, 1, 1, 1), stage=stage)
