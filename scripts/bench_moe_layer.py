@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -336,6 +337,7 @@ def run_config(args, dtype_name: str, shape: str, names: tuple[str, ...]) -> dic
         "inter_dim": args.inter_dim,
         "noise": args.noise,
         "loadavg_1m": [loadavg_before, os.getloadavg()[0]],
+        "uptime": _uptime(),
         "other_cpu_load": round(load.other_load, 3),
         "total_cpu_load": round(load.total_load, 3),
         "load_max_over_mean": round(routed_load_skew(fast_layer, rows["fast"][1]), 3),
@@ -364,6 +366,14 @@ def run_config(args, dtype_name: str, shape: str, names: tuple[str, ...]) -> dic
         fast, x, dy = rows["fast"]
         result["fast_stages_ms"] = {k: round(v, 2) for k, v in stage_times(fast, x, dy, repeats=3).items()}
     return result
+
+
+def _uptime() -> str:
+    """`uptime`'s line (load averages over 1, 5, 15 minutes) as the shell prints it."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def _engine_choices() -> dict:
@@ -419,7 +429,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", default="default,fine,e128", help=f"comma-separated of {list(SHAPES)}")
     p.add_argument("--noise", default="0,1", help="comma-separated fake gate noise: 0 balanced, 1 skewed")
     p.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (every row once per round)")
+    p.add_argument(
+        "--repeats", "--rounds", type=int, default=5, help="timed rounds (every row once per round)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--backend", default="auto", help="experts_backend of the `fast` row")
     p.add_argument("--rows", default=None, help=f"comma-separated of {list(ALL_ROWS)} (fast is always run)")
@@ -455,6 +467,7 @@ def main() -> None:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
+        "uptime_start": _uptime(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "args": {k: v for k, v in vars(args).items() if k != "names"},
@@ -474,6 +487,7 @@ def main() -> None:
                         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                         Path(args.json).write_text(json.dumps(report, indent=2))
     print_summary(report["results"])
+    report["uptime_end"] = _uptime()
     report_and_save(report, machine, args.json)
 
 

@@ -56,23 +56,30 @@ def choose(
     run: Callable[[str], None],
     *,
     rounds: int = 3,
+    prune: float = 3.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> str:
-    """The fastest of `candidates` for `key`: cached, else measured now by calling `run(name)` once untimed and
-    `rounds` times timed, interleaved so load bursts hit every candidate; the minimum over rounds decides
-    (ties: the earlier candidate). Deterministic given the cache."""
+    """The fastest of `candidates` for `key`: cached, else measured now by calling `run(name)` once as a warm-up
+    and `rounds` times timed, interleaved so load bursts hit every candidate; the minimum over rounds decides
+    (ties: the earlier candidate). A candidate whose warm-up took over `prune` times the fastest warm-up is not
+    timed further (it cannot win by measurement noise alone). Deterministic given the cache."""
     hit = cached(key)
     if hit is not None and hit in candidates:
         return hit
     if len(candidates) == 1:
         best = candidates[0]
     else:
+        warm_ms = {}
         for name in candidates:  # warm-up: first-call allocations and kernel selection
+            t0 = clock()
             run(name)
+            warm_ms[name] = (clock() - t0) * 1e3
+        fastest = min(warm_ms.values())
+        timed = [n for n in candidates if warm_ms[n] <= prune * fastest]
         best_ms = {name: float("inf") for name in candidates}
         for r in range(rounds):
-            for i in range(len(candidates)):
-                name = candidates[(r + i) % len(candidates)]
+            for i in range(len(timed)):
+                name = timed[(r + i) % len(timed)]
                 t0 = clock()
                 run(name)
                 best_ms[name] = min(best_ms[name], (clock() - t0) * 1e3)

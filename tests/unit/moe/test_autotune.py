@@ -80,3 +80,10 @@ def test_auto_tunes_once_per_shape_bucket_and_not_in_deterministic_mode(monkeypa
     finally:
         torch.use_deterministic_algorithms(False)
     assert autotune.tuned_choices() == {}  # deterministic: the fixed rule, nothing timed
+
+
+def test_candidates_far_slower_in_warm_up_are_not_timed_further():
+    clock = FakeClock({"a": 10.0, "b": 1.0, "c": 2.5})
+    assert autotune.choose("k", ["a", "b", "c"], clock.run, rounds=2, prune=3.0, clock=clock) == "b"
+    assert clock.calls.count("a") == 1  # warm-up only: 10 ms > 3 x 1 ms
+    assert clock.calls.count("b") == clock.calls.count("c") == 3
