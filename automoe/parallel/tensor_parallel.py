@@ -79,11 +79,12 @@ class SequenceSlice:
 def _block_plan(block: nn.Module) -> dict:
     plan = {
         "attention_norm": SequenceParallel(use_local_output=True),
-        # x all-gathered over the sequence; cos / sin (and the keyword tensors) are already whole
+        # x all-gathered over the sequence, kept a DTensor so the gradients q/k/v_proj put on it add up as one
+        # Partial and go back in one reduce-scatter; cos / sin (and the keyword tensors) are already whole
         "attention": PrepareModuleInput(
             input_layouts=(Shard(1), None, None),
             desired_input_layouts=(Replicate(), None, None),
-            use_local_output=True,
+            use_local_output=False,
         ),
         "attention.q_proj": ColwiseParallel(),
         "attention.k_proj": ColwiseParallel(),
@@ -94,7 +95,7 @@ def _block_plan(block: nn.Module) -> dict:
     if block.feed_forward is not None:
         plan |= {
             "feed_forward": PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=False
             ),
             "feed_forward.gate_proj": ColwiseParallel(),
             "feed_forward.up_proj": ColwiseParallel(),

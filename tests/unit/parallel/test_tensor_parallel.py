@@ -153,3 +153,26 @@ def test_ep_borrows_tp_ranks():
     assert (dims.dp_shard, dims.ep_shard, dims.data_parallel, dims.stage_size) == (4, 2, 4, 8)
     with pytest.raises(ValueError, match=r"parallel.tp=0 must be >= 1"):
         ParallelConfig(tp=0)
+
+
+def test_a_dense_block_costs_one_gather_and_one_scatter_per_projection_group(fake_world):
+    """Sequence parallelism's collectives, counted (fake group: values meaningless, counts exact). Forward: the
+    embedding's reduce-scatter, an all-gather before attention and before the FFN, a reduce-scatter after each, the
+    head's all-gather of its input and of the logits. Backward: the mirror image, with the gradients that q/k/v_proj
+    (gate/up_proj, the head) put on their shared input summed before one reduce-scatter: no all-reduce."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    dims = ParallelDims(world_size=TP, tp=TP, num_experts=4)
+    dims.build_meshes()
+    with torch.device("meta"):
+        model = Transformer(_cfg(num_layers=1, num_dense_layers=1))
+    parallelize(model, dims, ParallelConfig(tp=TP, fsdp=False))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    funcol = torch.ops.c10d_functional
+    with CommDebugMode() as forward:
+        logits = model(torch.randint(0, 65, (1, 8)))
+    assert forward.get_comm_counts() == {funcol.reduce_scatter_tensor: 3, funcol.all_gather_into_tensor: 4}
+    with CommDebugMode() as backward:
+        logits.sum().backward()
+    assert backward.get_comm_counts() == {funcol.reduce_scatter_tensor: 3, funcol.all_gather_into_tensor: 3}
