@@ -126,6 +126,7 @@ def _setup(world: int, layout: dict):
         ep=layout.get("ep", 1),
         cp=layout.get("cp", 1),
         fsdp=layout.get("fsdp", False),
+        activation_checkpointing=layout.get("ac", "none"),
         pp_layers_per_stage=[1, 1] if layout.get("pp", 1) > 1 else None,
     )
     dims = ParallelDims(
@@ -247,8 +248,9 @@ def _world2(ckpt: str) -> list[dict]:
         # tp2: experts replicated, each tp rank routes its half of every sequence; fsdp has no data rank to
         # shard over (a warning, no effect)
         {"tp": 2, "aux": "sequence", "fsdp": True},
-        # tp2 x ep2: the ep group is the tp group, the all-to-all carries each rank's own tokens
-        {"tp": 2, "ep": 2, "aux": "micro_batch"},
+        # tp2 x ep2: the ep group is the tp group, the all-to-all carries each rank's own tokens; every block
+        # recomputed in backward (activation checkpointing): loads counted once, the aux loss's reductions replayed
+        {"tp": 2, "ep": 2, "ac": "full", "aux": "micro_batch"},
         # resume the pp2 x ep2 checkpoint (2 data ranks x 2 micro-batches per step) at tp2 (1 data rank x 4)
         {"tp": 2, "resume": ckpt, "saved_seqs": 4},
     ]
