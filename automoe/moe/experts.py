@@ -85,13 +85,23 @@ class _PaddedEngine:
             )
             row_N = torch.arange(expert_N.shape[0], device=counts_E.device)
             self.slot_N = expert_N * self.capacity + (row_N - starts_E[expert_N])
+        self._padded: list[tuple[Tensor, Tensor]] = []  # (rows, padded copy): backward pads dy and dh once
 
     def _pad(self, x: Tensor) -> Tensor:
         """(N, width) -> [E, capacity, width] (a view when the counts are uniform)."""
         if self.uniform:
             return x.reshape(self.num_experts, self.capacity, x.shape[-1])
+        for rows, padded in self._padded:
+            if rows is x:
+                return padded
         padded = x.new_zeros(self.num_experts * self.capacity, x.shape[-1])
-        return padded.index_copy_(0, self.slot_N, x).view(self.num_experts, self.capacity, x.shape[-1])
+        padded = padded.index_copy_(0, self.slot_N, x).view(self.num_experts, self.capacity, x.shape[-1])
+        self._padded.append((x, padded))
+        return padded
+
+    def release(self) -> None:
+        """Drop the padded copies (end of forward and of backward: nothing padded outlives its pass)."""
+        self._padded.clear()
 
     def mm(self, x: Tensor, w: Tensor) -> Tensor:
         y_padded = torch.bmm(self._pad(x), w)  # [E, capacity, out]
@@ -116,6 +126,9 @@ class _TransposedWeights:
 
     def mm_weight(self, a: Tensor, b: Tensor) -> Tensor:
         return self.base.mm_weight(a, b)
+
+    def release(self) -> None:
+        getattr(self.base, "release", lambda: None)()
 
 
 _ENGINES = {
@@ -195,6 +208,7 @@ class _ExpertFFN(torch.autograd.Function):
         if b_down_ED is not None:
             y_ND += b_down_ED.index_select(0, expert_N)
         ctx.save_for_backward(x_ND, h_NU, w_up_EDU, w_down_EFD, keep_NF, expert_N)
+        getattr(engine, "release", lambda: None)()
         ctx.engine, ctx.act, ctx.p = engine, act, p
         ctx.has_bias = (b_up_EU is not None, b_down_ED is not None)
         return y_ND
@@ -212,6 +226,7 @@ class _ExpertFFN(torch.autograd.Function):
         need = ctx.needs_input_grad
         d_w_down = engine.mm_weight(_dropout(a_NF, keep_NF, ctx.p), dy_ND) if need[3] else None
         del a_NF
+        getattr(engine, "release", lambda: None)()  # padded dy and a are not needed again
         d_w_up = engine.mm_weight(x_ND, dh_NU) if need[2] else None
         dx_ND = engine.mm(dh_NU, w_up_EDU.transpose(1, 2)) if need[0] else None
         d_b_up = d_b_down = None
@@ -219,6 +234,7 @@ class _ExpertFFN(torch.autograd.Function):
             d_b_up = dh_NU.new_zeros(num_experts, dh_NU.shape[-1]).index_add_(0, expert_N, dh_NU)
         if has_b_down:
             d_b_down = dy_ND.new_zeros(num_experts, dy_ND.shape[-1]).index_add_(0, expert_N, dy_ND)
+        getattr(engine, "release", lambda: None)()
         return dx_ND, None, d_w_up, d_w_down, d_b_up, d_b_down, None, None, None, None
 
 
