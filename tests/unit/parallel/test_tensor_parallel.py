@@ -176,3 +176,32 @@ def test_a_dense_block_costs_one_gather_and_one_scatter_per_projection_group(fak
     with CommDebugMode() as backward:
         logits.sum().backward()
     assert backward.get_comm_counts() == {funcol.reduce_scatter_tensor: 3, funcol.all_gather_into_tensor: 3}
+
+
+def test_tp_is_the_innermost_axis_and_ep_borrows_it():
+    """World 8 as pp=2 x dp_shard=2 x tp=2 with ep=2, seen from rank 5 (stage 1, data rank 0, tp rank 1)."""
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", store=FakeStore(), rank=5, world_size=8)
+    try:
+        dims = ParallelDims(world_size=8, pp=2, tp=2, ep=2, num_experts=4)
+        dims.build_meshes()
+        groups = {
+            "tp": dims.tp_mesh,
+            "ep": dims.ep_mesh,
+            "sequence": dims.sequence_mesh,
+            "replicas": dims.dense_replica_mesh,
+            "stage": dims.all_data_mesh,
+            "pp": dims.pp_mesh,
+        }
+        ranks = {name: sorted(dist.get_process_group_ranks(m.get_group())) for name, m in groups.items()}
+        assert ranks == {
+            "tp": [4, 5],  # consecutive ranks
+            "ep": [4, 5],  # ep = tp: the experts' all-to-all stays inside the tp pair
+            "sequence": [4, 5],  # cp=1: the tp pair holds pieces of the same sequences
+            "replicas": [5, 7],  # the same tp shard on the other data rank of the stage
+            "stage": [4, 5, 6, 7],
+            "pp": [1, 5],
+        }
+        assert dims.dp_coordinate() == (0, 2)  # tp ranks share their data rank's sequences
+    finally:
+        dist.destroy_process_group()
