@@ -134,9 +134,10 @@ def p2p_messages(pp: int, micro_batches: int, *, virtual_stages: int = 1, rank: 
 
 
 def p2p_bytes_per_message(cfg: ModelConfig, shape: TrainingShape, layout: Layout) -> float:
-    """One stage boundary's tensor [B, S/cp, D] in the compute dtype (the full sequence slice of a cp rank:
-    torch's `PipelineStage` sends the stage output as a whole, also under tp)."""
-    return shape.micro_batch * shape.seq_len / layout.cp * cfg.dim * DTYPE_BYTES[shape.compute_dtype]
+    """One stage boundary's tensor in the compute dtype: this rank's [B, S/(cp*tp), D] (under tp the residual
+    stream between blocks is sequence-sharded, and each tp rank sends its own slice)."""
+    tokens = shape.micro_batch * shape.seq_len / (layout.cp * layout.tp)
+    return tokens * cfg.dim * DTYPE_BYTES[shape.compute_dtype]
 
 
 def pipeline_terms(
