@@ -44,5 +44,9 @@ class ParallelConfig:
                 f"parallel.pp_virtual_stages={self.pp_virtual_stages} needs a schedule that runs several stages "
                 f"per rank ({' | '.join(PP_MULTI_STAGE_SCHEDULES)}), not parallel.pp_schedule={self.pp_schedule}"
             )
+        if self.compile and self.tp > 1:  # measured: the backward crosses compiled blocks with plain tensors
+            raise ValueError(
+                f"parallel.compile=true with parallel.tp={self.tp} is not supported yet; use one of them"
+            )
         if self.collective_timeout_s <= 0:
             raise ValueError(f"parallel.collective_timeout_s={self.collective_timeout_s} must be > 0")

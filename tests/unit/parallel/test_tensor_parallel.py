@@ -153,6 +153,8 @@ def test_ep_borrows_tp_ranks():
     assert (dims.dp_shard, dims.ep_shard, dims.data_parallel, dims.stage_size) == (4, 2, 4, 8)
     with pytest.raises(ValueError, match=r"parallel.tp=0 must be >= 1"):
         ParallelConfig(tp=0)
+    with pytest.raises(ValueError, match=r"parallel.compile=true with parallel.tp=2 is not supported yet"):
+        ParallelConfig(tp=2, compile=True)
 
 
 def test_a_dense_block_costs_one_gather_and_one_scatter_per_projection_group(fake_world):
