@@ -14,6 +14,8 @@ are fair on a shared machine:
   dense          a dense SwiGLU MLP on [T*k, d] with autograd (the former `ideal` row)
   loop           automoe `MoE` with experts_backend=loop (the oracle)
   fast           automoe `MoE` with --backend (default auto: the autotuned engine)
+  grouped        automoe `MoE` with experts_backend=grouped_mm (what `auto` ran on CPU before the padded-bmm
+                 engine became a candidate: the before/after row of issue 17, in the same rounds)
   experts        the fast layer's GroupedExperts alone on rows already sorted expert-major (optional row)
   peer_loop      a per-expert loop written here: index_select, nn.Linear SwiGLU (gate, up, down), index_add
   hf_grouped_mm  transformers Qwen3MoeSparseMoeBlock, experts_implementation=grouped_mm
@@ -46,7 +48,7 @@ from automoe.moe.layer import MoE
 
 SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
 PEERS = ("peer_loop", "hf_grouped_mm", "hf_eager")
-ALL_ROWS = ("floor", "dense", "loop", "fast", "experts", *PEERS)
+ALL_ROWS = ("floor", "dense", "loop", "fast", "grouped", "experts", *PEERS)
 DEFAULT_ROWS = ("floor", "dense", "loop", "fast", *PEERS)
 QUICK_ROWS = ("floor", "dense", "fast", *PEERS)
 
@@ -220,6 +222,8 @@ def build_rows(args, dtype: torch.dtype, names: tuple[str, ...]) -> dict:
             rows[name] = (moe_layer(args, dtype, "loop"), x_BSD, dy_BSD)
         elif name == "fast":
             rows[name] = (fast, x_BSD, dy_BSD)
+        elif name == "grouped":
+            rows[name] = (moe_layer(args, dtype, "grouped_mm"), x_BSD, dy_BSD)
         elif name == "experts":
             torch.manual_seed(0)
             counts_E = torch.bincount(fast.gate(x_BSD.reshape(-1, D), None).indices_TK.flatten(), minlength=E)
@@ -240,7 +244,7 @@ def parity(rows: dict) -> dict[str, float]:
     with torch.no_grad():
         torch.manual_seed(123)
         ref = fast(x).float()
-        for name in ("loop", *PEERS):
+        for name in ("loop", "grouped", *PEERS):
             if name in rows:
                 torch.manual_seed(123)
                 y = rows[name][0](x).float()
