@@ -14,7 +14,7 @@ import logging
 
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -37,7 +37,6 @@ def check_tensor_parallel(model: ModelConfig, *, tp: int, seq_len: int | None = 
     if tp == 1:
         return
     unsupported = {
-        "model.attention='mla'": model.attention == "mla",
         "model.attention_sinks=true": model.attention_sinks,
         "model.qk_norm_scope='projection'": model.qk_norm and model.qk_norm_scope != "head",
         "model.tie_embeddings=true": model.tie_embeddings,
@@ -46,7 +45,12 @@ def check_tensor_parallel(model: ModelConfig, *, tp: int, seq_len: int | None = 
     for setting, hit in unsupported.items():
         if hit:
             raise ValueError(f"parallel.tp={tp} does not support {setting} yet; use parallel.tp=1")
-    for name in ("num_heads", "num_kv_heads", "ffn_inter_dim"):  # (the vocabulary may split unevenly)
+    shared = (
+        ("num_heads", "ffn_inter_dim")
+        if model.attention == "mla"
+        else ("num_heads", "num_kv_heads", "ffn_inter_dim")
+    )
+    for name in shared:  # (the vocabulary may split unevenly)
         value = getattr(model, name)
         if value % tp:
             raise ValueError(
@@ -76,7 +80,51 @@ class SequenceSlice:
         return args, kwargs
 
 
-def _block_plan(block: nn.Module) -> dict:
+def _to_local_partial_grad(module: nn.Module, args: tuple) -> tuple:
+    """Pre-hook of MLA's replicated down-projections: the all-gathered DTensor input as a plain tensor whose
+    gradient (this rank's heads only) is a Partial sum, added to the other projections' before one reduce-scatter."""
+    x = args[0]
+    return (x.to_local(grad_placements=[Partial()]) if isinstance(x, DTensor) else x, *args[1:])
+
+
+def _replicated_input_partial_grad(mesh: DeviceMesh):
+    """Pre-hook of MLA's column-parallel up-projections: the replicated latent (same values on every tp rank)
+    whose gradient stays a per-rank Partial (this rank's heads), like the shared RoPE key's, so every replicated
+    MLA parameter gets a per-rank part that the stage-wide gradient average sums over tp."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = DTensor.from_local(args[0], mesh, [Replicate()], run_check=False, grad_placements=[Partial()])
+        return (x, *args[1:])
+
+    return hook
+
+
+def _mla_plan(attention: nn.Module, mesh: DeviceMesh) -> dict:
+    """MLA: the low-rank down-projections (q_a, kv_a: latent and shared RoPE key) and their norms stay plain and
+    replicated; the per-head up-projections are column-parallel and o_proj row-parallel."""
+    for proj in (attention.q_a_proj, attention.kv_a_proj):
+        if proj is not None:
+            proj.register_forward_pre_hook(_to_local_partial_grad)
+    for proj in (attention.q_b_proj, attention.kv_b_proj):
+        if proj is not None:
+            proj.register_forward_pre_hook(_replicated_input_partial_grad(mesh))
+    plan = {"attention.kv_b_proj": ColwiseParallel()}
+    if attention.q_proj is not None:
+        plan["attention.q_proj"] = ColwiseParallel()
+    else:
+        plan["attention.q_b_proj"] = ColwiseParallel()
+    return plan
+
+
+def _block_plan(block: nn.Module, mesh: DeviceMesh) -> dict:
+    if hasattr(block.attention, "kv_b_proj"):  # MLA
+        projections = _mla_plan(block.attention, mesh)
+    else:
+        projections = {
+            "attention.q_proj": ColwiseParallel(),
+            "attention.k_proj": ColwiseParallel(),
+            "attention.v_proj": ColwiseParallel(),
+        }
     plan = {
         "attention_norm": SequenceParallel(use_local_output=True),
         # x all-gathered over the sequence, kept a DTensor so the gradients q/k/v_proj put on it add up as one
@@ -86,9 +134,7 @@ def _block_plan(block: nn.Module) -> dict:
             desired_input_layouts=(Replicate(), None, None),
             use_local_output=False,
         ),
-        "attention.q_proj": ColwiseParallel(),
-        "attention.k_proj": ColwiseParallel(),
-        "attention.v_proj": ColwiseParallel(),
+        **projections,
         "attention.o_proj": RowwiseParallel(output_layouts=Shard(1)),
         "ffn_norm": SequenceParallel(use_local_output=True),
     }
@@ -123,10 +169,11 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             model.output, tp_mesh, ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
         )
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, _block_plan(block))
+        parallelize_module(block, tp_mesh, _block_plan(block, tp_mesh))
         attention = block.attention
         attention.num_heads //= tp  # the module now computes its local heads
-        attention.num_kv_heads //= tp
+        if hasattr(attention, "num_kv_heads"):
+            attention.num_kv_heads //= tp
         if block.moe is not None:
             block.moe.register_forward_pre_hook(SequenceSlice(rank=rank, size=tp), with_kwargs=True)
     logger.info(

@@ -38,7 +38,7 @@ SEQ, MICRO, STEPS, VOCAB = 8, 1, 3, 65  # an odd vocabulary: embedding and head 
 TOL = 1e-5  # the bound on loss, aux loss and grad norm per step (relative); fp32 rounding is ~1e-7
 
 
-def _model_cfg(aux_type: str) -> ModelConfig:
+def _model_cfg(aux_type: str, *, mla: bool = False) -> ModelConfig:
     moe = MoEConfig(
         num_experts=4,
         num_activated_experts=2,
@@ -59,9 +59,22 @@ def _model_cfg(aux_type: str) -> ModelConfig:
         num_kv_heads=2,
         ffn_inter_dim=48,
         num_dense_layers=1,  # block 0: dense MLP (tensor-parallel), block 1: MoE (sequence-parallel routing)
-        qk_norm=True,  # per-head q/k norms: replicated weights applied to each rank's heads
+        qk_norm=not mla,  # per-head q/k norms (GQA): replicated weights applied to each rank's heads
         max_seq_len=SEQ,
         moe=moe,
+        # MLA (DeepSeek-V3): compressed q and kv, a RoPE key shared by every head
+        **(
+            dict(
+                attention="mla",
+                q_lora_rank=16,
+                kv_lora_rank=16,
+                qk_nope_head_dim=8,
+                qk_rope_head_dim=8,
+                v_head_dim=8,
+            )
+            if mla
+            else {}
+        ),
     )
 
 
@@ -119,7 +132,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _setup(world: int, layout: dict):
-    cfg = _model_cfg(layout.get("aux", "micro_batch"))
+    cfg = _model_cfg(layout.get("aux", "micro_batch"), mla=layout.get("mla", False))
     pcfg = ParallelConfig(
         pp=layout.get("pp", 1),
         tp=layout.get("tp", 1),
@@ -234,6 +247,8 @@ def _world4(ckpt: str) -> list[dict]:
         {"pp": 2, "tp": 2, "aux": "global"},
         # tp2 x cp2: a sequence split over cp x tp = 4 ranks is one sequence for the per-sequence aux loss
         {"tp": 2, "cp": 2, "aux": "sequence"},
+        # the same with MLA: CP gathers the compressed latent and RoPE key, tp splits the heads
+        {"tp": 2, "cp": 2, "mla": True, "aux": "sequence"},
         # tp2 x fsdp2: FSDP2 over the 2 data ranks of each tp shard (2-D DTensors), the MoE layer's grads over tp
         {"tp": 2, "fsdp": True, "aux": "sequence"},
         # tp2 x ep2 x fsdp2: experts Shard(0) over ep = the tp pair, FSDP over ep_shard
@@ -248,6 +263,8 @@ def _world2(ckpt: str) -> list[dict]:
         # tp2: experts replicated, each tp rank routes its half of every sequence; fsdp has no data rank to
         # shard over (a warning, no effect)
         {"tp": 2, "aux": "sequence", "fsdp": True},
+        # tp2 with MLA: replicated down-projections (latent, shared RoPE key), column-parallel up-projections
+        {"tp": 2, "mla": True, "aux": "global"},
         # tp2 x ep2: the ep group is the tp group, the all-to-all carries each rank's own tokens; every block
         # recomputed in backward (activation checkpointing): loads counted once, the aux loss's reductions replayed
         {"tp": 2, "ep": 2, "ac": "full", "aux": "micro_batch"},

@@ -107,11 +107,6 @@ def test_sequence_slice_gives_the_moe_layer_this_ranks_chunk():
         (dict(num_kv_heads=1), dict(tp=2), r"model.num_kv_heads=1 is not divisible by parallel.tp=2"),
         (dict(ffn_inter_dim=49), dict(tp=2), r"model.ffn_inter_dim=49 is not divisible by parallel.tp=2"),
         ({}, dict(tp=2, seq_len=12, cp=4), r"data.seq_len=12 is not divisible by parallel.cp\*tp = 4\*2 = 8"),
-        (
-            dict(attention="mla", q_lora_rank=None, kv_lora_rank=16),
-            dict(tp=2),
-            r"parallel.tp=2 does not support model.attention='mla'",
-        ),
         (dict(attention_sinks=True), dict(tp=2), r"model.attention_sinks=true"),
         (dict(tie_embeddings=True), dict(tp=2), r"model.tie_embeddings=true"),
         (dict(qk_norm=True, qk_norm_scope="projection"), dict(tp=2), r"model.qk_norm_scope='projection'"),
@@ -207,3 +202,27 @@ def test_tp_is_the_innermost_axis_and_ep_borrows_it():
         assert dims.dp_coordinate() == (0, 2)  # tp ranks share their data rank's sequences
     finally:
         dist.destroy_process_group()
+
+
+def test_mla_plan_splits_the_heads_and_replicates_the_latents(fake_world):
+    cfg = _cfg(
+        attention="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8
+    )
+    check_tensor_parallel(cfg, tp=TP)  # num_kv_heads plays no part in MLA
+    dims = ParallelDims(world_size=TP, tp=TP, num_experts=4)
+    dims.build_meshes()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    parallelize(model, dims, ParallelConfig(tp=TP, fsdp=False))
+    attention = model.layers["0"].attention
+    heads = {  # 2 of 4 heads: q = nope 8 + rope 8 per head, kv_b = nope 8 + v 8 per head
+        "q_b_proj": (Shard(0), (2 * 16, 16)),
+        "kv_b_proj": (Shard(0), (2 * 16, 16)),
+        "o_proj": (Shard(1), (32, 2 * 8)),
+    }
+    for name, (placement, local_shape) in heads.items():
+        w = getattr(attention, name).weight
+        assert w.placements == (placement,) and tuple(w.to_local().shape) == local_shape, name
+    for name in ("q_a_proj", "q_a_norm", "kv_a_proj", "kv_a_norm"):  # replicated, per-rank gradient parts
+        assert not isinstance(getattr(attention, name).weight, DTensor), name
+    assert attention.num_heads == 2
