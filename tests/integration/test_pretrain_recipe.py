@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 
 import pytest
@@ -18,14 +20,28 @@ LOOP_KEYS = ("loss", "aux_loss", "grad_norm", "lr")
 
 @pytest.fixture(scope="module")
 def ep2_runs(tmp_path_factory):
-    """An uninterrupted 6-step EP=2 run, and the same run stopped after step 3 with an (async) checkpoint."""
-    root = tmp_path_factory.mktemp("ep2")
-    check_ok(run_recipe(2, root / "full"))
-    check_ok(
-        run_recipe(
-            2, root / "part", "train.stop_at_step=3", "checkpoint.interval=3", "checkpoint.async_save=true"
-        )
-    )
+    """An uninterrupted 6-step EP=2 run, and the same run stopped after step 3 with an (async) checkpoint.
+
+    Made once per pytest session: under xdist the tests that read it (read-only; they copy `part`) may land on
+    several workers, which share the session's temporary root and take turns on a lock (~17 CPU-s a repeat).
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ep2_runs"
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this worker dies
+        if not (root / "made").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            check_ok(run_recipe(2, root / "full"))
+            check_ok(
+                run_recipe(
+                    2,
+                    root / "part",
+                    "train.stop_at_step=3",
+                    "checkpoint.interval=3",
+                    "checkpoint.async_save=true",
+                )
+            )
+            (root / "made").touch()
     return root
 
 
