@@ -188,7 +188,9 @@ def _data_parallel_comm(cfg, shape, layout, cluster, M, groups, stage) -> dict[s
         G = R * es
         add("expert_allreduce", 2 * (G - 1) / G * 4 * expert_local, groups["expert_data"])
         return out
-    gathered = 2 * units["blocks_dense_total"] + units["root"]
+    # a block's dense part is gathered in forward and again in backward; under pp it is an FSDP root of its own,
+    # which FSDP2 keeps gathered from forward to backward: once per micro-batch
+    gathered = (1 if layout.pp > 1 else 2) * units["blocks_dense_total"] + units["root"]
     add("fsdp_allgather", M * (nd - 1) / nd * a * gathered, groups["dense_shard"])
     add("fsdp_reduce_scatter", M * (nd - 1) / nd * 4 * dense, groups["dense_shard"])
     add("expert_allgather", M * (es - 1) / es * a * 2 * expert_local, groups["ep_shard"])

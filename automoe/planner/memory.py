@@ -149,6 +149,8 @@ _TP_COLWISE = (
     "attention.q_proj.",
     "attention.k_proj.",
     "attention.v_proj.",
+    "attention.q_b_proj.",  # MLA's per-head up-projections (its down-projections and their norms stay plain)
+    "attention.kv_b_proj.",
     "feed_forward.gate_proj.",
     "feed_forward.up_proj.",
 )
@@ -313,8 +315,9 @@ def ffn_bytes_per_token(
     """The FFN sub-block: its norm plus a dense SwiGLU (input D; gate, up, silu(gate), product: 4F) or the MoE
     layer.
 
-    MoE, per token: its input (read by the shared experts, and by the router in fp32), the router in fp32 (input
-    cast when a != 4, logits and scores 2E), top-k ids (int64) and weights; the K-fold expansion of expert
+    MoE, per token: its input (read by the shared experts, and by the router in fp32), the router in fp32 (logits
+    and scores 2E, top-k ids (int64) and weights; below fp32 also the input's fp32 copy, fp32 top-k weights and
+    their sum, and the slots' int64 sort order, which in fp32 share storage with other tensors); the K-fold expansion of expert
     inputs: K slots x (input row D, up output U = 2F gated or F: the activation is recomputed in backward, expert
     output D kept for the weighting), times `imbalance` on the busiest rank; shared experts as a dense MLP 4 x F_s.
     Under EP the all-to-all path also keeps, per (token, destination rank) pair (u per token,
@@ -330,7 +333,9 @@ def ffn_bytes_per_token(
     E, K, F = moe.num_experts, moe.num_activated_experts, moe.moe_inter_dim
     has_shared = moe.shared_inter_dim > 0
     moe_input = a * D if (has_shared or a == 4) else 0
-    router = 4 * (D if a != 4 else 0) + 4 * 2 * E + K * (8 + a)
+    router = 4 * 2 * E + K * (8 + a)
+    if a != 4:  # fp32 copy of the input, the fp32 top-k weights and their sum, the slots' sort order (int64)
+        router += 4 * D + 12 * K + 8
     up = 2 * F if moe.gated else F
     routed = imbalance * K * a * (2 * D + up)
     shared = a * 4 * moe.shared_inter_dim

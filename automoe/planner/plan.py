@@ -135,7 +135,10 @@ def memory_per_rank(
     model) with `in_flight` micro-batches' activations alive at its peak (pipeline schedules; 1 otherwise).
     FSDP buffers: the current and the prefetched block gathered in the compute dtype, one block's unsharded fp32
     gradients before their reduce-scatter, and the root's gathered parameters (kept through forward and
-    backward); a tp rank's part of the TP-sharded tensors."""
+    backward); a tp rank's part of the TP-sharded tensors. Under pp, `apply_fsdp` makes every block (and the
+    embedding, norm and head) an FSDP root of its own, and FSDP2 does not reshard a root after forward: the dense
+    part of every block of the stage stays gathered (measured at pp2 x fsdp2); the experts, sharded with an explicit
+    `reshard_after_forward=True`, do not."""
     mem: dict[str, float] = dict(state_bytes(cfg, shape, layout, rank=rank, stage=stage))
     act = activation_bytes(cfg, shape, layout, stage=stage)
     mem["activations"] = (act["blocks"] + act["head"]) * in_flight
@@ -143,6 +146,8 @@ def memory_per_rank(
         units, a = fsdp_unit_numel(cfg, tp=layout.tp, stage=stage), DTYPE_BYTES[shape.compute_dtype]
         block = units["block_dense_max"] + units["block_expert_max"] / layout.ep
         mem["fsdp_buffers"] = (2 * a + 4) * block + a * units["root"]
+        if layout.pp > 1:  # every block is its own FSDP root: gathered from its forward until its backward
+            mem["fsdp_buffers"] += a * (units["blocks_dense_total"] - 2 * units["block_dense_max"])
     mem["overhead"] = cluster.overhead_gib * GIB
     return mem
 

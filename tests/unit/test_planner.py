@@ -88,7 +88,8 @@ def test_moe_activation_formula_hand_computed():
     cfg = planner.load_model_config("mixtral_8x7b")
     D, K, F, E = 4096, 2, 14336, 8
     norm = 4 * D + 4 + 2 * D  # fp32 copy of the input, 1/rms, normalized bf16 tensor
-    router = 4 * D + 4 * 2 * E + K * (8 + 2)  # fp32 input, logits and scores; top-k ids and weights
+    # fp32 input, logits and scores; top-k ids and weights; fp32 top-k weights, their sum, the slots' sort order
+    router = 4 * D + 4 * 2 * E + K * (8 + 2) + K * (4 + 8) + 8
     routed = K * 2 * (2 * D + 2 * F)  # per slot: input row, fused gate/up output, expert output
     want = norm + router + routed  # no shared expert: the bf16 MoE input itself is not kept
     assert planner.ffn_bytes_per_token(cfg, 0, 2) == want

@@ -147,3 +147,60 @@ def test_cli_pipeline_command_composes_onto_the_job(capsys, tmp_path):
     job = compose_job(cmd, tmp_path)
     dims = check_layout(job, cmd.world_size)
     assert (dims.pp, job.parallel.pp_schedule, job.parallel.pp_virtual_stages) == (2, "GPipe", 1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_activation_bytes_match_the_saved_tensors_of_a_real_forward(dtype):
+    """The per-component activation formulas against what autograd saves in a real forward of the tiny model
+    (saved-tensor hooks, each storage once, parameters excluded), in fp32 and in bf16 (norms and router in fp32)."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from automoe.models import Transformer
+
+    cfg = dataclasses.replace(load_model_config("tiny"), dtype=dtype)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights()
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    B, S = 2, 64
+    tokens = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(tokens[:, :-1], positions_BS=torch.arange(S).expand(B, S))
+        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+    shape = TrainingShape(global_batch=B, micro_batch=B, seq_len=S, compute_dtype=dtype)
+    predicted = sum(activation_bytes(cfg, shape, Layout(1, 1, 1, 1)).values())
+    # bytes, not rounding: the formulas leave out a few router scalars per token (~32 B of ~30-50 KB per token)
+    assert abs(sum(seen.values()) / predicted - 1) < 2e-3
+
+
+def test_docs_worked_layout_is_the_planners(capsys):
+    """The Qwen3-30B-A3B 2 x 8 layout in docs/parallelism.md is what the planner prints today."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from automoe.plan import main
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "parallelism.md").read_text()
+    match = re.search(
+        r"```bash\n(\.venv/bin/python -m automoe\.plan --model qwen3_30b_a3b --cluster h100x8 --nodes 2 [^`]*?)\n```"
+        r"\s*```text\n(.*?)```",
+        doc,
+        re.S,
+    )
+    assert match, "the Qwen3-30B-A3B 2 x 8 planner command and its output block"
+    argv = shlex.split(match.group(1).replace("\\\n", " "))[3:]
+    main(argv)
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("  rejected ")]
+    assert printed == match.group(2).rstrip("\n").splitlines()
