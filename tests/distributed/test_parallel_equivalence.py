@@ -13,7 +13,6 @@ import dataclasses
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from automoe.config.model import ModelConfig
 from automoe.config.moe import MoEConfig
@@ -22,6 +21,7 @@ from automoe.models.transformer import Transformer
 from automoe.moe.balance import update_gate_biases
 from automoe.parallel import ParallelDims, clip_grad_norm_, finalize_grads, parallelize, sum_over_ranks
 from automoe.train.loss import forward_backward, micro_batch_ce_sum
+from tests.distributed.equivalence import assert_step_matches, full, global_batch, micro_batches, rel_err
 from tests.distributed.spawn import run_distributed
 from tests.tolerance import assert_equal, rounding_atol
 
@@ -68,22 +68,8 @@ def _build(cfg: ModelConfig, dims: ParallelDims, pcfg: ParallelConfig) -> Transf
     return model
 
 
-def _global_batch(step: int, num_seqs: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randint(0, VOCAB, (num_seqs, SEQ + 1), generator=g)
-
-
 def _micro_batches(tokens: torch.Tensor, rows: slice, num_tokens: int) -> list[dict]:
-    """The loader's micro-batch dicts for `rows` of the global batch (`num_tokens` labels in all)."""
-    mine = tokens[rows]
-    return [
-        {
-            "input_ids": mine[i : i + MICRO, :-1],
-            "labels": mine[i : i + MICRO, 1:],
-            "global_num_tokens": num_tokens,
-        }
-        for i in range(0, len(mine), MICRO)
-    ]
+    return micro_batches(tokens, rows, num_tokens, micro=MICRO)
 
 
 def _train_step(model, opt, dims, micro_batches, grads_out=None) -> tuple[float, float, float]:
@@ -100,9 +86,7 @@ def _train_step(model, opt, dims, micro_batches, grads_out=None) -> tuple[float,
     finalize_grads(model, dims)
     norm = clip_grad_norm_(model, 0.5)
     if grads_out is not None:
-        grads_out.update(
-            {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
-        )
+        grads_out.update({n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None})
     opt.step()
     update_gate_biases(model, sum_fn=lambda t: sum_over_ranks(t, dims))
     opt.zero_grad(set_to_none=True)
@@ -110,15 +94,6 @@ def _train_step(model, opt, dims, micro_batches, grads_out=None) -> tuple[float,
     ce = sum_over_ranks(ce_total, dims).item() / micro_batches[0]["global_num_tokens"]
     aux = sum_over_ranks(aux_total, dims).item() / (len(micro_batches) * dims.world_size)
     return ce, aux, norm.item()
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||: per-tensor relative error (robust to Adam's sign-like updates of tiny gradients)."""
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def _worker(rank: int, world: int, layout: dict) -> dict:
@@ -164,7 +139,7 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
     per_rank = num_seqs // dp_size
     grads, ref_grads = {}, {}
     for step in range(STEPS):
-        tokens = _global_batch(step, num_seqs)
+        tokens = global_batch(step, num_seqs, seq=SEQ, vocab=VOCAB)
         num_tokens = num_seqs * SEQ
         mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         got = _train_step(
@@ -177,20 +152,18 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
             _micro_batches(tokens, slice(None), num_tokens),
             ref_grads if step == 0 else None,
         )
-        for name, g, w in zip(("loss", "aux", "grad_norm"), got, want):
-            step_tol = (step + 1) * tol if fp32 else tol  # one step's bound per step taken (see above)
-            # relative: loss, aux and grad norm are sums of non-negative terms, |w| is their magnitude
-            assert abs(g - w) <= step_tol * abs(w), f"step {step} {name}: {g} vs {w}"
+        step_tol = (step + 1) * tol if fp32 else tol  # one step's bound per step taken (see above)
+        assert_step_matches(got, want, step_tol, f"step {step}")
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():  # the first step's gradients: one step's bound
-        assert _rel_err(g, ref_grads[name]) <= tol, (
-            f"grad {name}: relative error {_rel_err(g, ref_grads[name])}"
+        assert rel_err(g, ref_grads[name]) <= tol, (
+            f"grad {name}: relative error {rel_err(g, ref_grads[name])}"
         )
     ref_params = dict(reference.named_parameters()) if fp32 else {}  # bf16: routing flips diverge AdamW
     for name, p in model.named_parameters():
         if name not in ref_params:
             continue
-        err = _rel_err(_full(p.detach()), ref_params[name].detach())
+        err = rel_err(full(p.detach()), ref_params[name].detach())
         assert err <= STEPS * tol, (
             f"param {name} after {STEPS} steps: relative error {err}"
         )  # a trajectory margin

@@ -30,6 +30,7 @@ from automoe.parallel import (
     sum_over_stage,
 )
 from automoe.train.loss import forward_backward, micro_batch_ce_sum, pipeline_forward_backward
+from tests.distributed.equivalence import assert_step_matches, full, global_batch, micro_batches, rel_err
 from tests.distributed.spawn import run_distributed
 from tests.tolerance import assert_equal
 
@@ -74,15 +75,7 @@ def _build(cfg: ModelConfig, dims: ParallelDims, pcfg: ParallelConfig) -> Transf
 
 
 def _micro_batches(tokens: torch.Tensor, rows: slice, num_tokens: int) -> list[dict]:
-    mine = tokens[rows]
-    return [
-        {
-            "input_ids": mine[i : i + MICRO, :-1],
-            "labels": mine[i : i + MICRO, 1:],
-            "global_num_tokens": num_tokens,
-        }
-        for i in range(0, len(mine), MICRO)
-    ]
+    return micro_batches(tokens, rows, num_tokens, micro=MICRO)
 
 
 def _step(model, opt, dims, micro_batches, pipeline=None) -> tuple[float, float, float]:
@@ -106,10 +99,6 @@ def _step(model, opt, dims, micro_batches, pipeline=None) -> tuple[float, float,
     ce = sum_over_ranks(ce_total, dims).item() / micro_batches[0]["global_num_tokens"]
     aux = sum_over_ranks(aux_total, dims).item() / (len(micro_batches) * dims.stage_size)
     return ce, aux, norm.item()
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _check_layout(world: int, layout: dict) -> None:
@@ -144,22 +133,19 @@ def _check_layout(world: int, layout: dict) -> None:
         device=torch.device("cpu"),
     )
     for step in range(STEPS):
-        tokens = torch.randint(
-            0, VOCAB, (num_seqs, SEQ + 1), generator=torch.Generator().manual_seed(100 + step)
-        )
+        tokens = global_batch(step, num_seqs, seq=SEQ, vocab=VOCAB)
         num_tokens = num_seqs * SEQ
         mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         got = _step(model, opts[0], dims, _micro_batches(tokens, mine, num_tokens), pipeline)
         want = _step(reference, opts[1], single, _micro_batches(tokens, slice(None), num_tokens))
-        for name, g, w in zip(("loss", "aux", "grad_norm"), got, want):
-            assert abs(g - w) <= TOL * abs(w), f"{layout} step {step} {name}: {g} vs {w}"
+        assert_step_matches(got, want, TOL, f"{layout} step {step}")
     ref_params = dict(reference.named_parameters())
     names = [n for n, _ in model.named_parameters()]
     assert names and set(names) < set(ref_params), (
         "a stage holds a part of the model, under the model's names"
     )
     for name, p in model.named_parameters():
-        err = ((_full(p.detach()) - ref_params[name]).norm() / ref_params[name].norm()).item()
+        err = rel_err(full(p.detach()), ref_params[name])
         assert err <= STEPS * TOL, f"{layout} param {name} after {STEPS} steps: relative error {err}"
     ref_buffers = dict(reference.named_buffers())
     biases = {n: b for n, b in model.named_buffers() if n.endswith("correction_bias")}
@@ -190,7 +176,7 @@ def _reshard(world: int, layout: dict, cfg: ModelConfig, saved: tuple, ref: tupl
         name,
         t,
     ) in model.state_dict().items():  # collectives only within the saving stage: compare local shards
-        want_full, got = _full(t), now[name]
+        want_full, got = full(t), now[name]
         if isinstance(got, DTensor):
             want = distribute_tensor(
                 want_full, got.device_mesh, got.placements, src_data_rank=None
@@ -200,18 +186,13 @@ def _reshard(world: int, layout: dict, cfg: ModelConfig, saved: tuple, ref: tupl
             want = want_full
         assert_equal(got, want, msg=f"{name} after resharding to {layout['reshard_to']}")
     reference, ref_opt, single = ref
-    tokens = torch.randint(
-        0, VOCAB, (num_seqs, SEQ + 1), generator=torch.Generator().manual_seed(100 + STEPS)
-    )
+    tokens = global_batch(STEPS, num_seqs, seq=SEQ, vocab=VOCAB)
     dp_rank, dp_size = dims.dp_coordinate()
     per_rank = num_seqs // dp_size
     mbs = _micro_batches(tokens, slice(dp_rank * per_rank, (dp_rank + 1) * per_rank), num_seqs * SEQ)
     got = _step(loaded, loaded_opt, dims, mbs)
     want = _step(reference, ref_opt, single, _micro_batches(tokens, slice(None), num_seqs * SEQ))
-    for name, g, w in zip(("loss", "aux", "grad_norm"), got, want):
-        assert abs(g - w) <= (STEPS + 1) * TOL * abs(w), (
-            f"resumed at {layout['reshard_to']}: {name} {g} vs {w}"
-        )
+    assert_step_matches(got, want, (STEPS + 1) * TOL, f"resumed at {layout['reshard_to']}:")
 
 
 def _worker(rank: int, world: int, layouts: list[dict]) -> bool:

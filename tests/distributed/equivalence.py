@@ -1,0 +1,42 @@
+"""What the layout-vs-one-process equivalence tests share: the global batch of a step, its micro-batch dicts as the
+loader makes them, full tensors out of DTensors, and the per-step comparison of loss, aux loss and grad norm."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def global_batch(step: int, num_seqs: int, *, seq: int, vocab: int) -> torch.Tensor:
+    """Step `step`'s [num_seqs, seq + 1] token ids, the same on every rank and in the reference."""
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, vocab, (num_seqs, seq + 1), generator=g)
+
+
+def micro_batches(tokens: torch.Tensor, rows: slice, num_tokens: int, *, micro: int) -> list[dict]:
+    """The loader's micro-batch dicts for `rows` of the global batch (`num_tokens` labels in all)."""
+    mine = tokens[rows]
+    return [
+        {
+            "input_ids": mine[i : i + micro, :-1],
+            "labels": mine[i : i + micro, 1:],
+            "global_num_tokens": num_tokens,
+        }
+        for i in range(0, len(mine), micro)
+    ]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: per-tensor relative error (robust to Adam's sign-like updates of tiny gradients)."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def assert_step_matches(got: tuple, want: tuple, rel_tol: float, what: str) -> None:
+    """(loss, aux loss, grad norm) of a step against the reference's, relative: each is a sum of non-negative
+    terms, so |reference| is its magnitude."""
+    for name, g, w in zip(("loss", "aux", "grad_norm"), got, want):
+        assert abs(g - w) <= rel_tol * abs(w), f"{what} {name}: {g} vs {w}"
