@@ -8,6 +8,8 @@ measure collectives, which keep the `spawn` start method).
 
 A forked rank ends with `os._exit` after the body's `shutdown_distributed` (no interpreter finalization): the
 exit-time teardown of real jobs is covered by the torchrun tests and `test_teardown.py`'s direct thread count.
+A rank starts in its parent's working directory but with the forkserver's environment (the one at its first use):
+pass settings as arguments, not as environment variables set by a test.
 """
 
 from __future__ import annotations
