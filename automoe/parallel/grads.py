@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from automoe.moe.layer import moe_layers
@@ -73,6 +73,7 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
     """
     if dims.world_size == 1:
         return
+    _shard_replicated_grads(model)
     experts = {id(p) for p in expert_parameters(model)}
     stage_group = dims.all_data_mesh.get_group() if dims.pp_enabled else None  # None: the default group
     if not any(isinstance(m, FSDPModule) for m in model.modules()):  # else FSDP reduce-scatters the gradients
@@ -98,6 +99,24 @@ def finalize_grads(model: nn.Module, dims: ParallelDims) -> None:
         for p in expert_parameters(model):
             if p.grad is not None:
                 p.grad.div_(dims.ep)
+
+
+def _shard_replicated_grads(model: nn.Module) -> None:
+    """A sharded DTensor parameter whose gradient came back replicated keeps only its own shard of it.
+
+    DTensor's embedding backward returns the whole `[V, D]` gradient, replicated over tp, for the vocab-sharded
+    `tok_embeddings.weight`: slicing it (no communication: every tp rank holds the same values) makes the reductions
+    below, the clipping and the optimizer work on V/tp rows, as for every other tp-sharded parameter.
+    """
+    for p in model.parameters():
+        grad = p.grad
+        if (
+            isinstance(p, DTensor)
+            and isinstance(grad, DTensor)
+            and grad.placements != p.placements
+            and all(isinstance(g, Replicate) for g in grad.placements)
+        ):
+            p.grad = grad.redistribute(p.device_mesh, p.placements)
 
 
 def _finish_tp_after_fsdp(model: nn.Module, dims: ParallelDims, experts: set[int]) -> None:

@@ -226,3 +226,26 @@ def test_mla_plan_splits_the_heads_and_replicates_the_latents(fake_world):
     for name in ("q_a_proj", "q_a_norm", "kv_a_proj", "kv_a_norm"):  # replicated, per-rank gradient parts
         assert not isinstance(getattr(attention, name).weight, DTensor), name
     assert attention.num_heads == 2
+
+
+def test_finalized_gradients_have_their_parameters_shards(fake_world):
+    """DTensor's embedding backward hands the vocab-sharded embedding its whole [V, D] gradient, replicated over tp;
+    after `finalize_grads` every tp-sharded gradient holds this rank's rows only (what clipping and AdamW then see)."""
+    from automoe.parallel import finalize_grads
+
+    dims = ParallelDims(world_size=TP, tp=TP, num_experts=4)
+    dims.build_meshes()
+    with torch.device("meta"):
+        model = Transformer(_cfg(num_layers=1, num_dense_layers=1))
+    parallelize(model, dims, ParallelConfig(tp=TP, fsdp=False))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model(torch.randint(0, 65, (1, 8))).sum().backward()
+    embedding = model.tok_embeddings.weight
+    assert embedding.grad.placements == (Replicate(),)  # the precondition: what the fix is for
+    finalize_grads(model, dims)
+    sharded = [(n, p) for n, p in model.named_parameters() if any(isinstance(q, Shard) for q in p.placements)]
+    assert "tok_embeddings.weight" in dict(sharded)
+    for name, p in sharded:
+        assert p.grad.placements == p.placements, name
+        assert p.grad.to_local().shape == p.to_local().shape, name
