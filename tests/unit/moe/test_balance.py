@@ -124,7 +124,7 @@ def test_adaptive_step_grows_while_the_sign_repeats_halves_on_a_flip_and_is_boun
     # expert 0 overloaded, 1 underloaded, 2 and 3 exactly at the mean (sign 0: no move, no step change)
     over, flipped = [6, 2, 4, 4], [2, 6, 4, 4]
     want_k, want_b = torch.zeros(4, dtype=torch.int64), torch.zeros(4)
-    for load, change in ((over, 0), (over, 1), (over, 1), (flipped, -4), (flipped, 1)):
+    for load, change in ((over, 0), *[(over, 1)] * 5, (flipped, -4), (flipped, 1)):  # k: 0..5, 1 (halved), 2
         _set_loads(model, load)
         update_gate_biases(model)
         want_k[:2] += change
@@ -138,7 +138,9 @@ def test_adaptive_step_grows_while_the_sign_repeats_halves_on_a_flip_and_is_boun
         _set_loads(model, over)
         update_gate_biases(model)
     assert layer.bias_step_exponent[:2].tolist() == [ADAPTIVE_MAX_EXPONENT] * 2
-    for i in range(-ADAPTIVE_MIN_EXPONENT):
+    assert ADAPTIVE_MIN_EXPONENT == 0  # the floor is gamma: never a smaller step than the sign rule's
+    # signs flipping every step (load noise at balance): down to the floor
+    for i in range(ADAPTIVE_MAX_EXPONENT):
         _set_loads(model, over if i % 2 else flipped)
         update_gate_biases(model)
     assert layer.bias_step_exponent[:2].tolist() == [ADAPTIVE_MIN_EXPONENT] * 2
