@@ -18,19 +18,20 @@ from automoe.config.model import ModelConfig
 from automoe.config.moe import MoEConfig
 from automoe.config.parallel import ParallelConfig
 from automoe.models.transformer import Transformer
-from automoe.moe.balance import update_gate_biases
 from automoe.parallel import (
     ParallelDims,
     Pipeline,
-    clip_grad_norm_,
-    finalize_grads,
     init_weights,
     parallelize,
-    sum_over_ranks,
-    sum_over_stage,
 )
-from automoe.train.loss import forward_backward, micro_batch_ce_sum, pipeline_forward_backward
-from tests.distributed.equivalence import assert_step_matches, full, global_batch, micro_batches, rel_err
+from tests.distributed.equivalence import (
+    assert_step_matches,
+    full,
+    global_batch,
+    micro_batches,
+    rel_err,
+    train_step,
+)
 from tests.distributed.spawn import run_distributed
 from tests.tolerance import assert_equal
 
@@ -78,29 +79,6 @@ def _micro_batches(tokens: torch.Tensor, rows: slice, num_tokens: int) -> list[d
     return micro_batches(tokens, rows, num_tokens, micro=MICRO)
 
 
-def _step(model, opt, dims, micro_batches, pipeline=None) -> tuple[float, float, float]:
-    """One step as `Trainer.train_step` takes it; -> (global loss, aux loss, grad norm)."""
-    cpu = torch.device("cpu")
-    if pipeline is not None:
-        ce_total, aux_total = pipeline_forward_backward(pipeline, micro_batches, dims=dims, device=cpu)
-    else:
-        ce_total, aux_total = forward_backward(
-            model,
-            micro_batches,
-            dims=dims,
-            device=cpu,
-            ce_sum_fn=lambda mb: micro_batch_ce_sum(model, mb, dims=dims, device=cpu),
-        )
-    finalize_grads(model, dims)
-    norm = clip_grad_norm_(model, 0.5, dims=dims)
-    opt.step()
-    update_gate_biases(model, sum_fn=lambda t: sum_over_stage(t, dims))
-    opt.zero_grad(set_to_none=True)
-    ce = sum_over_ranks(ce_total, dims).item() / micro_batches[0]["global_num_tokens"]
-    aux = sum_over_ranks(aux_total, dims).item() / (len(micro_batches) * dims.stage_size)
-    return ce, aux, norm.item()
-
-
 def _check_layout(world: int, layout: dict) -> None:
     """Run `layout` and the single-process reference 3 steps and compare; then optionally (`reshard_to`) save a
     DCP checkpoint, load it into another layout and compare it with the reference once more."""
@@ -136,8 +114,8 @@ def _check_layout(world: int, layout: dict) -> None:
         tokens = global_batch(step, num_seqs, seq=SEQ, vocab=VOCAB)
         num_tokens = num_seqs * SEQ
         mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        got = _step(model, opts[0], dims, _micro_batches(tokens, mine, num_tokens), pipeline)
-        want = _step(reference, opts[1], single, _micro_batches(tokens, slice(None), num_tokens))
+        got = train_step(model, opts[0], dims, _micro_batches(tokens, mine, num_tokens), pipeline)
+        want = train_step(reference, opts[1], single, _micro_batches(tokens, slice(None), num_tokens))
         assert_step_matches(got, want, TOL, f"{layout} step {step}")
     ref_params = dict(reference.named_parameters())
     names = [n for n, _ in model.named_parameters()]
@@ -190,8 +168,8 @@ def _reshard(world: int, layout: dict, cfg: ModelConfig, saved: tuple, ref: tupl
     dp_rank, dp_size = dims.dp_coordinate()
     per_rank = num_seqs // dp_size
     mbs = _micro_batches(tokens, slice(dp_rank * per_rank, (dp_rank + 1) * per_rank), num_seqs * SEQ)
-    got = _step(loaded, loaded_opt, dims, mbs)
-    want = _step(reference, ref_opt, single, _micro_batches(tokens, slice(None), num_seqs * SEQ))
+    got = train_step(loaded, loaded_opt, dims, mbs)
+    want = train_step(reference, ref_opt, single, _micro_batches(tokens, slice(None), num_seqs * SEQ))
     assert_step_matches(got, want, (STEPS + 1) * TOL, f"resumed at {layout['reshard_to']}:")
 
 

@@ -19,18 +19,13 @@ from automoe.config.model import ModelConfig
 from automoe.config.moe import MoEConfig
 from automoe.config.parallel import ParallelConfig
 from automoe.models.transformer import Transformer
-from automoe.moe.balance import update_gate_biases
 from automoe.parallel import (
     ParallelDims,
     Pipeline,
-    clip_grad_norm_,
-    finalize_grads,
     init_weights,
     parallelize,
-    sum_over_ranks,
-    sum_over_stage,
 )
-from automoe.train.loss import forward_backward, micro_batch_ce_sum, pipeline_forward_backward
+from tests.distributed.equivalence import full, global_batch, micro_batches, rel_err, train_step
 from tests.distributed.spawn import run_distributed
 from tests.tolerance import assert_equal
 
@@ -88,49 +83,6 @@ def _build(cfg: ModelConfig, dims: ParallelDims, pcfg: ParallelConfig) -> Transf
     return model
 
 
-def _micro_batches(tokens: torch.Tensor, rows: slice, num_tokens: int) -> list[dict]:
-    mine = tokens[rows]
-    return [
-        {
-            "input_ids": mine[i : i + MICRO, :-1],
-            "labels": mine[i : i + MICRO, 1:],
-            "global_num_tokens": num_tokens,
-        }
-        for i in range(0, len(mine), MICRO)
-    ]
-
-
-def _tokens(step: int, num_seqs: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (num_seqs, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
-
-
-def _step(model, opt, dims, micro_batches, pipeline=None) -> tuple[float, float, float]:
-    """One step as `Trainer.train_step` takes it; -> (global loss, aux loss, grad norm) as the trainer logs them."""
-    cpu = torch.device("cpu")
-    if pipeline is not None:
-        ce_total, aux_total = pipeline_forward_backward(pipeline, micro_batches, dims=dims, device=cpu)
-    else:
-        ce_total, aux_total = forward_backward(
-            model,
-            micro_batches,
-            dims=dims,
-            device=cpu,
-            ce_sum_fn=lambda mb: micro_batch_ce_sum(model, mb, dims=dims, device=cpu),
-        )
-    finalize_grads(model, dims)
-    norm = clip_grad_norm_(model, 0.5, dims=dims)
-    opt.step()
-    update_gate_biases(model, sum_fn=lambda t: sum_over_stage(t, dims))
-    opt.zero_grad(set_to_none=True)
-    ce = sum_over_ranks(ce_total, dims).item() / micro_batches[0]["global_num_tokens"]
-    aux = sum_over_ranks(aux_total, dims).item() / (len(micro_batches) * dims.stage_size)
-    return ce, aux, norm.item()
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def _setup(world: int, layout: dict):
     cfg = _model_cfg(layout.get("aux", "micro_batch"), mla=layout.get("mla", False))
     pcfg = ParallelConfig(
@@ -177,16 +129,18 @@ def _check_layout(world: int, layout: dict) -> None:
     per_rank = layout.get("micro_batches", 2) * MICRO
     num_seqs = dp_size * per_rank
     for step in range(STEPS):
-        tokens, num_tokens = _tokens(step, num_seqs), num_seqs * SEQ
+        tokens, num_tokens = global_batch(step, num_seqs, seq=SEQ, vocab=VOCAB), num_seqs * SEQ
         mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        got = _step(model, opt, dims, _micro_batches(tokens, mine, num_tokens), pipeline)
-        want = _step(reference, ref_opt, single, _micro_batches(tokens, slice(None), num_tokens))
+        got = train_step(model, opt, dims, micro_batches(tokens, mine, num_tokens, micro=MICRO), pipeline)
+        want = train_step(
+            reference, ref_opt, single, micro_batches(tokens, slice(None), num_tokens, micro=MICRO)
+        )
         _compare(layout, step, got, want, TOL)
     ref_params = dict(reference.named_parameters())
     tp_params = 0
     for name, p in model.named_parameters():
         tp_params += isinstance(p, DTensor) and "tp" in p.device_mesh.mesh_dim_names
-        err = ((_full(p.detach()) - ref_params[name]).norm() / ref_params[name].norm()).item()
+        err = rel_err(full(p.detach()), ref_params[name])
         assert err <= STEPS * TOL, f"{layout} param {name} after {STEPS} steps: relative error {err}"
     assert tp_params or dims.tp == 1, "no parameter is tensor-parallel"
     ref_buffers = dict(reference.named_buffers())
@@ -216,19 +170,23 @@ def _check_resume(world: int, layout: dict) -> None:
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
     num_seqs = layout["saved_seqs"]  # the saved run's global batch
     for step in range(STEPS):
-        mbs = _micro_batches(_tokens(step, num_seqs), slice(None), num_seqs * SEQ)
-        _step(reference, ref_opt, single, mbs)
+        mbs = micro_batches(
+            global_batch(step, num_seqs, seq=SEQ, vocab=VOCAB), slice(None), num_seqs * SEQ, micro=MICRO
+        )
+        train_step(reference, ref_opt, single, mbs)
     # the loaded state is the uninterrupted run's, to the trajectory bound
     ref_params = dict(reference.named_parameters())
     for name, p in model.named_parameters():
-        err = ((_full(p.detach()) - ref_params[name]).norm() / ref_params[name].norm()).item()
+        err = rel_err(full(p.detach()), ref_params[name])
         assert err <= STEPS * TOL, f"resumed {layout} param {name}: relative error {err}"
-    tokens = _tokens(STEPS, num_seqs)
+    tokens = global_batch(STEPS, num_seqs, seq=SEQ, vocab=VOCAB)
     dp_rank, dp_size = dims.dp_coordinate()
     per_rank = num_seqs // dp_size
     mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-    got = _step(model, opt, dims, _micro_batches(tokens, mine, num_seqs * SEQ), pipeline)
-    want = _step(reference, ref_opt, single, _micro_batches(tokens, slice(None), num_seqs * SEQ))
+    got = train_step(model, opt, dims, micro_batches(tokens, mine, num_seqs * SEQ, micro=MICRO), pipeline)
+    want = train_step(
+        reference, ref_opt, single, micro_batches(tokens, slice(None), num_seqs * SEQ, micro=MICRO)
+    )
     _compare(layout, STEPS, got, want, (STEPS + 1) * TOL)
 
 
