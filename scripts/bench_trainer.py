@@ -33,9 +33,16 @@ from automoe.torchrun import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> (processes, overrides); `one` is a single process with 2 threads (torchrun sets 1 thread per process
-# only when it starts more than one)
-LAYOUTS = {"ep1": (2, ["parallel=single"]), "ep2": (2, ["parallel=ep2"]), "one": (1, ["parallel=single"])}
+# name -> (processes, overrides, OMP threads per process or None for torchrun's choice); `one` is a single process
+# with 2 threads (torchrun sets 1 thread per process only when it starts more than one), `one1` the same with 1
+# thread: the pair measures how well one process uses the second core, which bounds what EP=2 can gain over `one`
+# (each EP rank runs at most half the work on one thread: EP=2 / one <= 2 x tokens/s(one1) / tokens/s(one))
+LAYOUTS = {
+    "ep1": (2, ["parallel=single"], None),
+    "ep2": (2, ["parallel=ep2"], None),
+    "one": (1, ["parallel=single"], None),
+    "one1": (1, ["parallel=single"], 1),
+}
 MODELS = {
     "tiny": [],  # configs/model/tiny.yaml: dim 128, 4 layers, 8 experts top-2 + 1 shared
     "small": [
@@ -111,10 +118,14 @@ def flops_per_token(cfg) -> dict:
     }
 
 
-def run_once(overrides: list[str], *, nproc: int, out_dir: Path, timeout_s: int) -> list[dict]:
+def run_once(
+    overrides: list[str], *, nproc: int, out_dir: Path, timeout_s: int, threads: int | None = None
+) -> list[dict]:
     """Run the recipe once; -> its metrics.jsonl records."""
     cmd = torchrun_command(nproc, REPO / "recipes" / "pretrain.py", *overrides, f"output_dir={out_dir}")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torchrun then sets 1 per process
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -126,7 +137,9 @@ def main() -> None:
     p.add_argument("--model", default="tiny", choices=sorted(MODELS), help="model preset")
     p.add_argument("--dtype", default="float32", help="comma-separated train.dtype values: float32, bfloat16")
     p.add_argument(
-        "--layouts", default="ep1,ep2", help="comma-separated: ep1, ep2, one (1 process x 2 threads)"
+        "--layouts",
+        default="ep1,ep2",
+        help="comma-separated: ep1, ep2, one (1 process x 2 threads), one1 (1 process x 1 thread)",
     )
     p.add_argument("--steps", type=int, default=15, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="steps excluded from the throughput")
@@ -180,13 +193,14 @@ def main() -> None:
                 for name in layouts:
                     out_dir = Path(tmp) / f"{name}_{d}_{r}"
                     t0 = time.perf_counter()
-                    nproc, layout = LAYOUTS[name]
+                    nproc, layout, threads = LAYOUTS[name]
                     with MachineLoadMeter() as load:
                         records = run_once(
                             [*common, *layout, f"train.dtype={d}"],
                             nproc=nproc,
                             out_dir=out_dir,
                             timeout_s=args.timeout,
+                            threads=threads,
                         )
                     timed = [rec for rec in records if rec["step"] > args.warmup]
                     run = {
@@ -246,6 +260,15 @@ def main() -> None:
             print(
                 f"{name:<6} {d:<9} {row['tokens_per_s']:>9.0f} {row['step_ms']:>8.0f} {ratio:>7} "
                 f"{gflops:>8.2f} {peak:>6.0f} {row['mfu']:>6.1%}"
+            )
+    for d in dtypes:
+        tps = {r["layout"]: r["tokens_per_s"] for r in report["summary"] if r["dtype"] == d}
+        if {"one", "one1"} <= tps.keys():
+            ceiling = 2 * tps["one1"] / tps["one"]
+            report.setdefault("ep2_ceiling", {})[d] = round(ceiling, 3)
+            print(
+                f"{d}: one process gains {tps['one'] / tps['one1']:.2f}x from its second thread, so EP=2 on 2 "
+                f"processes x 1 thread can reach at most {ceiling:.2f}x one process (perfect split, free comms)"
             )
     report_and_save(report, machine, args.json)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -39,7 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import Tensor
 
+from automoe.bench import machine_info
 from automoe.config import DataConfig, ModelConfig
 from automoe.data import build_datasets
 from automoe.models import Transformer
@@ -52,11 +55,14 @@ PRESETS = ("tiny", "tiny_dsv3")
 # The study's run list, in the order the runs are started (the most informative first).
 SETTINGS = ("none", "sign0.001", "adaptive", "aux0.01", "auxg0.01", "both0.01_0.001")
 VAL_FRACTION = 0.05  # the reported validation split: the last 5% of the token stream (the default split)
+TRAINED_SAMPLE = "strided"  # eval.json's `trained` split (`eval_splits`); older files used the stream's end
 HELD_OUT_FRACTION = 0.05  # the slice of train before it, excluded from training, for choosing hyperparameters
 FAMILIES = {  # family -> (label, color)
     "none": ("no balancing", "tab:red"),
     "sign": ("bias update, sign rule", "tab:green"),
     "adaptive": ("bias update, adaptive rule", "tab:orange"),
+    "prop": ("bias update, proportional rule", "tab:olive"),
+    "adaprop": ("bias update, adaptive proportional rule", "tab:brown"),
     "aux": ("aux loss (micro-batch)", "tab:blue"),
     "auxg": ("aux loss (global)", "tab:cyan"),
     "both": ("aux loss + sign rule", "tab:purple"),
@@ -73,6 +79,10 @@ def parse_setting(name: str) -> dict:
         out.update(family="sign", gamma=float(m[1]))
     elif m := re.fullmatch(rf"adaptive{num}?", name):
         out.update(family="adaptive", gamma=float(m[1] or 0.001), rule="adaptive")
+    elif m := re.fullmatch(rf"adaprop{num}", name):
+        out.update(family="adaprop", gamma=float(m[1]), rule="adaptive_proportional")
+    elif m := re.fullmatch(rf"prop{num}", name):
+        out.update(family="prop", gamma=float(m[1]), rule="proportional")
     elif m := re.fullmatch(rf"aux{num}", name):
         out.update(family="aux", aux=float(m[1]))
     elif m := re.fullmatch(rf"auxg{num}", name):
@@ -97,7 +107,7 @@ def run_overrides(preset: str, setting: str, seed: int, *, args: argparse.Namesp
         f"train.seed={seed}",
         f"train.steps={args.steps}",
         f"train.global_batch_size={args.batch_size}",
-        f"train.micro_batch_size={args.batch_size}",
+        f"train.micro_batch_size={args.micro_batch_size}",
         "train.val_interval=250",
         f"data.val_fraction={VAL_FRACTION + HELD_OUT_FRACTION}",
         f"checkpoint.interval={args.steps}",  # only the final checkpoint: the evaluation loads it
@@ -152,13 +162,35 @@ def load_final_model(directory: Path) -> tuple[ModelConfig, DataConfig, Transfor
     return model_cfg, data_cfg, model, int(ckpt.name.split("_")[1])
 
 
+@dataclasses.dataclass
+class StridedWindows:
+    """`count` windows of `base` spread evenly over its whole stream (window i is base window
+    floor((i + offset) * len(base) / count)): a sample of the training distribution that touches every part of
+    it, where a contiguous slice of the same size holds only a few dozen documents."""
+
+    base: object  # a TokenDataset
+    count: int
+    offset: float = 0.0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def windows(self, indices) -> np.ndarray:
+        stride = len(self.base) / self.count
+        return self.base.windows([int((i + self.offset) * stride) for i in indices])
+
+
 def eval_splits(data_cfg: DataConfig):
-    """-> (held-out slice of train, validation split): the two halves of the run's never-trained-on tail."""
-    _, tail = build_datasets(data_cfg)
+    """-> (held-out slice of train, validation split, trained-on sample, fitting sample): the two halves of the
+    run's never-trained-on tail, and two disjoint samples of the training stream as large as the validation split,
+    windows spread over all of it (`StridedWindows`): MaxVio there is how well the training distribution itself is
+    balanced; the second sample is what `fit_balancing_biases` fits on."""
+    train, tail = build_datasets(data_cfg)
     _, val = build_datasets(dataclasses.replace(data_cfg, val_fraction=VAL_FRACTION))
     held_out = dataclasses.replace(tail, tokens=tail.tokens[: len(tail.tokens) - len(val.tokens)])
     assert np.array_equal(tail.tokens[len(held_out.tokens) :], val.tokens)
-    return held_out, val
+    trained, fitting = (StridedWindows(train, len(val), offset) for offset in (0.0, 0.5))
+    return held_out, val, trained, fitting
 
 
 @torch.no_grad()
@@ -202,10 +234,79 @@ def evaluate(directory: Path) -> dict:
     """Both splits for the run's final checkpoint; cached in <run>/eval.json."""
     start = time.perf_counter()
     _, data_cfg, model, step = load_final_model(directory)
-    held_out, val = eval_splits(data_cfg)
-    result = {"step": step, "val": evaluate_split(model, val), "held_out": evaluate_split(model, held_out)}
+    held_out, val, trained, _ = eval_splits(data_cfg)
+    cached = directory / "eval.json"
+    result = json.loads(cached.read_text()) if cached.is_file() else {}  # an older file: add what it lacks
+    if result.get("step") != step:
+        result = {"step": step, "val": evaluate_split(model, val), "held_out": evaluate_split(model, held_out)}
+    result["trained"] = evaluate_split(model, trained)
+    result["trained_sample"] = TRAINED_SAMPLE
     result["eval_s"] = time.perf_counter() - start
     (directory / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+@torch.no_grad()
+def fit_balancing_biases(model: Transformer, dataset, *, iters: int = 300) -> dict[str, Tensor]:
+    """For each MoE layer, the selection bias that balances `dataset` as well as any bias can, the router fixed.
+
+    One forward pass records every layer's selection scores (the gate's `_select` input); then, per layer, the
+    bias is fitted on those cached scores with the gate's own selection (top-k, group limit): `iters` proportional
+    steps b += eta * (mean - L) / mean with eta falling geometrically from 0.02 to 1e-5, keeping the most balanced
+    bias seen. Later layers' inputs are those of the run's own biases (a second-order effect the caller checks
+    by a full evaluation with the fitted biases)."""
+    layers = dict(moe_layers(model))
+    scores: dict[str, list[Tensor]] = {name: [] for name in layers}
+    originals = {}
+    for name, layer in layers.items():
+        gate = layer.gate
+        originals[name] = gate._select
+
+        def record(scores_TE, _name=name, _orig=gate._select):
+            scores[_name].append(scores_TE.detach().clone())
+            return _orig(scores_TE)
+
+        gate._select = record
+    try:
+        evaluate_split(model, dataset)
+    finally:
+        for layer in layers.values():
+            del layer.gate._select  # the instance attribute: back to the class's method
+    fitted = {}
+    for name, layer in layers.items():
+        gate, scores_TE = layer.gate, torch.cat(scores[name])
+        E = layer.num_experts
+        bias = gate.correction_bias.clone()
+        best, best_vio = bias.clone(), float("inf")
+        for eta in np.geomspace(0.02, 1e-5, iters):
+            gate.correction_bias.copy_(bias)
+            load_E = torch.bincount(originals[name](scores_TE).flatten(), minlength=E).double()
+            vio = (load_E.max() / load_E.mean()).item() - 1.0
+            if vio < best_vio:
+                best, best_vio = bias.clone(), vio
+            bias += float(eta) * ((load_E.mean() - load_E) / load_E.mean()).float()
+        gate.correction_bias.copy_(best)
+        fitted[name] = best
+    return fitted
+
+
+def bias_floor(directory: Path) -> dict:
+    """How balanced the run's router could be made on validation by the best bias for the trained-on stream.
+
+    The biases are fitted on a sample of the training stream (`fit_balancing_biases`), then the model with them is
+    evaluated on a disjoint sample of it (how well the fit worked, all layers together) and on the validation
+    split: its MaxVio_global there is the floor a bias rule faces with this router (the validation documents route
+    differently from the training distribution, and no bias fitted to training can know how).
+    Cached in <run>/bias_floor.json; runs without a correction bias -> {}."""
+    _, data_cfg, model, step = load_final_model(directory)
+    if not any(getattr(m.gate, "correction_bias", None) is not None for _, m in moe_layers(model)):
+        return {}
+    _, val, trained, fitting = eval_splits(data_cfg)
+    start = time.perf_counter()
+    fit_balancing_biases(model, fitting)
+    result = {"step": step, "trained": evaluate_split(model, trained), "val": evaluate_split(model, val)}
+    result["fit_s"] = time.perf_counter() - start
+    (directory / "bias_floor.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -229,6 +330,8 @@ def collect(out: Path) -> dict:
         preset = directory.parent.name
         setting, seed = directory.name.rsplit("_s", 1)
         run = {"eval": json.loads(ev.read_text()), "curves": training_curves(directory)}
+        if (directory / "bias_floor.json").is_file():
+            run["bias_floor"] = json.loads((directory / "bias_floor.json").read_text())
         runs.setdefault(preset, {}).setdefault(setting, {})[int(seed)] = run
     return runs
 
@@ -256,12 +359,12 @@ def spread(values: list[float]) -> tuple[float, float]:
 
 
 def choose(settings: dict, family: str) -> str | None:
-    """The setting of `family` picked on the held-out slice (seed 0): the lowest held-out loss among those with
-    held-out MaxVio_global <= 0.10; if none is that balanced, the one with the lowest held-out MaxVio_global."""
+    """The setting of `family` picked on the held-out slice (means over seeds): the lowest held-out loss among those
+    with held-out MaxVio_global <= 0.10; if none is that balanced, the one with the lowest held-out MaxVio_global."""
     cands = {
-        n: r[0]["eval"]["held_out"]
+        n: {k: float(np.mean([r[s]["eval"]["held_out"][k] for s in r])) for k in ("loss", "max_vio_global")}
         for n, r in settings.items()
-        if parse_setting(n)["family"] == family and 0 in r
+        if parse_setting(n)["family"] == family and r
     }
     if not cands:
         return None
@@ -286,13 +389,20 @@ def summarize(runs: dict) -> dict:
                 "max_vio_global_max_layer": max(e["val"]["max_vio_global_max"] for e in ev),
                 "max_vio_batch_last100": spread(tail),
                 "steps_to_max_vio_batch_0.5": [first_below(seeds[s]["curves"], 0.5) for s in sorted(seeds)],
-                "held_out_loss_seed0": seeds[0]["eval"]["held_out"]["loss"] if 0 in seeds else None,
-                "held_out_max_vio_seed0": seeds[0]["eval"]["held_out"]["max_vio_global"]
-                if 0 in seeds
+                "held_out_loss": spread([e["held_out"]["loss"] for e in ev]),
+                "held_out_max_vio_global": spread([e["held_out"]["max_vio_global"] for e in ev]),
+                # the same on the end of the trained-on stream (None for runs evaluated before it was added)
+                "trained_max_vio_global": spread([e["trained"]["max_vio_global"] for e in ev])
+                if all("trained" in e for e in ev)
                 else None,
                 "train_loop_s": float(np.mean([seeds[s]["curves"]["train_loop_s"] for s in seeds])),
+                # MaxVio_global on validation with the biases fitted to the trained-on stream (`bias_floor`)
+                "bias_floor_val": spread([seeds[s]["bias_floor"]["val"]["max_vio_global"] for s in seeds])
+                if all("bias_floor" in seeds[s] for s in seeds)
+                else None,
             }
-        chosen = {f: choose(settings, f) for f in ("sign", "aux", "adaptive")}
+        chosen = {f: choose(settings, f) for f in FAMILIES if f != "none"}
+        chosen = {f: n for f, n in chosen.items() if n is not None}
         table[preset] = {"rows": rows, "chosen_on_held_out": chosen}
     return table
 
@@ -302,24 +412,29 @@ def summary_table(summary: dict) -> str:
     for preset, s in summary.items():
         lines += [
             f"\n{preset} (chosen on the held-out slice: {s['chosen_on_held_out']})\n",
-            "| setting | seeds | val loss | MaxVio_global (val) | worst layer | MaxVio_batch, last 100 steps | "
-            "first step MaxVio_batch <= 0.5 | held-out loss / MaxVio (seed 0) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| setting | seeds | val loss | MaxVio_global (val) | worst layer | MaxVio_global (trained-on) | "
+            "MaxVio_batch, last 100 steps | first step MaxVio_batch <= 0.5 | held-out loss / MaxVio_global | "
+            "bias floor (val) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in sorted(s["rows"].items(), key=lambda kv: _order(kv[0])):
-            (lm, ls), (vm, vs), (bm, bs) = r["val_loss"], r["max_vio_global"], r["max_vio_batch_last100"]
-            ho = (
-                f"{r['held_out_loss_seed0']:.4f} / {r['held_out_max_vio_seed0']:.3f}"
-                if r["held_out_loss_seed0"] is not None
-                else "-"
-            )
-            pm = (lambda x: "") if len(r["seeds"]) == 1 else (lambda x: f" ± {x:.4f}")  # one seed: no spread
+            pm = functools.partial(_pm, one_seed=len(r["seeds"]) == 1)
+
+            trained = "-" if r["trained_max_vio_global"] is None else pm(r["trained_max_vio_global"], 3)
             first = ", ".join("never" if x is None else str(x) for x in r["steps_to_max_vio_batch_0.5"])
             lines.append(
-                f"| {name} | {','.join(map(str, r['seeds']))} | {lm:.4f}{pm(ls)} | {vm:.3f}{pm(vs)} | "
-                f"{r['max_vio_global_max_layer']:.3f} | {bm:.3f}{pm(bs)} | {first} | {ho} |"
+                f"| {name} | {','.join(map(str, r['seeds']))} | {pm(r['val_loss'], 4)} | "
+                f"{pm(r['max_vio_global'], 3)} | {r['max_vio_global_max_layer']:.3f} | {trained} | "
+                f"{pm(r['max_vio_batch_last100'], 3)} | {first} | "
+                f"{pm(r['held_out_loss'], 4)} / {pm(r['held_out_max_vio_global'], 3)} | "
+                f"{'-' if r['bias_floor_val'] is None else pm(r['bias_floor_val'], 3)} |"
             )
     return "\n".join(lines)
+
+
+def _pm(pair: tuple[float, float], digits: int, *, one_seed: bool) -> str:
+    """mean ± half-range (one seed: no spread)."""
+    return f"{pair[0]:.{digits}f}" + ("" if one_seed else f" ± {pair[1]:.{digits}f}")
 
 
 def _order(name: str) -> tuple:
@@ -415,7 +530,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="train.seed values (the initialization)")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per run")
     parser.add_argument(
-        "--batch-size", type=int, default=4, help="sequences of 128 tokens per step (one micro-batch)"
+        "--batch-size", type=int, default=4, help="sequences of 128 tokens per optimizer step"
+    )
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=2,
+        help="sequences per forward (2 micro-batches a step by default: the aux loss's micro-batch and global "
+        "scopes differ only when a step has more than one)",
     )
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs trained at the same time (one process each)"
@@ -429,6 +551,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-train", action="store_true", help="evaluate and plot finished runs only")
     parser.add_argument("--eval-run", type=Path, default=None, help="evaluate one run directory (internal)")
+    parser.add_argument(
+        "--floor-settings",
+        default="sign0.001,adaptive",
+        help="settings whose runs get the bias floor (`bias_floor`: about a minute per run)",
+    )
+    parser.add_argument(
+        "--floor-run", type=Path, default=None, help="the bias floor of one run directory (internal)"
+    )
     args = parser.parse_args(argv)
     if args.img_dir is None:
         args.img_dir = args.out / "img"
@@ -438,6 +568,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
+    if args.floor_run is not None:
+        fl = bias_floor(args.floor_run)
+        if fl:
+            print(
+                f"{args.floor_run}: fitted biases give MaxVio_global {fl['trained']['max_vio_global']:.3f} on the "
+                f"trained-on stream, {fl['val']['max_vio_global']:.3f} on validation ({fl['fit_s']:.0f} s)",
+                flush=True,
+            )
+        return
     if args.eval_run is not None:
         ev = evaluate(args.eval_run)
         print(
@@ -457,11 +596,31 @@ def main() -> None:
             for future in [pool.submit(train_and_evaluate, *job, args=args) for job in plan]:
                 future.result()
     for d in args.out.glob("*/*_s*/"):
-        if (d / "DONE").is_file() and not (d / "eval.json").is_file():
+        if not (d / "DONE").is_file():
+            continue
+        ev = json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
+        if ev.get("trained_sample") != TRAINED_SAMPLE:
             evaluate(d)
+    floor_settings = {s for s in args.floor_settings.split(",") if s}
+    todo = [
+        d
+        for d in sorted(args.out.glob("*/*_s*/"))
+        if d.name.rsplit("_s", 1)[0] in floor_settings
+        and (d / "DONE").is_file()
+        and not (d / "bias_floor.json").is_file()
+    ]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        cmds = [[sys.executable, __file__, "--floor-run", str(d)] for d in todo]
+        for future in [pool.submit(subprocess.run, c, cwd=ROOT, check=True) for c in cmds]:
+            future.result()
     runs = collect(args.out)
     summary = summarize(runs)
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs}
+    results = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": machine_info(),
+        "summary": summary,
+        "runs": runs,
+    }
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     paths = plot(runs, summary, img_dir=args.img_dir)
     print(summary_table(summary))
