@@ -238,7 +238,11 @@ def evaluate(directory: Path) -> dict:
     cached = directory / "eval.json"
     result = json.loads(cached.read_text()) if cached.is_file() else {}  # an older file: add what it lacks
     if result.get("step") != step:
-        result = {"step": step, "val": evaluate_split(model, val), "held_out": evaluate_split(model, held_out)}
+        result = {
+            "step": step,
+            "val": evaluate_split(model, val),
+            "held_out": evaluate_split(model, held_out),
+        }
     result["trained"] = evaluate_split(model, trained)
     result["trained_sample"] = TRAINED_SAMPLE
     result["eval_s"] = time.perf_counter() - start

@@ -203,7 +203,7 @@ def test_adaptive_rule_is_validated_and_idle_without_gamma():
     import pytest
 
     with pytest.raises(ValueError, match="bias_update_rule"):
-        MoEConfig(bias_update_rule="proportional")
+        MoEConfig(bias_update_rule="rprop")
     with pytest.warns(UserWarning, match="bias_update_rule='adaptive' has no effect"):
         MoEConfig(bias_update_rule="adaptive", correction_bias=True)
 
