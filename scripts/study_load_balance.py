@@ -61,8 +61,6 @@ FAMILIES = {  # family -> (label, color)
     "none": ("no balancing", "tab:red"),
     "sign": ("bias update, sign rule", "tab:green"),
     "adaptive": ("bias update, adaptive rule", "tab:orange"),
-    "prop": ("bias update, proportional rule", "tab:olive"),
-    "adaprop": ("bias update, adaptive proportional rule", "tab:brown"),
     "aux": ("aux loss (micro-batch)", "tab:blue"),
     "auxg": ("aux loss (global)", "tab:cyan"),
     "both": ("aux loss + sign rule", "tab:purple"),
@@ -79,10 +77,6 @@ def parse_setting(name: str) -> dict:
         out.update(family="sign", gamma=float(m[1]))
     elif m := re.fullmatch(rf"adaptive{num}?", name):
         out.update(family="adaptive", gamma=float(m[1] or 0.001), rule="adaptive")
-    elif m := re.fullmatch(rf"adaprop{num}", name):
-        out.update(family="adaprop", gamma=float(m[1]), rule="adaptive_proportional")
-    elif m := re.fullmatch(rf"prop{num}", name):
-        out.update(family="prop", gamma=float(m[1]), rule="proportional")
     elif m := re.fullmatch(rf"aux{num}", name):
         out.update(family="aux", aux=float(m[1]))
     elif m := re.fullmatch(rf"auxg{num}", name):
@@ -162,15 +156,13 @@ def load_final_model(directory: Path) -> tuple[ModelConfig, DataConfig, Transfor
     return model_cfg, data_cfg, model, int(ckpt.name.split("_")[1])
 
 
-@dataclasses.dataclass
 class StridedWindows:
-    """`count` windows of `base` spread evenly over its whole stream (window i is base window
+    """`count` windows of `base` (a TokenDataset) spread evenly over its whole stream (window i is base window
     floor((i + offset) * len(base) / count)): a sample of the training distribution that touches every part of
     it, where a contiguous slice of the same size holds only a few dozen documents."""
 
-    base: object  # a TokenDataset
-    count: int
-    offset: float = 0.0
+    def __init__(self, base, count: int, offset: float = 0.0) -> None:
+        self.base, self.count, self.offset = base, count, offset
 
     def __len__(self) -> int:
         return self.count

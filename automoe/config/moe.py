@@ -13,7 +13,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "geglu", "relu2", "gelu", "relu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 AUX_LOSS_TYPES = ("micro_batch", "sequence", "global")
-BIAS_UPDATE_RULES = ("sign", "adaptive", "proportional", "adaptive_proportional")
+BIAS_UPDATE_RULES = ("sign", "adaptive")
 EXPERT_BACKENDS = ("auto", "loop", "grouped_mm", "bmm")
 DTYPES = ("float32", "bfloat16", "float16")
 

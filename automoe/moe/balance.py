@@ -59,12 +59,9 @@ def update_gate_biases(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict
             load_E = loads[name]
             sign_E = torch.sign(load_E.sum() - load_E.numel() * load_E)  # int64
             step_E = layer.cfg.gate_bias_update_factor
-            if layer.cfg.bias_update_rule in ("adaptive", "adaptive_proportional"):
+            if layer.cfg.bias_update_rule == "adaptive":
                 step_E = step_E * adaptive_steps(layer, sign_E)
-            if layer.cfg.bias_update_rule in ("proportional", "adaptive_proportional"):
-                delta_E = step_E * load_error(load_E)
-            else:
-                delta_E = step_E * sign_E.to(torch.float32)
+            delta_E = step_E * sign_E.to(torch.float32)
             if layer.cfg.bias_update_mean_center:
                 delta_E = delta_E - delta_E.mean()
             layer.gate.update_bias(delta_E)
@@ -84,15 +81,6 @@ def adaptive_steps(layer: MoE, sign_E: Tensor) -> Tensor:
     layer.bias_step_exponent.copy_(exponent_E)
     layer.bias_last_sign.copy_(sign_E)
     return torch.exp2(exponent_E.to(torch.float32) / 4)
-
-
-def load_error(load_E: Tensor) -> Tensor:
-    """(mean(L) - L_e) / mean(L) clipped to [-1, 1], fp32 [E], from the integer loads (0 where no token was routed)."""
-    total = load_E.sum()
-    if total == 0:
-        return torch.zeros(load_E.shape, dtype=torch.float32, device=load_E.device)
-    err_E = (total - load_E.numel() * load_E).double() / total.double()
-    return err_E.clamp(-1.0, 1.0).to(torch.float32)
 
 
 def _bias_update_enabled(layer: MoE) -> bool:

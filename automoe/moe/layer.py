@@ -122,7 +122,7 @@ class MoE(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.int64), persistent=False)
         # State of `bias_update_rule=adaptive` (`moe.balance`), checkpointed: each expert's step exponent k (step
         # = gamma * 2^(k/4)) and the sign of its last update. Integers: exact on every rank, never cast by .to().
-        if cfg.bias_update_rule in ("adaptive", "adaptive_proportional"):
+        if cfg.bias_update_rule == "adaptive":
             self.register_buffer("bias_step_exponent", torch.zeros(cfg.num_experts, dtype=torch.int64))
             self.register_buffer("bias_last_sign", torch.zeros(cfg.num_experts, dtype=torch.int64))
         self.aux_loss: Tensor | None = None
