@@ -55,6 +55,7 @@ PRESETS = ("tiny", "tiny_dsv3")
 # The study's run list, in the order the runs are started (the most informative first).
 SETTINGS = ("none", "sign0.001", "adaptive", "aux0.01", "auxg0.01", "both0.01_0.001")
 VAL_FRACTION = 0.05  # the reported validation split: the last 5% of the token stream (the default split)
+BATCH_SEQUENCES = 4  # sequences per optimizer step in the study (`--batch-size` default)
 TRAINED_SAMPLE = "strided"  # eval.json's `trained` split (`eval_splits`); older files used the stream's end
 HELD_OUT_FRACTION = 0.05  # the slice of train before it, excluded from training, for choosing hyperparameters
 FAMILIES = {  # family -> (label, color)
@@ -286,6 +287,22 @@ def fit_balancing_biases(model: Transformer, dataset, *, iters: int = 300) -> di
     return fitted
 
 
+@torch.no_grad()
+def batch_max_vio(model: Transformer, dataset, *, batch_size: int, batches: int = 100) -> float:
+    """Mean over `batches` consecutive batches of `batch_size` windows of MaxVio (mean over MoE layers) of each
+    batch alone, in eval mode: with the fitted biases, how unbalanced a training-sized batch still is because of
+    what is in it (the floor under the training curves' MaxVio_batch)."""
+    model.eval()
+    vios = []
+    for b in range(min(batches, len(dataset) // batch_size)):
+        for _, layer in moe_layers(model):
+            layer.eval_expert_load.zero_()
+        model(torch.from_numpy(dataset.windows(range(b * batch_size, (b + 1) * batch_size)))[:, :-1])
+        loads = [layer.eval_expert_load.double() for _, layer in moe_layers(model)]
+        vios.append(float(np.mean([(x.max() / x.mean()).item() - 1.0 for x in loads])))
+    return float(np.mean(vios))
+
+
 def bias_floor(directory: Path) -> dict:
     """How balanced the run's router could be made on validation by the best bias for the trained-on stream.
 
@@ -301,6 +318,7 @@ def bias_floor(directory: Path) -> dict:
     start = time.perf_counter()
     fit_balancing_biases(model, fitting)
     result = {"step": step, "trained": evaluate_split(model, trained), "val": evaluate_split(model, val)}
+    result["max_vio_batch"] = batch_max_vio(model, trained, batch_size=BATCH_SEQUENCES)
     result["fit_s"] = time.perf_counter() - start
     (directory / "bias_floor.json").write_text(json.dumps(result, indent=1))
     return result
@@ -526,7 +544,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="train.seed values (the initialization)")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per run")
     parser.add_argument(
-        "--batch-size", type=int, default=4, help="sequences of 128 tokens per optimizer step"
+        "--batch-size", type=int, default=BATCH_SEQUENCES, help="sequences of 128 tokens per optimizer step"
     )
     parser.add_argument(
         "--micro-batch-size",
