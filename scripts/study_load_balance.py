@@ -514,14 +514,18 @@ def plot(runs: dict, summary: dict, *, img_dir: Path, window: int = 25) -> list[
     fig, axes = plt.subplots(1, len(presets), figsize=(6.5 * len(presets), 4.5), squeeze=False)
     for ax, preset in zip(axes[0], presets):
         rows = summary[preset]["rows"]
+        seen: dict[str, int] = {}
         for name in sorted(rows, key=_order):
             r = rows[name]
             fam = parse_setting(name)["family"]
+            marker = "osD^v"[seen.setdefault(fam, 0) % 5]  # a family's second setting gets another marker
+            seen[fam] += 1
             (lm, ls), (vm, vs) = r["val_loss"], r["max_vio_global"]
-            ax.errorbar(vm, lm, xerr=vs, yerr=ls, fmt="o", color=FAMILIES[fam][1], capsize=3, ms=5)
-            ax.annotate(
-                f"{name} ({len(r['seeds'])})", (vm, lm), fontsize=7, xytext=(4, 4), textcoords="offset points"
-            )
+            ax.errorbar(
+                vm, lm, xerr=vs, yerr=ls, fmt=marker, color=FAMILIES[fam][1], capsize=3, ms=5,
+                label=f"{name} ({len(r['seeds'])})",
+            )  # fmt: skip
+        ax.legend(fontsize=7, title="setting (seeds)", title_fontsize=7)
         ax.axvline(0.10, color="gray", ls="--", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel("MaxVio_global on the validation split (mean over layers)")
