@@ -289,15 +289,17 @@ def fit_balancing_biases(model: Transformer, dataset, *, iters: int = 300) -> di
 
 @torch.no_grad()
 def batch_max_vio(model: Transformer, dataset, *, batch_size: int, batches: int = 100) -> float:
-    """Mean over `batches` consecutive batches of `batch_size` windows of MaxVio (mean over MoE layers) of each
-    batch alone, in eval mode: with the fitted biases, how unbalanced a training-sized batch still is because of
-    what is in it (the floor under the training curves' MaxVio_batch)."""
+    """Mean over `batches` batches of `batch_size` windows drawn at random (seeded; as the training loader draws
+    them) of MaxVio (mean over MoE layers) of each batch alone, in eval mode: with the fitted biases, how
+    unbalanced a training-sized batch still is because of what is in it (the floor under the training curves'
+    MaxVio_batch)."""
     model.eval()
+    order = np.random.default_rng(0).permutation(len(dataset))
     vios = []
     for b in range(min(batches, len(dataset) // batch_size)):
         for _, layer in moe_layers(model):
             layer.eval_expert_load.zero_()
-        model(torch.from_numpy(dataset.windows(range(b * batch_size, (b + 1) * batch_size)))[:, :-1])
+        model(torch.from_numpy(dataset.windows(order[b * batch_size : (b + 1) * batch_size]))[:, :-1])
         loads = [layer.eval_expert_load.double() for _, layer in moe_layers(model)]
         vios.append(float(np.mean([(x.max() / x.mean()).item() - 1.0 for x in loads])))
     return float(np.mean(vios))
