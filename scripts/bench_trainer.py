@@ -67,6 +67,14 @@ MODELS = {
         "model.moe.moe_inter_dim=768",
     ],
 }
+# the same shape with every token routed evenly (`fake_balanced` gate, no aux loss): the cost of the layouts
+# without routing skew. The learned router of `qwen3_debug` on synthetic tokens collapses within a few steps
+# (MaxVio 6-7 by step 3), and under EP that skew becomes one rank's work while the other waits.
+MODELS["qwen3_debug_balanced"] = [
+    *MODELS["qwen3_debug"],
+    "model.moe.gate=fake_balanced",
+    "model.moe.aux_loss_coeff=0",
+]
 PEAK_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
 
 
