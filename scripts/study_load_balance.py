@@ -2,7 +2,8 @@
 MaxVio_global and loss on the whole validation split, hyperparameters chosen on a held-out slice of train.
 
     .venv/bin/python scripts/study_load_balance.py [--presets tiny,tiny_dsv3] [--settings none,sign0.001,...]
-        [--seeds 0,1,2] [--steps 1000] [--jobs 2] [--img-dir docs/img]
+        [--seeds 0,1,2] [--steps 1000] [--batch-size 4] [--micro-batch-size 2] [--jobs 2]
+        [--floor-settings sign0.001,adaptive] [--img-dir docs/img]
 
 Settings (names encode their values): `none`; `sign<g>` (DeepSeek-V3 sign rule, gamma g); `adaptive` /
 `adaptive<g>` (`bias_update_rule=adaptive`, first step g, default 0.001); `aux<c>` / `auxg<c>` (aux loss, coefficient
@@ -14,8 +15,11 @@ the data order (`data.seed`) is the same in every run.
 Splits: every run trains with `data.val_fraction=0.1`, so the last 10% of the token stream is never trained on.
 Its second half is the validation split the docs report (exactly the default 5% split); its first half is the
 held-out slice of train on which gamma and the aux coefficient are chosen (`choose`). After training, the final
-checkpoint is loaded into one process (`--eval-run DIR`, written to DIR/eval.json) and run over both in eval
-mode: loss and each MoE layer's `eval_expert_load` give MaxVio_global = max_e L_e / mean_e L_e - 1.
+checkpoint is loaded into one process (`--eval-run DIR`, written to DIR/eval.json) and run over both, and over a
+sample of the training stream (`StridedWindows`), in eval mode: loss and each MoE layer's `eval_expert_load` give
+MaxVio_global = max_e L_e / mean_e L_e - 1. For the `--floor-settings` runs, `--floor-run DIR` fits the biases that
+balance the training distribution with the router fixed and measures what they leave on validation (the floor of
+any bias rule; DIR/bias_floor.json).
 Writes `<out>/results.json`, a summary table, and PNGs into `--img-dir` (default `<out>/img`; `--img-dir
 docs/img` updates the figures the README and docs/load_balancing.md show). `--skip-train` evaluates and plots
 the finished runs only. Shape suffixes: docs/architecture.md#shape-legend.
