@@ -228,7 +228,8 @@ def evaluate_split(model: Transformer, dataset, *, batch_size: int = 64) -> dict
 
 
 def evaluate(directory: Path) -> dict:
-    """Both splits for the run's final checkpoint; cached in <run>/eval.json."""
+    """Validation, held-out slice and trained-on sample for the run's final checkpoint; cached in
+    <run>/eval.json (a file without the current trained-on sample gets only that added)."""
     start = time.perf_counter()
     _, data_cfg, model, step = load_final_model(directory)
     held_out, val, trained, _ = eval_splits(data_cfg)
@@ -258,16 +259,14 @@ def fit_balancing_biases(model: Transformer, dataset, *, iters: int = 300) -> di
     by a full evaluation with the fitted biases)."""
     layers = dict(moe_layers(model))
     scores: dict[str, list[Tensor]] = {name: [] for name in layers}
-    originals = {}
+    originals = {name: layer.gate._select for name, layer in layers.items()}
     for name, layer in layers.items():
-        gate = layer.gate
-        originals[name] = gate._select
 
-        def record(scores_TE, _name=name, _orig=gate._select):
+        def record(scores_TE, _name=name):
             scores[_name].append(scores_TE.detach().clone())
-            return _orig(scores_TE)
+            return originals[_name](scores_TE)
 
-        gate._select = record
+        layer.gate._select = record
     try:
         evaluate_split(model, dataset)
     finally:
@@ -411,12 +410,12 @@ def summarize(runs: dict) -> dict:
                 "steps_to_max_vio_batch_0.5": [first_below(seeds[s]["curves"], 0.5) for s in sorted(seeds)],
                 "held_out_loss": spread([e["held_out"]["loss"] for e in ev]),
                 "held_out_max_vio_global": spread([e["held_out"]["max_vio_global"] for e in ev]),
-                # the same on the end of the trained-on stream (None for runs evaluated before it was added)
+                # the same on the trained-on sample (None for runs evaluated before it was added)
                 "trained_max_vio_global": spread([e["trained"]["max_vio_global"] for e in ev])
                 if all("trained" in e for e in ev)
                 else None,
                 "train_loop_s": float(np.mean([seeds[s]["curves"]["train_loop_s"] for s in seeds])),
-                # MaxVio_global on validation with the biases fitted to the trained-on stream (`bias_floor`)
+                # MaxVio_global on validation with the biases fitted to the training distribution (`bias_floor`)
                 "bias_floor_val": spread([seeds[s]["bias_floor"]["val"]["max_vio_global"] for s in seeds])
                 if all("bias_floor" in seeds[s] for s in seeds)
                 else None,
@@ -439,7 +438,6 @@ def summary_table(summary: dict) -> str:
         ]
         for name, r in sorted(s["rows"].items(), key=lambda kv: _order(kv[0])):
             pm = functools.partial(_pm, one_seed=len(r["seeds"]) == 1)
-
             trained = "-" if r["trained_max_vio_global"] is None else pm(r["trained_max_vio_global"], 3)
             first = ", ".join("never" if x is None else str(x) for x in r["steps_to_max_vio_batch_0.5"])
             lines.append(
