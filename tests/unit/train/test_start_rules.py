@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -164,7 +165,10 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, env):
         make_job(tmp_path, "checkpoint.interval=2", "checkpoint.resume=latest", *offline), env
     ).fit()
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs
+    # wandb names a run's directory offline-run-<time>-<id>; two starts within the same second share the time, and
+    # wandb then appends -1 to the second directory
+    pattern = rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?"
+    assert len(runs) == 2 and all(re.fullmatch(pattern, name) for name in runs), runs
     other = tmp_path / "fresh"
     build_trainer(make_job(other, "train.steps=1", *offline), env).fit()
     assert (other / WANDB_ID_FILE).read_text().strip() != run_id  # a fresh start is a new wandb run
