@@ -6,12 +6,16 @@ model, the busy share of all cores while it ran and the load average before and 
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import multiprocessing as mp
 import os
 import platform
 import resource
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,6 +81,32 @@ class MachineLoadMeter:
         busy = (_busy_ticks() - self.busy0) / os.sysconf("SC_CLK_TCK")
         self.busy = busy / (wall * os.cpu_count())
         self.loadavg_after = os.getloadavg()[0]
+
+
+def new_report(args: argparse.Namespace, **extra) -> dict:
+    """The JSON report's header (UTC date, `machine_info()`, the command's arguments) with empty `rows`."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "args": vars(args),
+        "rows": [],
+        **extra,
+    }
+
+
+def median_ms_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median ms of each callable over `rounds` timed rounds after one untimed warm-up round; every round runs each
+    callable once, rotating which goes first, so a burst of load hits all of them."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds + 1):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            t0 = time.perf_counter()
+            fns[name]()
+            if r > 0:
+                times[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
 
 
 def report_and_save(report: dict, machine: MachineLoadMeter, json_path: str | Path | None) -> None:

@@ -15,14 +15,12 @@ routed rows, timed here as 6 x one [N, D] x [D, 2F] product: the up projection i
 from __future__ import annotations
 
 import argparse
-import datetime
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from automoe.bench import DTYPES, MachineLoadMeter, machine_info, report_and_save
+from automoe.bench import DTYPES, MachineLoadMeter, median_ms_interleaved, new_report, report_and_save
 from automoe.moe.activations import FusedActivation
 
 SHAPES = {"default": (8192, 1024), "fine": (32768, 256)}  # name -> (rows N = T * k, expert hidden F)
@@ -44,10 +42,6 @@ def _swiglu_bwd(h_NU: torch.Tensor, da_NF: torch.Tensor) -> tuple[torch.Tensor, 
     return torch.cat([dg, da * silu], -1).to(h_NU.dtype), (silu * u).to(h_NU.dtype)
 
 
-def _median_ms(times: list[float]) -> float:
-    return statistics.median(times) * 1e3
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
@@ -58,12 +52,7 @@ def main() -> None:
     eager_act = FusedActivation("swiglu")
     fused_fwd = torch.compile(_swiglu_fwd, dynamic=True)
     fused_bwd = torch.compile(_swiglu_bwd, dynamic=True)
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "args": vars(args),
-        "rows": [],
-    }
+    report = new_report(args)
     print(
         f"{'shape':<8} {'dtype':<5} {'eager ms':>9} {'fused ms':>9} {'fused/eager':>11} {'floor ms':>9} "
         f"{'eager/floor':>11} {'fused/floor':>11} {'compile s':>9} {'max |diff|':>10}"
@@ -99,17 +88,8 @@ def main() -> None:
                 def gemm(x=x, w=w) -> None:
                     torch.mm(x, w)
 
-                times: dict[str, list[float]] = {"eager": [], "fused": [], "gemm": []}
-                rows = [("eager", eager), ("fused", fused), ("gemm", gemm)]
-                for r in range(args.rounds + 1):
-                    for i in range(len(rows)):
-                        name, fn = rows[(r + i) % len(rows)]
-                        t0 = time.perf_counter()
-                        fn()
-                        if r > 0:  # round 0 warms up
-                            times[name].append(time.perf_counter() - t0)
-                eager_ms, fused_ms = _median_ms(times["eager"]), _median_ms(times["fused"])
-                floor_ms = 6 * _median_ms(times["gemm"])
+                med = median_ms_interleaved({"eager": eager, "fused": fused, "gemm": gemm}, args.rounds)
+                eager_ms, fused_ms, floor_ms = med["eager"], med["fused"], 6 * med["gemm"]
                 row = {
                     "shape": shape,
                     "dtype": dtype_name,

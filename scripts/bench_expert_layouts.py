@@ -16,14 +16,11 @@ Each is also printed as a ratio to `floor_in_out`. No activation, routing or aut
 from __future__ import annotations
 
 import argparse
-import datetime
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from automoe.bench import DTYPES, MachineLoadMeter, machine_info, report_and_save
+from automoe.bench import DTYPES, MachineLoadMeter, median_ms_interleaved, new_report, report_and_save
 
 SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
 
@@ -78,29 +75,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6, help="timed rounds (after one warm-up round)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "args": vars(args),
-        "rows": [],
-    }
+    report = new_report(args)
     print(f"{'shape':<8} {'dtype':<5} {'formulation':<18} {'median ms':>10} {'/ floor_in_out':>14}")
     with MachineLoadMeter() as machine:
         for dtype_name in args.dtype.split(","):
             for shape in args.shapes.split(","):
                 E, k, Fd = SHAPES[shape]
                 fns = _formulations(E, args.tokens * k // E, args.dim, Fd, DTYPES[dtype_name])
-                names = list(fns)
-                times: dict[str, list[float]] = {n: [] for n in names}
-                for r in range(args.rounds + 1):
-                    for i in range(len(names)):
-                        name = names[(r + i) % len(names)]
-                        t0 = time.perf_counter()
-                        fns[name]()
-                        if r > 0:  # round 0 warms up
-                            times[name].append(time.perf_counter() - t0)
-                med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
-                for name in names:
+                med = median_ms_interleaved(fns, args.rounds)
+                for name in fns:
                     ratio = med[name] / med["floor_in_out"]
                     report["rows"].append(
                         {

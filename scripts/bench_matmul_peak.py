@@ -12,15 +12,14 @@ it is conservative on a shared machine.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 
 from automoe.bench import (
     DTYPES,
     MATMUL_LAYOUTS,
     MachineLoadMeter,
-    machine_info,
     matmul_gflops,
+    new_report,
     report_and_save,
 )
 
@@ -35,13 +34,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=4, help="products per burst")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "args": vars(args),
-        "rows": [],
-        "peak_gflops": {},
-    }
+    report = new_report(args, peak_gflops={})
     print(f"{'dtype':<5} {'layout':<6} {'shape (MxK @ KxN)':<22} {'median GFLOP/s':>14} {'best':>8}")
     with MachineLoadMeter() as machine:
         for dtype_name in args.dtype.split(","):
@@ -68,8 +61,6 @@ def main() -> None:
                         f"{row['median_gflops']:>14.1f} {row['best_gflops']:>8.1f}"
                     )
                 report["peak_gflops"][f"{dtype_name}/{layout}"] = best
-    report["machine_busy"] = round(machine.busy, 3)
-    report["loadavg_before_after"] = [machine.loadavg_before, machine.loadavg_after]
     print(
         "peak (best burst over shapes): "
         + ", ".join(f"{k} {v:.0f}" for k, v in report["peak_gflops"].items())
