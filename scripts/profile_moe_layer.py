@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from automoe.bench import DTYPES, cpu_model
 from automoe.config.moe import MoEConfig
+from automoe.host_memory import HOST_ALLOCATORS, apply_host_allocator
 from automoe.moe.layer import MoE
 
 SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
@@ -46,7 +47,11 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.0, help="fake_gate_noise (0 balanced, 1 skewed)")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--table", action="store_true", help="also print torch.profiler's op table")
+    p.add_argument(
+        "--host-allocator", default="cached", choices=HOST_ALLOCATORS, help="as train.host_allocator"
+    )
     args = p.parse_args()
+    print(apply_host_allocator(args.host_allocator))
     E, K, Fd = SHAPES[args.shape]
     D, dtype = 512, DTYPES[args.dtype]
     cfg = MoEConfig(

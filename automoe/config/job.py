@@ -18,6 +18,7 @@ from automoe.config.data import DataConfig
 from automoe.config.model import ModelConfig
 from automoe.config.moe import MoEConfig
 from automoe.config.parallel import ParallelConfig
+from automoe.host_memory import HOST_ALLOCATORS
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -81,10 +82,14 @@ class TrainConfig:
     deterministic: bool = (
         False  # deterministic algorithms and kernels: bitwise repeatable runs, some speed cost
     )
+    host_allocator: str = (
+        "cached"  # CPU memory: cached (glibc keeps freed blocks for reuse) | system (defaults)
+    )
 
     def __post_init__(self) -> None:
         check_choice("train.dtype", self.dtype, COMPUTE_DTYPES)
         check_choice("train.nan_policy", self.nan_policy, NAN_POLICIES)
+        check_choice("train.host_allocator", self.host_allocator, HOST_ALLOCATORS)
         _at_least("train", self, ("steps", "global_batch_size", "micro_batch_size", "nan_max_skips"), 1)
         _at_least("train", self, ("seed", "val_interval"), 0)
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.steps:

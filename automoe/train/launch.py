@@ -16,6 +16,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from automoe.config.job import JobConfig
+from automoe.host_memory import apply_host_allocator
 from automoe.parallel import DistEnv, init_distributed, shutdown_distributed
 from automoe.train.build import StartPlan, build_trainer, config_to_yaml, plan_start
 from automoe.train.trainer import Trainer
@@ -41,8 +42,8 @@ class StartupError(ValueError):
 
 
 def run_job(cfg: JobConfig, *, after_fit: Callable[[Trainer, DistEnv], None] | None = None) -> dict[str, Any]:
-    """Init distributed -> log the resolved config -> agree on the start (`check_start`) -> build -> save the
-    resolved config -> `Trainer.fit` -> `after_fit` -> teardown.
+    """Init distributed -> host allocator (`train.host_allocator`) -> log the resolved config -> agree on the
+    start (`check_start`) -> build -> save the resolved config -> `Trainer.fit` -> `after_fit` -> teardown.
 
     Returns the last step's metrics record ({} when the run was already complete: nothing is built then). A start
     refused by a check raises `StartupError` on every rank after rank 0 printed the reason once, and leaves
@@ -54,6 +55,9 @@ def run_job(cfg: JobConfig, *, after_fit: Callable[[Trainer, DistEnv], None] | N
     release_held_stderr()
     env = init_distributed(timeout_s=cfg.parallel.collective_timeout_s)
     setup_logging(env.rank)
+    allocator = apply_host_allocator(cfg.train.host_allocator)  # before the model's first large tensor
+    if env.is_main:
+        logger.info("%s", allocator)
     clean = False
     trainer = None
     last: dict[str, Any] = {}
