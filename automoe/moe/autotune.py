@@ -57,17 +57,21 @@ def choose(
     *,
     rounds: int = 3,
     prune: float = 3.0,
+    close: float = 0.05,
+    max_rounds: int = 12,
     clock: Callable[[], float] = time.perf_counter,
 ) -> str:
     """The fastest of `candidates` for `key`: cached, else measured now by calling `run(name)` once as a warm-up
-    and `rounds` times timed, interleaved so load bursts hit every candidate; the minimum over rounds decides
-    (ties: the earlier candidate). A candidate whose warm-up took over `prune` times the fastest warm-up is not
-    timed further (it cannot win by measurement noise alone). Deterministic given the cache."""
+    and at least `rounds` times timed, interleaved so load bursts hit every candidate; the minimum over rounds
+    decides (ties: the earlier candidate). A candidate whose warm-up took over `prune` times the fastest warm-up is
+    not timed further (it cannot win by measurement noise alone). A close call (candidates within `close`, as a
+    fraction, of the fastest minimum) gets more rounds, for those candidates only, up to `max_rounds` in all: three
+    rounds cannot separate engines 5% apart on a shared CPU. Deterministic given the cache."""
     hit = cached(key)
     if hit is not None and hit in candidates:
         return hit
     if len(candidates) == 1:
-        best = candidates[0]
+        best, done = candidates[0], 0
     else:
         warm_ms = {}
         for name in candidates:  # warm-up: first-call allocations and kernel selection
@@ -77,23 +81,43 @@ def choose(
         fastest = min(warm_ms.values())
         timed = [n for n in candidates if warm_ms[n] <= prune * fastest]
         best_ms = {name: float("inf") for name in candidates}
-        for r in range(rounds):
-            for i in range(len(timed)):
-                name = timed[(r + i) % len(timed)]
-                t0 = clock()
-                run(name)
-                best_ms[name] = min(best_ms[name], (clock() - t0) * 1e3)
+        done = 0
+        while done < max(rounds, 1):
+            _time_round(timed, done, run, best_ms, clock)
+            done += 1
+        while done < max_rounds:
+            fastest = min(best_ms.values())
+            timed = [n for n in timed if best_ms[n] <= (1.0 + close) * fastest]
+            if len(timed) < 2:
+                break
+            _time_round(timed, done, run, best_ms, clock)
+            done += 1
         best = min(candidates, key=lambda n: best_ms[n])
         logger.info(
-            "autotune %s: %s (best of %d, ms: %s)",
+            "autotune %s: %s (best of %d rounds, ms: %s)",
             key,
             best,
-            rounds,
+            done,
             ", ".join(f"{n} {t:.2f}" for n, t in best_ms.items()),
         )
     _choices[_key(key)] = best
     _save_disk()
     return best
+
+
+def _time_round(
+    names: Sequence[str],
+    r: int,
+    run: Callable[[str], None],
+    best_ms: dict[str, float],
+    clock: Callable[[], float],
+) -> None:
+    """One timed round: every name once, starting at a rotating position; keeps each name's minimum in `best_ms`."""
+    for i in range(len(names)):
+        name = names[(r + i) % len(names)]
+        t0 = clock()
+        run(name)
+        best_ms[name] = min(best_ms[name], (clock() - t0) * 1e3)
 
 
 def tuned_choices() -> dict[str, str]:

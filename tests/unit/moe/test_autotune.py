@@ -87,3 +87,30 @@ def test_candidates_far_slower_in_warm_up_are_not_timed_further():
     assert autotune.choose("k", ["a", "b", "c"], clock.run, rounds=2, prune=3.0, clock=clock) == "b"
     assert clock.calls.count("a") == 1  # warm-up only: 10 ms > 3 x 1 ms
     assert clock.calls.count("b") == clock.calls.count("c") == 3
+
+
+class NoisyClock(FakeClock):
+    """FakeClock whose candidates cost the next value of their list each call (the last value repeats)."""
+
+    def run(self, name: str) -> None:
+        self.calls.append(name)
+        costs = self.cost[name]
+        self.now += costs[min(self.calls.count(name) - 1, len(costs) - 1)] / 1e3
+
+
+def test_a_close_call_gets_more_rounds_for_the_close_candidates_only():
+    # b is truly 4% faster than a, but its first three timed runs were slowed down by load
+    costs = {"a": [1.04], "b": [1.08, 1.08, 1.08, 1.08, 1.00], "c": [1.3]}
+    clock = NoisyClock(costs)
+    assert autotune.choose("k", ["a", "b", "c"], clock.run, rounds=3, max_rounds=3, clock=clock) == "a"
+    autotune.clear()
+    clock = NoisyClock(costs)
+    assert autotune.choose("k", ["a", "b", "c"], clock.run, rounds=3, max_rounds=8, clock=clock) == "b"
+    assert clock.calls.count("c") == 4  # warm-up + 3 rounds: 1.3 is not within 5% of the fastest
+    assert clock.calls.count("a") == clock.calls.count("b") == 9  # warm-up + 8 rounds
+
+
+def test_a_clear_winner_stops_after_the_minimum_rounds():
+    clock = FakeClock({"a": 1.0, "b": 1.2})
+    assert autotune.choose("k", ["a", "b"], clock.run, rounds=3, max_rounds=12, clock=clock) == "a"
+    assert clock.calls.count("a") == clock.calls.count("b") == 4
