@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from automoe.host_memory import HOST_ALLOCATORS
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MATMUL_LAYOUTS = ("1x1", "1x2", "2x1")  # processes x threads
 
@@ -81,6 +83,17 @@ class MachineLoadMeter:
         busy = (_busy_ticks() - self.busy0) / os.sysconf("SC_CLK_TCK")
         self.busy = busy / (wall * os.cpu_count())
         self.loadavg_after = os.getloadavg()[0]
+
+
+def add_host_allocator_flag(p: argparse.ArgumentParser) -> None:
+    """`--host-allocator`: CPU memory reuse for the whole benchmark, as `train.host_allocator` (apply it first thing
+    with `automoe.host_memory.apply_host_allocator`)."""
+    p.add_argument(
+        "--host-allocator",
+        default="cached",
+        choices=HOST_ALLOCATORS,
+        help="CPU memory reuse, as train.host_allocator (system: the C library's defaults, as before it existed)",
+    )
 
 
 def new_report(args: argparse.Namespace, **extra) -> dict:

@@ -20,7 +20,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from automoe.bench import DTYPES, MachineLoadMeter, median_ms_interleaved, new_report, report_and_save
+from automoe.bench import (
+    DTYPES,
+    MachineLoadMeter,
+    add_host_allocator_flag,
+    median_ms_interleaved,
+    new_report,
+    report_and_save,
+)
+from automoe.host_memory import apply_host_allocator
 from automoe.moe.activations import FusedActivation
 
 SHAPES = {"default": (8192, 1024), "fine": (32768, 256)}  # name -> (rows N = T * k, expert hidden F)
@@ -47,8 +55,10 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated: {', '.join(SHAPES)}")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs both rows once)")
+    add_host_allocator_flag(p)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
+    print(apply_host_allocator(args.host_allocator))
     eager_act = FusedActivation("swiglu")
     fused_fwd = torch.compile(_swiglu_fwd, dynamic=True)
     fused_bwd = torch.compile(_swiglu_bwd, dynamic=True)

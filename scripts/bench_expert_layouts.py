@@ -20,7 +20,15 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from automoe.bench import DTYPES, MachineLoadMeter, median_ms_interleaved, new_report, report_and_save
+from automoe.bench import (
+    DTYPES,
+    MachineLoadMeter,
+    add_host_allocator_flag,
+    median_ms_interleaved,
+    new_report,
+    report_and_save,
+)
+from automoe.host_memory import apply_host_allocator
 
 SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
 
@@ -73,8 +81,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096, help="tokens T per step")
     p.add_argument("--dim", type=int, default=512, help="model dim D")
     p.add_argument("--rounds", type=int, default=6, help="timed rounds (after one warm-up round)")
+    add_host_allocator_flag(p)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
+    print(apply_host_allocator(args.host_allocator))
     report = new_report(args)
     print(f"{'shape':<8} {'dtype':<5} {'formulation':<18} {'median ms':>10} {'/ floor_in_out':>14}")
     with MachineLoadMeter() as machine:

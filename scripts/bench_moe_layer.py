@@ -42,9 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from automoe.bench import DTYPES, LoadMeter, MachineLoadMeter, machine_info, report_and_save
+from automoe.bench import (
+    DTYPES,
+    LoadMeter,
+    MachineLoadMeter,
+    add_host_allocator_flag,
+    machine_info,
+    report_and_save,
+)
 from automoe.config.moe import MoEConfig
-from automoe.host_memory import HOST_ALLOCATORS, apply_host_allocator
+from automoe.host_memory import apply_host_allocator
 from automoe.moe.layer import MoE
 
 SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
@@ -446,13 +453,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="a few minutes: no loop row, --tokens 2048 --repeats 3 --warmup 1 unless given",
     )
-    p.add_argument(
-        "--host-allocator",
-        default="cached",
-        choices=HOST_ALLOCATORS,
-        help="CPU memory reuse for every row, as train.host_allocator (system: glibc's defaults, the numbers "
-        "before it existed)",
-    )
+    add_host_allocator_flag(p)  # every row alike
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.quick:

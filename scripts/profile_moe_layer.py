@@ -18,9 +18,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from automoe.bench import DTYPES, cpu_model
+from automoe.bench import DTYPES, add_host_allocator_flag, cpu_model
 from automoe.config.moe import MoEConfig
-from automoe.host_memory import HOST_ALLOCATORS, apply_host_allocator
+from automoe.host_memory import apply_host_allocator
 from automoe.moe.layer import MoE
 
 SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
@@ -47,9 +47,7 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.0, help="fake_gate_noise (0 balanced, 1 skewed)")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--table", action="store_true", help="also print torch.profiler's op table")
-    p.add_argument(
-        "--host-allocator", default="cached", choices=HOST_ALLOCATORS, help="as train.host_allocator"
-    )
+    add_host_allocator_flag(p)
     args = p.parse_args()
     print(apply_host_allocator(args.host_allocator))
     E, K, Fd = SHAPES[args.shape]

@@ -39,7 +39,12 @@ def _faults_per_step(mode: str) -> list[int]:
     for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
         env.pop(var, None)  # the child must start from glibc's own defaults
     out = subprocess.run(
-        [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, env=env, timeout=120, check=True
+        [sys.executable, "-c", _FAULTS, mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
