@@ -2,17 +2,18 @@
 
 PyTorch's CPU tensors come straight from the C library's `malloc`. glibc serves every block of 32 MiB or more
 (and, until its adaptive threshold has grown, every block over 128 KiB) with a fresh `mmap` and gives it back with
-`munmap` on free, so a training step that allocates the same large activations and gradients every step page-faults
-on every one of their pages, every step: the kernel maps and zeroes 4 KiB at a time. On the 2-core AMD EPYC of
-docs/benchmarks.md a new 32 MiB tensor cost 8-11 ms before its first useful write, and an elementwise op into a new
-output ran 5-20x slower than into memory already mapped; the MoE layer's fp32 step at the default shape went from
-513 to 433 ms with the reuse below (scripts/bench_moe_layer.py, same rounds as the GEMM floor).
+`munmap` on free. A training step that allocates the same large activations and gradients every step then
+page-faults on every one of their pages, every step: the kernel maps and zeroes 4 KiB at a time. On the 2-core
+AMD EPYC of docs/benchmarks.md#host-memory-reuse that cost the MoE layer's default fp32 step 9-15% and a skewed
+fine-grained step 37%, mostly in elementwise ops writing new outputs.
 
 `cached` (the default of `train.host_allocator`) sets glibc's mmap threshold and trim threshold to their largest
 values with `mallopt`, so freed blocks stay in the heap and the next step's tensors reuse pages that are already
-mapped: what the CUDA caching allocator does for GPU memory. The cost is the same: the process keeps its peak
-resident size instead of shrinking between steps. `system` leaves the C library's defaults. On a C library other
-than glibc (macOS, musl) `cached` does nothing and says so; GPU memory is unaffected either way.
+mapped: what the CUDA caching allocator does for GPU memory. The cost is resident memory: the process keeps its
+heap, and glibc does not always fit a request into a freed block of nearly the same size, so the heap settled
+12-44% above the system allocator's peak in scripts/bench_host_memory.py. `system` leaves the C library's
+defaults. On a C library other than glibc (macOS, musl) `cached` does nothing and says so; GPU memory is
+unaffected either way.
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
 import platform
-
-logger = logging.getLogger(__name__)
 
 HOST_ALLOCATORS = ("cached", "system")
 # mallopt parameters (glibc malloc.h)
