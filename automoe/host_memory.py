@@ -11,7 +11,9 @@ fine-grained step 37%, mostly in elementwise ops writing new outputs.
 values with `mallopt`, so freed blocks stay in the heap and the next step's tensors reuse pages that are already
 mapped: what the CUDA caching allocator does for GPU memory. The cost is resident memory: the process keeps its
 heap, and glibc does not always fit a request into a freed block of nearly the same size, so the heap settled
-12-44% above the system allocator's peak in scripts/bench_host_memory.py. `system` leaves the C library's
+12-63% above the system allocator's peak in scripts/bench_host_memory.py, and 9% above it when glibc's per-thread
+cache is off (`GLIBC_TUNABLES=glibc.malloc.tcache_count=0` in the environment of the launch; glibc reads it only
+at process start, so this module can only suggest it). `system` leaves the C library's
 defaults. On a C library other than glibc (macOS, musl) `cached` does nothing and says so; GPU memory is
 unaffected either way.
 """
@@ -21,15 +23,18 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import platform
 
 HOST_ALLOCATORS = ("cached", "system")
+# glibc's per-thread cache keeps the small pieces that aligned allocations split off, and they keep freed large
+# blocks from merging; with it off (read only at process start) the heap settles near the system allocator's peak
+TCACHE_OFF = "glibc.malloc.tcache_count=0"
 # mallopt parameters (glibc malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_INT_MAX = (
-    2**31 - 1
-)  # mallopt takes an int: blocks up to 2 GiB come from the heap, larger ones still from mmap
+# mallopt takes an int: blocks up to 2 GiB come from the heap, larger ones still from mmap
+_INT_MAX = 2**31 - 1
 
 
 @functools.cache
@@ -56,4 +61,7 @@ def apply_host_allocator(mode: str) -> str:
     )
     if not ok:
         return "host allocator: glibc refused the mallopt thresholds; the C library's defaults stay"
-    return "host allocator: cached (glibc keeps freed blocks up to 2 GiB for reuse)"
+    note = "host allocator: cached (glibc keeps freed blocks up to 2 GiB for reuse)"
+    if TCACHE_OFF not in os.environ.get("GLIBC_TUNABLES", ""):
+        note += f"; export GLIBC_TUNABLES={TCACHE_OFF} before launching to keep resident memory lower"
+    return note

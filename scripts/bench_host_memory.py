@@ -9,7 +9,9 @@ child process (mallopt is process-wide and cannot be undone), the two alternatin
 d=512, SwiGLU, the fake gate, `experts_backend=auto`) and records per step the minor page faults (exact, from
 getrusage), the wall time and the resident set. Printed per mode: the median step ms after --warmup steps, page
 faults per step (median after warm-up, and in the first step, which includes the autotuner's runs), and the
-resident set at the end and at its peak.
+resident set at the end and at its peak. With --tcache-off a third process runs `cached` with glibc's per-thread
+cache disabled (GLIBC_TUNABLES, which glibc reads only at process start): the cache keeps the small pieces that
+aligned allocations split off, and those keep freed large blocks from merging.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ import sys
 import time
 
 from automoe.bench import DTYPES, MachineLoadMeter, new_report, report_and_save
+from automoe.host_memory import TCACHE_OFF as TCACHE_OFF_TUNABLE
 
 SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
 MODES = ("system", "cached")
+# a third row with --tcache-off: `cached` in a process started with glibc's per-thread cache disabled
+TCACHE_OFF = "cached, tcache off"
 
 
 def _rss_mb() -> float:
@@ -83,9 +88,12 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def run_child(args: argparse.Namespace, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--shape", args.shape, "--dtype", args.dtype]
+    applied = "cached" if mode == TCACHE_OFF else mode
+    cmd = [sys.executable, __file__, "--child", applied, "--shape", args.shape, "--dtype", args.dtype]
     cmd += ["--noise", str(args.noise), "--tokens", str(args.tokens), "--steps", str(args.steps)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    if mode == TCACHE_OFF:
+        env["GLIBC_TUNABLES"] = TCACHE_OFF_TUNABLE
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, timeout=1800)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -112,6 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=16, help="layer steps per child process")
     p.add_argument("--warmup", type=int, default=6, help="steps left out of the medians (the heap settles)")
     p.add_argument("--rounds", type=int, default=2, help="child processes per mode, alternating")
+    p.add_argument(
+        "--tcache-off",
+        action="store_true",
+        help=f"also run `cached` with GLIBC_TUNABLES={TCACHE_OFF_TUNABLE} (glibc's per-thread cache off)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child", default=None, choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -126,25 +139,30 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     report = new_report(args)
-    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    modes = (*MODES, TCACHE_OFF) if args.tcache_off else MODES
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     with MachineLoadMeter() as machine:
         for _ in range(args.rounds):
-            for mode in MODES:
+            for mode in modes:
                 runs[mode].append(run_child(args, mode))
     print(
         f"{args.shape} {args.dtype} noise={args.noise} T={args.tokens}: {args.rounds} x {args.steps} steps per mode"
     )
-    print(f"{'mode':8} {'step ms':>8} {'faults/step':>12} {'faults step 1':>14} {'RSS end MB':>11} "
+    print(f"{'mode':18} {'step ms':>8} {'faults/step':>12} {'faults step 1':>14} {'RSS end MB':>11} "
           f"{'peak RSS MB':>12}")  # fmt: skip
-    for mode in MODES:
+    for mode in modes:
         row = summarize(mode, runs[mode], args.warmup)
         report["rows"].append({**row, "runs": runs[mode]})
         print(
-            f"{mode:8} {row['step_ms']:8.1f} {row['faults_per_step']:12.0f} {row['faults_first_step']:14.0f} "
+            f"{mode:18} {row['step_ms']:8.1f} {row['faults_per_step']:12.0f} {row['faults_first_step']:14.0f} "
             f"{row['rss_end_mb']:11.0f} {row['peak_rss_mb']:12.0f}"
         )
-    system, cached = report["rows"]
-    print(f"cached / system step time: {cached['step_ms'] / system['step_ms']:.3f}")
+    system = report["rows"][0]
+    for row in report["rows"][1:]:
+        print(
+            f"{row['mode']} / system: step time {row['step_ms'] / system['step_ms']:.3f}, "
+            f"peak resident {row['peak_rss_mb'] / system['peak_rss_mb']:.3f}"
+        )
     report_and_save(report, machine, args.json)
 
 

@@ -7,17 +7,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
 import pytest
 
 from automoe.config.job import TrainConfig
-from automoe.host_memory import apply_host_allocator
+from automoe.host_memory import TCACHE_OFF, apply_host_allocator
 
 _FAULTS = """
 import json, resource, sys, torch
-from automoe.host_memory import apply_host_allocator
+from automoe.host_memory import TCACHE_OFF, apply_host_allocator
 print(apply_host_allocator(sys.argv[1]), file=sys.stderr)
 x = torch.ones(8 * 2**20, requires_grad=True)  # 32 MiB
 faults = []
@@ -53,8 +54,11 @@ def _faults_per_step(mode: str) -> list[int]:
 @pytest.mark.timeout(240)
 def test_cached_reuses_mapped_pages_where_system_faults_every_step():
     system, cached = _faults_per_step("system"), _faults_per_step("cached")
-    assert min(system[-3:]) >= _PAGES_32MIB, system  # the cost being removed: a fresh mapping every step
-    assert max(cached[-3:]) < _PAGES_32MIB, cached  # steady state: the freed block is reused, already mapped
+    assert min(system[-6:]) >= _PAGES_32MIB, system  # the cost being removed: fresh mappings every step
+    # steady state: freed blocks are reused, already mapped. The heap may still grow once in a while (a request
+    # that fits no freed block extends it: one 32 MiB tensor's pages), so bound the last 6 steps together.
+    assert statistics.median(cached[-6:]) < _PAGES_32MIB, cached
+    assert sum(cached[-6:]) < min(system[-6:]), (cached, system)
 
 
 def test_unknown_mode_names_the_setting():
@@ -62,6 +66,14 @@ def test_unknown_mode_names_the_setting():
         apply_host_allocator("jemalloc")
     with pytest.raises(ValueError, match="train.host_allocator"):
         TrainConfig(host_allocator="jemalloc")
+
+
+@glibc_only
+def test_cached_suggests_turning_glibc_tcache_off_unless_it_is(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert f"export GLIBC_TUNABLES={TCACHE_OFF}" in apply_host_allocator("cached")
+    monkeypatch.setenv("GLIBC_TUNABLES", TCACHE_OFF)
+    assert "export" not in apply_host_allocator("cached")
 
 
 def test_system_mode_changes_nothing():
