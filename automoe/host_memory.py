@@ -61,7 +61,11 @@ def apply_host_allocator(mode: str) -> str:
     )
     if not ok:
         return "host allocator: glibc refused the mallopt thresholds; the C library's defaults stay"
-    note = "host allocator: cached (glibc keeps freed blocks up to 2 GiB for reuse)"
-    if TCACHE_OFF not in os.environ.get("GLIBC_TUNABLES", ""):
-        note += f"; export GLIBC_TUNABLES={TCACHE_OFF} before launching to keep resident memory lower"
-    return note
+    return "host allocator: cached (glibc keeps freed blocks up to 2 GiB for reuse)" + tcache_hint()
+
+
+def tcache_hint() -> str:
+    """What the `cached` log line adds while glibc's per-thread cache is on (see TCACHE_OFF); "" once it is off."""
+    if TCACHE_OFF in os.environ.get("GLIBC_TUNABLES", ""):
+        return ""
+    return f"; export GLIBC_TUNABLES={TCACHE_OFF} before launching to keep resident memory lower"
