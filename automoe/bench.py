@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from automoe.config.moe import MoEConfig
 from automoe.host_memory import HOST_ALLOCATORS
+from automoe.moe.layer import MoE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MATMUL_LAYOUTS = ("1x1", "1x2", "2x1")  # processes x threads
@@ -83,6 +85,32 @@ class MachineLoadMeter:
         busy = (_busy_ticks() - self.busy0) / os.sysconf("SC_CLK_TCK")
         self.busy = busy / (wall * os.cpu_count())
         self.loadavg_after = os.getloadavg()[0]
+
+
+# The MoE layer benchmarks' shapes (T=4096 tokens, d=512; `default` and `fine` have the same active FLOPs)
+MOE_LAYER_SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
+
+
+def fake_gate_moe(
+    experts: int, topk: int, inter_dim: int, *, dim: int, dtype: torch.dtype, noise: float, backend: str
+) -> MoE:
+    """The MoE layer every layer benchmark times: SwiGLU experts routed by the `fake_balanced` gate (`noise` =
+    `fake_gate_noise`: 0 round-robin, 1 skewed), weights drawn from seed 0 with std dim^-1/2."""
+    cfg = MoEConfig(
+        dim=dim,
+        moe_inter_dim=inter_dim,
+        num_experts=experts,
+        num_activated_experts=topk,
+        gate="fake_balanced",
+        fake_gate_noise=noise,
+        expert_activation="swiglu",
+        experts_backend=backend,
+        dtype="float32" if dtype == torch.float32 else "bfloat16",
+    )
+    layer = MoE(cfg)
+    torch.manual_seed(0)
+    layer.init_weights(std=dim**-0.5)
+    return layer
 
 
 def add_host_allocator_flag(p: argparse.ArgumentParser) -> None:

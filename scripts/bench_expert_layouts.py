@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from automoe.bench import (
     DTYPES,
+    MOE_LAYER_SHAPES,
     MachineLoadMeter,
     add_host_allocator_flag,
     median_ms_interleaved,
@@ -30,7 +31,7 @@ from automoe.bench import (
 )
 from automoe.host_memory import apply_host_allocator
 
-SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
+SHAPES = MOE_LAYER_SHAPES  # name -> (E, k, F)
 
 
 def _formulations(E: int, rows: int, D: int, Fd: int, dtype: torch.dtype) -> dict:

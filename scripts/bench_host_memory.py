@@ -25,10 +25,17 @@ import subprocess
 import sys
 import time
 
-from automoe.bench import DTYPES, MachineLoadMeter, new_report, report_and_save
+from automoe.bench import (
+    DTYPES,
+    MOE_LAYER_SHAPES,
+    MachineLoadMeter,
+    fake_gate_moe,
+    new_report,
+    report_and_save,
+)
 from automoe.host_memory import TCACHE_OFF as TCACHE_OFF_TUNABLE
 
-SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
+SHAPES = MOE_LAYER_SHAPES
 MODES = ("system", "cached")
 # a third row with --tcache-off: `cached` in a process started with glibc's per-thread cache disabled
 TCACHE_OFF = "cached, tcache off"
@@ -46,25 +53,8 @@ def child(args: argparse.Namespace) -> dict:
     applied = apply_host_allocator(args.child)
     import torch
 
-    from automoe.config.moe import MoEConfig
-    from automoe.moe.layer import MoE
-
-    torch.manual_seed(0)
-    E, K, Fd = SHAPES[args.shape]
     dtype = DTYPES[args.dtype]
-    cfg = MoEConfig(
-        dim=512,
-        moe_inter_dim=Fd,
-        num_experts=E,
-        num_activated_experts=K,
-        gate="fake_balanced",
-        fake_gate_noise=args.noise,
-        expert_activation="swiglu",
-        experts_backend="auto",
-        dtype="float32" if dtype == torch.float32 else "bfloat16",
-    )
-    layer = MoE(cfg)
-    layer.init_weights(std=512**-0.5)
+    layer = fake_gate_moe(*SHAPES[args.shape], dim=512, dtype=dtype, noise=args.noise, backend="auto")
     x = torch.randn(1, args.tokens, 512).to(dtype)
     dy = torch.randn(1, args.tokens, 512).to(dtype)
     steps = []
@@ -128,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child", default=None, choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.warmup >= args.steps:
+    if args.child is None and args.warmup >= args.steps:  # the child steps; the parent takes the medians
         raise ValueError(f"--warmup {args.warmup} must be below --steps {args.steps}")
     return args
 

@@ -44,17 +44,18 @@ from torch import Tensor, nn
 
 from automoe.bench import (
     DTYPES,
+    MOE_LAYER_SHAPES,
     LoadMeter,
     MachineLoadMeter,
     add_host_allocator_flag,
+    fake_gate_moe,
     machine_info,
     report_and_save,
 )
-from automoe.config.moe import MoEConfig
 from automoe.host_memory import apply_host_allocator
 from automoe.moe.layer import MoE
 
-SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
+SHAPES = MOE_LAYER_SHAPES
 PEERS = ("peer_loop", "hf_grouped_mm", "hf_eager")
 ALL_ROWS = ("floor", "dense", "loop", "fast", "grouped", "experts", *PEERS)
 DEFAULT_ROWS = ("floor", "dense", "loop", "fast", *PEERS)
@@ -194,21 +195,9 @@ def saved_activation_bytes(step_forward, params: list[Tensor]) -> int:
 
 
 def moe_layer(args, dtype: torch.dtype, backend: str) -> MoE:
-    cfg = MoEConfig(
-        dim=args.dim,
-        moe_inter_dim=args.inter_dim,
-        num_experts=args.experts,
-        num_activated_experts=args.topk,
-        gate="fake_balanced",
-        fake_gate_noise=args.noise,
-        expert_activation="swiglu",
-        experts_backend=backend,
-        dtype="float32" if dtype == torch.float32 else "bfloat16",
+    return fake_gate_moe(
+        args.experts, args.topk, args.inter_dim, dim=args.dim, dtype=dtype, noise=args.noise, backend=backend
     )
-    layer = MoE(cfg)
-    torch.manual_seed(0)
-    layer.init_weights(std=args.dim**-0.5)
-    return layer
 
 
 def build_rows(args, dtype: torch.dtype, names: tuple[str, ...]) -> dict:

@@ -18,12 +18,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from automoe.bench import DTYPES, add_host_allocator_flag, cpu_model
-from automoe.config.moe import MoEConfig
+from automoe.bench import DTYPES, MOE_LAYER_SHAPES, add_host_allocator_flag, cpu_model, fake_gate_moe
 from automoe.host_memory import apply_host_allocator
-from automoe.moe.layer import MoE
 
-SHAPES = {"default": (8, 2, 1024), "fine": (64, 8, 256), "e128": (128, 8, 128)}  # name -> (E, k, F)
+SHAPES = MOE_LAYER_SHAPES
 GROUPS = [
     ("GEMMs", r"aten::(mm|addmm|bmm|_grouped_mm|matmul|linear)$"),
     ("index / permute / sort", r"index|gather|scatter|sort|bincount|cumsum|repeat_interleave|nonzero"),
@@ -50,21 +48,8 @@ def main() -> None:
     add_host_allocator_flag(p)
     args = p.parse_args()
     print(apply_host_allocator(args.host_allocator))
-    E, K, Fd = SHAPES[args.shape]
     D, dtype = 512, DTYPES[args.dtype]
-    cfg = MoEConfig(
-        dim=D,
-        moe_inter_dim=Fd,
-        num_experts=E,
-        num_activated_experts=K,
-        gate="fake_balanced",
-        fake_gate_noise=args.noise,
-        expert_activation="swiglu",
-        experts_backend=args.backend,
-        dtype="float32" if dtype == torch.float32 else "bfloat16",
-    )
-    layer = MoE(cfg)
-    layer.init_weights(std=D**-0.5)
+    layer = fake_gate_moe(*SHAPES[args.shape], dim=D, dtype=dtype, noise=args.noise, backend=args.backend)
     x = torch.randn(1, args.tokens, D).to(dtype)
     dy = torch.randn(1, args.tokens, D).to(dtype)
 

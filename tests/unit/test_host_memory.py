@@ -74,7 +74,3 @@ def test_cached_suggests_turning_glibc_tcache_off_unless_it_is(monkeypatch):
     assert f"export GLIBC_TUNABLES={TCACHE_OFF}" in tcache_hint()
     monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.malloc.trim_threshold=0:{TCACHE_OFF}")
     assert tcache_hint() == ""
-
-
-def test_system_mode_changes_nothing():
-    assert "defaults" in apply_host_allocator("system")
