@@ -61,12 +61,14 @@ def choose(
     max_rounds: int = 12,
     clock: Callable[[], float] = time.perf_counter,
 ) -> str:
-    """The fastest of `candidates` for `key`: cached, else measured now by calling `run(name)` once as a warm-up
-    and at least `rounds` times timed, interleaved so load bursts hit every candidate; the minimum over rounds
-    decides (ties: the earlier candidate). A candidate whose warm-up took over `prune` times the fastest warm-up is
-    not timed further (it cannot win by measurement noise alone). A close call (candidates within `close`, as a
-    fraction, of the fastest minimum) gets more rounds, for those candidates only, up to `max_rounds` in all: three
-    rounds cannot separate engines 5% apart on a shared CPU. Deterministic given the cache."""
+    """The fastest of `candidates` for `key`: cached, else measured now. Each candidate is warmed up with two calls,
+    the first untimed (a first call can pay one-time costs many times its steady cost: CPU grouped GEMM's first bf16
+    call did, and was pruned where it was the layer's fastest engine), the second timed; a candidate whose timed
+    warm-up took over `prune` times the fastest is not timed further (it cannot win by measurement noise alone).
+    The rest are timed at least `rounds` times, interleaved so load bursts hit every candidate; the minimum over
+    rounds decides (ties: the earlier candidate). A close call (candidates within `close`, as a fraction, of the
+    fastest minimum) gets more rounds, for those candidates only, up to `max_rounds` in all: three rounds cannot
+    separate engines 5% apart on a shared CPU. Deterministic given the cache."""
     hit = cached(key)
     if hit is not None and hit in candidates:
         return hit
@@ -74,7 +76,10 @@ def choose(
         best, done = candidates[0], 0
     else:
         warm_ms = {}
-        for name in candidates:  # warm-up: first-call allocations and kernel selection
+        for (
+            name
+        ) in candidates:  # warm-up: first-call allocations and kernel selection, then one call to prune on
+            run(name)
             t0 = clock()
             run(name)
             warm_ms[name] = (clock() - t0) * 1e3
