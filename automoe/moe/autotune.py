@@ -63,7 +63,7 @@ def choose(
 ) -> str:
     """The fastest of `candidates` for `key`: cached, else measured now. Each candidate is warmed up with two calls,
     the first untimed (a first call can pay one-time costs many times its steady cost: CPU grouped GEMM's first bf16
-    call did, and was pruned where it was the layer's fastest engine), the second timed; a candidate whose timed
+    call took over 3x the fastest engine's, so it was never timed), the second timed; a candidate whose timed
     warm-up took over `prune` times the fastest is not timed further (it cannot win by measurement noise alone).
     The rest are timed at least `rounds` times, interleaved so load bursts hit every candidate; the minimum over
     rounds decides (ties: the earlier candidate). A close call (candidates within `close`, as a fraction, of the

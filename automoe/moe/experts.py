@@ -49,8 +49,8 @@ class _SplitEngine:
         ends = torch.cumsum(counts_E, dim=0).tolist()
         self.ranges = list(zip([0, *ends[:-1]], ends))
 
-    def mm(self, x: Tensor, w: Tensor, *, out: Tensor | None = None) -> Tensor:
-        y = x.new_empty(x.shape[0], w.shape[-1]) if out is None else out
+    def mm(self, x: Tensor, w: Tensor) -> Tensor:
+        y = x.new_empty(x.shape[0], w.shape[-1])
         for e, (lo, hi) in enumerate(self.ranges):
             if hi > lo:
                 torch.mm(x[lo:hi], w[e], out=y[lo:hi])
@@ -131,28 +131,6 @@ class _TransposedWeights:
         getattr(self.base, "release", lambda: None)()
 
 
-class _HiddenMajor:
-    """The split engine with the hidden activations h (N, U) and their gradient da (N, F) stored column-major
-    ([U, N] memory): every gated half h[:, :F], h[:, F:] is then one contiguous block, so the SwiGLU's elementwise
-    passes (which follow the memory order) run over long contiguous runs instead of N rows of F. On the CPU, bf16
-    SiLU over the strided half of a row-major [32768, 512] h took 3.7x as long as over a contiguous one; the GEMMs
-    read and write the transposed operands at about the same speed (one `torch.mm(..., out=)` per expert; CPU bmm
-    into a transposed bf16 output falls back to a slow kernel, so this layout is offered for the split engine
-    only). Other products (outputs, gradients) keep the base engine's layout."""
-
-    def __init__(self, counts_E: Tensor) -> None:
-        self.base = _SplitEngine(counts_E)
-
-    def mm(self, x: Tensor, w: Tensor) -> Tensor:
-        return self.base.mm(x, w)
-
-    def mm_hidden(self, x: Tensor, w: Tensor) -> Tensor:
-        return self.base.mm(x, w, out=x.new_empty(w.shape[-1], x.shape[0]).t())
-
-    def mm_weight(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.base.mm_weight(a, b)
-
-
 _ENGINES = {
     "grouped_mm": _GroupedMMEngine,
     "split": _SplitEngine,
@@ -160,7 +138,6 @@ _ENGINES = {
     "grouped_mm_t": lambda counts_E: _TransposedWeights(_GroupedMMEngine(counts_E)),
     "split_t": lambda counts_E: _TransposedWeights(_SplitEngine(counts_E)),
     "bmm_t": lambda counts_E: _TransposedWeights(_PaddedEngine(counts_E)),
-    "split_h": _HiddenMajor,
 }
 # multiply-adds of one up projection (N * D * U) below which `auto` does not time engines
 TUNE_MIN_WORK = 2**26
@@ -223,8 +200,7 @@ class _ExpertFFN(torch.autograd.Function):
     def forward(ctx, x_ND, counts_E, w_up_EDU, w_down_EFD, b_up_EU, b_down_ED, keep_NF, engine_name, act, p):
         engine = _ENGINES[engine_name](counts_E)
         expert_N = _rows_expert(counts_E, x_ND.shape[0]) if b_up_EU is not None else None
-        mm_hidden = getattr(engine, "mm_hidden", engine.mm)  # products whose output is h or da
-        h_NU = mm_hidden(x_ND, w_up_EDU)
+        h_NU = engine.mm(x_ND, w_up_EDU)
         if b_up_EU is not None:
             h_NU += b_up_EU.index_select(0, expert_N)
         a_NF = _dropout(act.forward(h_NU), keep_NF, p)
@@ -243,7 +219,7 @@ class _ExpertFFN(torch.autograd.Function):
         engine, (has_b_up, has_b_down) = ctx.engine, ctx.has_bias
         num_experts = w_up_EDU.shape[0]
         dy_ND = dy_ND.contiguous()
-        da_NF = getattr(engine, "mm_hidden", engine.mm)(dy_ND, w_down_EFD.transpose(1, 2))
+        da_NF = engine.mm(dy_ND, w_down_EFD.transpose(1, 2))
         da_NF = _dropout(da_NF, keep_NF, ctx.p)
         dh_NU, a_NF = ctx.act.backward(h_NU, da_NF)
         del da_NF
@@ -366,7 +342,7 @@ class GroupedExperts(nn.Module):
             # NOTE: host sync (CPU only, where it is free): the largest count sets the padded work.
             padded = int(counts_E.max()) * E / max(x_ND.shape[0], 1)
             key = (*key, "pad", 0 if padded <= 1.0 else 1 + int(4 * math.log2(padded)))
-            names += ["bmm", "bmm_t", "split_h"]
+            names += ["bmm", "bmm_t"]
         # activation-checkpoint recompute runs inside backward: never time there
         if torch._C._current_graph_task_id() != -1:
             return autotune.cached(key) or names[0]

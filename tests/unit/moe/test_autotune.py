@@ -52,9 +52,7 @@ def test_disk_cache_is_written_and_read_back(tmp_path, monkeypatch):
     assert clock.calls == []
 
 
-@pytest.mark.parametrize(
-    "engine", ["grouped_mm", "grouped_mm_t", "split", "split_t", "bmm", "bmm_t", "split_h"]
-)
+@pytest.mark.parametrize("engine", ["grouped_mm", "grouped_mm_t", "split", "split_t", "bmm", "bmm_t"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_auto_matches_loop_with_every_tunable_engine(engine, bias, monkeypatch):
     monkeypatch.setattr(experts_mod, "TUNE_MIN_WORK", 0)

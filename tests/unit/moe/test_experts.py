@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 import automoe.moe.experts as experts_mod
 from automoe.config.moe import ACTIVATIONS, MoEConfig
-from automoe.moe import autotune
 from automoe.moe.experts import GroupedExperts
 from tests.tolerance import assert_close_rounding, assert_equal, unit_roundoff
 
@@ -95,16 +94,11 @@ def _row_reference(m, x, counts, act, limit):
     return torch.stack(outs)
 
 
-@pytest.fixture(params=["grouped_mm", "bmm", "split", "split_h"])
+@pytest.fixture(params=["grouped_mm", "bmm", "split"])
 def fast_backend(request, monkeypatch):
-    """The fused backends; `split` is what `auto` falls back to where grouped GEMM does not run; `split_h` (hidden
-    activations column-major) is one the autotuner may pick."""
+    """The fused backends; `split` is what `auto` falls back to where grouped GEMM does not run."""
     if request.param == "split":
         monkeypatch.setattr(experts_mod, "grouped_mm_supported", lambda *a, **k: False)
-        return "auto"
-    if request.param == "split_h":
-        monkeypatch.setattr(experts_mod, "TUNE_MIN_WORK", 0)
-        monkeypatch.setattr(autotune, "choose", lambda key, names, run: "split_h")
         return "auto"
     return request.param
 
@@ -204,22 +198,6 @@ def test_fused_backend_saves_only_input_and_pre_activation():
     }
     n = sum(COUNTS)
     assert sum(activations.values()) == 4 * n * (D + 2 * FF)
-
-
-def test_hidden_major_engine_saves_the_same_bytes_column_major(monkeypatch):
-    """`split_h` keeps h (N, 2F) in [2F, N] memory, so each gated half is one contiguous block; same saved size."""
-    monkeypatch.setattr(experts_mod, "TUNE_MIN_WORK", 0)
-    monkeypatch.setattr(autotune, "choose", lambda key, names, run: "split_h")
-    m = _make("auto")
-    x, counts, _ = _inputs()
-    x.requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        m(x, counts)
-    n = sum(COUNTS)
-    (h,) = [t for t in saved if t.shape == (n, 2 * FF)]
-    assert h.stride() == (1, n)
-    assert h[:, :FF].is_contiguous() is False and h[:, :FF].t().is_contiguous()  # the gate half: one block
 
 
 # ---- dropout ----
