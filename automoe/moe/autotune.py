@@ -59,6 +59,7 @@ def choose(
     prune: float = 3.0,
     close: float = 0.05,
     max_rounds: int = 12,
+    prefer_within: float = 0.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> str:
     """The fastest of `candidates` for `key`: cached, else measured now. Each candidate is warmed up with two calls,
@@ -68,7 +69,9 @@ def choose(
     The rest are timed at least `rounds` times, interleaved so load bursts hit every candidate; the minimum over
     rounds decides (ties: the earlier candidate). A close call (candidates within `close`, as a fraction, of the
     fastest minimum) gets more rounds, for those candidates only, up to `max_rounds` in all: three rounds cannot
-    separate engines 5% apart on a shared CPU. Deterministic given the cache."""
+    separate engines 5% apart on a shared CPU. With `prefer_within` > 0 the first of `candidates` (in their order)
+    within that fraction of the fastest wins: a caller that knows an effect the isolated timing cannot see lists
+    the candidate it favours first. Deterministic given the cache."""
     hit = cached(key)
     if hit is not None and hit in candidates:
         return hit
@@ -97,7 +100,8 @@ def choose(
                 break
             _time_round(timed, done, run, best_ms, clock)
             done += 1
-        best = min(candidates, key=lambda n: best_ms[n])
+        fastest = min(best_ms.values())
+        best = next(n for n in candidates if best_ms[n] <= (1.0 + prefer_within) * fastest)
         logger.info(
             "autotune %s: %s (best of %d rounds, ms: %s)",
             key,

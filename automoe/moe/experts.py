@@ -141,6 +141,8 @@ _ENGINES = {
 }
 # multiply-adds of one up projection (N * D * U) below which `auto` does not time engines
 TUNE_MIN_WORK = 2**26
+# CPU, equal counts per expert: `auto` takes bmm when its timed FFN is within this fraction of the fastest (_tuned)
+PREFER_BMM_WITHIN = 0.05
 
 
 @functools.cache
@@ -338,11 +340,17 @@ class GroupedExperts(nn.Module):
             rows_per_expert.bit_length(),  # bucket: mean rows per expert within a factor of 2
         )  # fmt: skip
         names = ["grouped_mm", "grouped_mm_t", "split", "split_t"] if grouped else ["split", "split_t"]
+        prefer_within = 0.0
         if x_ND.device.type == "cpu":  # padded bmm: its cost grows with the padding, so the key records it
             # NOTE: host sync (CPU only, where it is free): the largest count sets the padded work.
             padded = int(counts_E.max()) * E / max(x_ND.shape[0], 1)
             key = (*key, "pad", 0 if padded <= 1.0 else 1 + int(4 * math.log2(padded)))
-            names += ["bmm", "bmm_t"]
+            # Equal counts: bmm runs copy-free, one OpenMP region per product where the others run E. Timed on the
+            # FFN alone it ties them within 5%; in the layer it won by ~12% (bench_moe_layer, default shape bf16:
+            # eff 0.84-0.85 in two runs that picked it, 0.73-0.75 in two that picked split or grouped_mm), so it is
+            # listed first and taken whenever it is within 5% of the fastest.
+            names = ["bmm", "bmm_t", *names] if padded <= 1.0 else [*names, "bmm", "bmm_t"]
+            prefer_within = PREFER_BMM_WITHIN if padded <= 1.0 else 0.0
         # activation-checkpoint recompute runs inside backward: never time there
         if torch._C._current_graph_task_id() != -1:
             return autotune.cached(key) or names[0]
@@ -353,7 +361,7 @@ class GroupedExperts(nn.Module):
                 y = _ExpertFFN.apply(x, counts_E, wu, wd, None, None, None, name, self._fused_act, 0.0)
                 torch.autograd.grad(y, (x, wu, wd), y)
 
-        return autotune.choose(key, names, run)
+        return autotune.choose(key, names, run, prefer_within=prefer_within)
 
     def _loop(self, x_ND, counts_E, w_up, w_down, b_up, b_down, keep_NF) -> Tensor:
         """The oracle: one expert at a time, plain differentiable ops."""

@@ -56,7 +56,9 @@ def test_disk_cache_is_written_and_read_back(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bias", [False, True])
 def test_auto_matches_loop_with_every_tunable_engine(engine, bias, monkeypatch):
     monkeypatch.setattr(experts_mod, "TUNE_MIN_WORK", 0)
-    monkeypatch.setattr(autotune, "choose", lambda key, names, run: engine if engine in names else names[0])
+    monkeypatch.setattr(
+        autotune, "choose", lambda key, names, run, **kw: engine if engine in names else names[0]
+    )
     x, counts, dy = _inputs()
     y_ref, g_ref = _run(_make("loop", bias=bias), x, counts, dy)
     y, g = _run(_make("auto", bias=bias), x, counts, dy)
@@ -121,3 +123,30 @@ def test_a_slow_first_call_does_not_prune_the_fastest_candidate():
     clock = NoisyClock({"a": [10.0, 1.0], "b": [1.5]})
     assert autotune.choose("k", ["a", "b"], clock.run, rounds=3, prune=3.0, clock=clock) == "a"
     assert clock.calls.count("a") == 5  # timed: its steady cost decides
+
+
+def test_prefer_within_takes_the_first_listed_candidate_near_the_fastest():
+    clock = FakeClock({"bmm": 1.04, "split": 1.0})
+    assert autotune.choose("k", ["bmm", "split"], clock.run, prefer_within=0.05, clock=clock) == "bmm"
+    autotune.clear()
+    clock = FakeClock({"bmm": 1.10, "split": 1.0})
+    assert autotune.choose("k", ["bmm", "split"], clock.run, prefer_within=0.05, clock=clock) == "split"
+    autotune.clear()
+    clock = FakeClock({"bmm": 1.04, "split": 1.0})
+    assert autotune.choose("k", ["bmm", "split"], clock.run, clock=clock) == "split"  # default: the fastest
+
+
+def test_auto_lists_bmm_first_and_prefers_it_only_for_equal_counts(monkeypatch):
+    monkeypatch.setattr(experts_mod, "TUNE_MIN_WORK", 0)
+    calls = []
+    monkeypatch.setattr(
+        autotune, "choose", lambda key, names, run, **kw: calls.append((names, kw)) or names[0]
+    )
+    for counts in ([4, 4, 4], [3, 0, 5]):
+        x, cnt, dy = _inputs(counts=counts)
+        _run(_make("auto", counts=counts), x, cnt, dy)
+    (uniform_names, uniform_kw), (ragged_names, ragged_kw) = calls
+    assert (
+        uniform_names[:2] == ["bmm", "bmm_t"] and uniform_kw["prefer_within"] == experts_mod.PREFER_BMM_WITHIN
+    )
+    assert ragged_names[-2:] == ["bmm", "bmm_t"] and ragged_kw["prefer_within"] == 0.0
