@@ -22,9 +22,10 @@ are fair on a shared machine:
   hf_eager       the same block, eager (its per-expert loop)
 Every MoE row routes with the same fake gate (same seed per round) and holds the same expert weights; a parity
 check of the outputs runs before timing. With skewed routing the timed rounds reuse the warm-up rounds' draws
-(`--routing-draws`): on the CPU a bf16 GEMM's first call at a new row count pays oneDNN's primitive creation
-(200 products of 412-611 rows, each count new: 159 ms; at one count: 62 ms; the same counts again: 77 ms), which
-a training run pays once per count and a round with a fresh draw pays on every expert. Columns: median/min ms, tokens/s, efficiency = median over rounds of
+(`--routing-draws`): on the CPU a bf16 GEMM's first call at a new row count pays oneDNN's kernel build
+(scripts/bench_gemm_row_counts.py: 200 products at new counts took 2.96x as long as at one count, 1.1x when the
+same counts came again; fp32 1.00x), which a training run pays once per count and a round with a fresh draw pays
+on every expert. Columns: median/min ms, tokens/s, efficiency = median over rounds of
 floor_ms / row_ms, `vs peer` = median over rounds of (fastest peer row's ms / row ms) (> 1: faster than every peer),
 and the bytes autograd saves for backward (storages deduplicated, parameters excluded).
 """

@@ -346,9 +346,9 @@ class GroupedExperts(nn.Module):
             padded = int(counts_E.max()) * E / max(x_ND.shape[0], 1)
             key = (*key, "pad", 0 if padded <= 1.0 else 1 + int(4 * math.log2(padded)))
             # Equal counts: bmm runs copy-free, one OpenMP region per product where the others run E. Timed on the
-            # FFN alone it ties them within 5%; in the layer it won by ~12% (bench_moe_layer, default shape bf16:
-            # eff 0.84-0.85 in two runs that picked it, 0.73-0.75 in two that picked split or grouped_mm), so it is
-            # listed first and taken whenever it is within 5% of the fastest.
+            # FFN alone it ties them within 5%; in the layer it did better (bench_moe_layer, default shape bf16:
+            # eff 0.76-0.85 in three runs that picked it, 0.73-0.75 in two that picked split or grouped_mm), so it
+            # is listed first and taken whenever it is within 5% of the fastest.
             names = ["bmm", "bmm_t", *names] if padded <= 1.0 else [*names, "bmm", "bmm_t"]
             prefer_within = PREFER_BMM_WITHIN if padded <= 1.0 else 0.0
         # activation-checkpoint recompute runs inside backward: never time there
