@@ -1,7 +1,8 @@
-"""scripts/bench_expert_layouts.py: the routed row counts it times and every formulation, on a tiny problem."""
+"""Benchmark scripts on tiny problems: what they time runs, and their inputs are what they say."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.unit.test_script_defaults import load_script
@@ -21,3 +22,11 @@ def test_every_formulation_runs_on_ragged_rows_with_an_empty_expert():
         assert {"per_expert_in_out", "per_expert_out_in", "padded_bmm", "floor_in_out"} <= set(fns)
         for fn in fns.values():
             fn()
+
+
+def test_row_count_bench_times_every_case_and_rejects_a_too_small_dim():
+    script = load_script("bench_gemm_row_counts")
+    ms = script.measure(torch.float32, dim=64, calls=8, rounds=2)
+    assert set(ms) == {"one_count", "new_counts", "same_counts_again"} and min(ms.values()) > 0
+    with pytest.raises(ValueError, match="--dim"):
+        script.measure(torch.float32, dim=16, calls=8, rounds=5)
