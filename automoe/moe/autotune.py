@@ -79,9 +79,8 @@ def choose(
         best, done = candidates[0], 0
     else:
         warm_ms = {}
-        for (
-            name
-        ) in candidates:  # warm-up: first-call allocations and kernel selection, then one call to prune on
+        # warm-up: one untimed call (first-call allocations, kernel selection), then one timed call to prune on
+        for name in candidates:
             run(name)
             t0 = clock()
             run(name)
