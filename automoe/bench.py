@@ -151,9 +151,12 @@ def median_ms_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> 
 
 
 def report_and_save(report: dict, machine: MachineLoadMeter, json_path: str | Path | None) -> None:
-    """Record and print the machine load seen during the run, then write `report` as JSON when a path is given."""
+    """Print the CPU the numbers were measured on, record and print the machine load seen during the run, then write
+    `report` as JSON when a path is given."""
     report["machine_busy"] = round(machine.busy, 3)
     report["loadavg_before_after"] = [machine.loadavg_before, machine.loadavg_after]
+    info = report["machine"]
+    print(f"cpu: {info['cpu']} ({info['cores']} cores), torch {info['torch']}, {info['threads']} threads")
     print(
         f"machine busy {machine.busy:.0%} of {os.cpu_count()} cores x wall (all processes); "
         f"loadavg {machine.loadavg_before:.2f} -> {machine.loadavg_after:.2f}"

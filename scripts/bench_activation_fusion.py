@@ -120,7 +120,6 @@ def main() -> None:
                     f"{floor_ms:>9.1f} {row['eager_over_floor']:>11.3f} {row['fused_over_floor']:>11.3f} "
                     f"{compile_s:>9.1f} {diff:>10.2e}"
                 )
-    print(f"cpu: {report['machine']['cpu']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     report_and_save(report, machine, args.json)
 
 

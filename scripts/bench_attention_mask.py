@@ -191,8 +191,6 @@ def main() -> None:
             result = run_shape(name, SHAPES[name], args)
             report["results"].append(result)
             print_table(result)
-    m = report["machine"]
-    print(f"\ncpu: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, {m['threads']} thread(s)")
     report_and_save(report, machine, args.json)
 
 

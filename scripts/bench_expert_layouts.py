@@ -158,7 +158,6 @@ def main() -> None:
                     print(
                         f"{shape:<8} {dtype_name:<5} {noise:>5} {name:<18} {med[name]:>10.1f} {ratio:>14.3f}"
                     )
-    print(f"cpu: {report['machine']['cpu']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     report_and_save(report, machine, args.json)
 
 

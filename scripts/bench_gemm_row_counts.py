@@ -72,7 +72,6 @@ def main() -> None:
                 f"{name:<6} {ms['one_count']:>13.1f} {ms['new_counts']:>14.1f} {ms['same_counts_again']:>14.1f}"
                 f" {ratio:>10.2f}"
             )
-    print(f"cpu: {report['machine']['cpu']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     report_and_save(report, machine, args.json)
 
 
