@@ -7,7 +7,8 @@ MaxVio_global and loss on the whole validation split, hyperparameters chosen on 
 
 Settings (names encode their values): `none`; `sign<g>` (DeepSeek-V3 sign rule, gamma g); `adaptive` /
 `adaptive<g>` (`bias_update_rule=adaptive`, first step g, default 0.001); `aux<c>` / `auxg<c>` (aux loss, coefficient
-c, micro-batch / global scope); `both<c>_<g>` (micro-batch aux loss + sign rule). Each run is the real recipe
+c, micro-batch / global scope); `both<c>_<g>` (micro-batch aux loss + sign rule); a bias-rule setting with
+`+drift<kappa>` appended (`adaptive+drift0.02`) also sets `bias_update_drift` (its own family). Each run is the real recipe
 (`python recipes/pretrain.py`, one process, `parallel=single`) in `<out>/<preset>/<setting>_s<seed>/`; a run whose
 directory holds `DONE` is kept, so an interrupted study resumes. `train.seed` (the initialization) is the seed;
 the data order (`data.seed`) is the same in every run.
@@ -66,6 +67,8 @@ FAMILIES = {  # family -> (label, color)
     "none": ("no balancing", "tab:red"),
     "sign": ("bias update, sign rule", "tab:green"),
     "adaptive": ("bias update, adaptive rule", "tab:orange"),
+    "sign+drift": ("sign rule + drift term", "tab:olive"),
+    "adaptive+drift": ("adaptive rule + drift term", "tab:brown"),
     "aux": ("aux loss (micro-batch)", "tab:blue"),
     "auxg": ("aux loss (global)", "tab:cyan"),
     "both": ("aux loss + sign rule", "tab:purple"),
@@ -75,7 +78,10 @@ FAMILIES = {  # family -> (label, color)
 def parse_setting(name: str) -> dict:
     """`sign0.003` -> {family: sign, aux: 0, aux_type: micro_batch, gamma: 0.003, rule: sign}; see the docstring."""
     num = r"(\d+(?:\.\d+)?(?:e-?\d+)?)"
-    out = {"family": None, "aux": 0.0, "aux_type": "micro_batch", "gamma": 0.0, "rule": "sign"}
+    if m := re.fullmatch(rf"((?:sign|adaptive).*)\+drift{num}", name):
+        out = parse_setting(m[1])
+        return dict(out, family=out["family"] + "+drift", drift=float(m[2]))
+    out = {"family": None, "aux": 0.0, "aux_type": "micro_batch", "gamma": 0.0, "rule": "sign", "drift": 0.0}
     if name == "none":
         out["family"] = "none"
     elif m := re.fullmatch(rf"sign{num}", name):
@@ -103,6 +109,7 @@ def run_overrides(preset: str, setting: str, seed: int, *, args: argparse.Namesp
         f"model.moe.aux_loss_type={s['aux_type']}",
         f"model.moe.gate_bias_update_factor={s['gamma']}",
         f"model.moe.bias_update_rule={s['rule']}",
+        f"model.moe.bias_update_drift={s['drift']}",
         f"train.seed={seed}",
         f"train.steps={args.steps}",
         f"train.global_batch_size={args.batch_size}",

@@ -52,6 +52,9 @@ class MoEConfig:
     gate_bias_update_factor: float = 0.0  # gamma of the aux-loss-free bias update; >0 implies correction_bias
     bias_update_mean_center: bool = False  # subtract the mean of each bias update so biases stay centred
     bias_update_rule: str = "sign"  # sign: gamma*sign (DeepSeek-V3) | adaptive: per-expert step, Rprop-style
+    bias_update_drift: float = (
+        0.0  # kappa: each bias also moves by a velocity, kappa * the sum of its past updates
+    )
     aux_loss_coeff: float = 0.0  # weight of the Switch/GShard balancing loss (noisy_topk: of its cv^2 loss)
     aux_loss_type: str = "micro_batch"  # micro_batch | sequence | global: where f_e and P_e are averaged
     z_loss_coeff: float = 0.0  # weight of the router z-loss mean_t(logsumexp(logits))^2
@@ -123,6 +126,8 @@ class MoEConfig:
             )
         if self.gate_bias_update_factor < 0:
             raise ValueError(f"MoEConfig.gate_bias_update_factor={self.gate_bias_update_factor} must be >= 0")
+        if not 0 <= self.bias_update_drift < 1:
+            raise ValueError(f"MoEConfig.bias_update_drift={self.bias_update_drift} must be in [0, 1)")
         if self.gate_bias_update_factor > 0 and not self.train_gate:
             raise ValueError(
                 f"MoEConfig.gate_bias_update_factor={self.gate_bias_update_factor} > 0 with train_gate=False: "
@@ -189,6 +194,8 @@ class MoEConfig:
 
         if self.bias_update_rule != "sign" and self.gate_bias_update_factor == 0:
             warn(f"bias_update_rule={self.bias_update_rule!r} has no effect with gate_bias_update_factor=0")
+        if self.bias_update_drift > 0 and self.gate_bias_update_factor == 0:
+            warn(f"bias_update_drift={self.bias_update_drift} has no effect with gate_bias_update_factor=0")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             warn("shared_expert_gate=True has no effect with num_shared_experts=0")
         idle = self._idle_gate_settings()

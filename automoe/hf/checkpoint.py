@@ -36,7 +36,7 @@ from automoe.hf.families import Family, family_for_model_type, get_family
 from automoe.hf.quant import FP8_DTYPES, BlockFP8, scale_key, weight_key
 from automoe.hf.safetensors_io import SafetensorsReader, ShardedWriter, parse_size
 from automoe.models.transformer import Transformer
-from automoe.moe.balance import ADAPTIVE_STATE
+from automoe.moe.layer import BIAS_UPDATE_STATE
 from automoe.tensors import is_sharded, torch_dtype
 
 ExpertSelection = Union[range, Sequence[int], Callable[[int], bool], None]
@@ -68,8 +68,8 @@ def _tied_output(cfg: ModelConfig, key: str) -> bool:
 
 
 def _not_in_hf(cfg: ModelConfig, key: str) -> bool:
-    """No HF tensor: the tied output head, and the adaptive bias update's training state (kept at its init)."""
-    return _tied_output(cfg, key) or key.endswith(ADAPTIVE_STATE)
+    """No HF tensor: the tied output head, and the bias update's training state (kept at its init)."""
+    return _tied_output(cfg, key) or key.endswith(BIAS_UPDATE_STATE)
 
 
 def _fmt(keys: Sequence[str]) -> str:
@@ -316,7 +316,7 @@ def load_hf_weights(model: nn.Module, path: str | Path) -> HFLoadReport:
     not_written = [
         _clean_key(n)
         for n, t in tensors
-        if _storage(t) not in written and _storage(t) is not None and not n.endswith(ADAPTIVE_STATE)
+        if _storage(t) not in written and _storage(t) is not None and not n.endswith(BIAS_UPDATE_STATE)
     ]
     return HFLoadReport(list(ckpt.reader.read_keys), not_written)
 

@@ -1,4 +1,5 @@
-"""Per-step expert load and the DeepSeek-V3 aux-loss-free gate bias update (sign rule, and an adaptive rule)."""
+"""Per-step expert load and the DeepSeek-V3 aux-loss-free gate bias update (sign rule, an adaptive rule, and an
+optional drift term for either)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ SumFn = Callable[[Tensor], Tensor]
 # than the sign rule with the same gamma, and grows only while an expert stays on one side.
 ADAPTIVE_UP, ADAPTIVE_DOWN = 1, -4
 ADAPTIVE_MIN_EXPONENT, ADAPTIVE_MAX_EXPONENT = 0, 28
-ADAPTIVE_STATE = ("bias_step_exponent", "bias_last_sign")  # its MoE-layer buffers (checkpointed)
 
 
 def step_expert_loads(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict[str, Tensor]:
@@ -52,6 +52,8 @@ def update_gate_biases(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict
     L is the step's load summed over all data ranks (`sum_fn`), so biases stay identical everywhere. Optional
     mean-centring of the update (`bias_update_mean_center`). No-op for frozen gates, gamma = 0 and layers in eval
     mode. Resets every layer's per-step statistics and returns the reduced loads for logging.
+
+    `bias_update_drift` = kappa > 0 adds a drift term to either rule (`drift_update`).
     """
     loads = step_expert_loads(model, sum_fn=sum_fn)
     for name, layer in moe_layers(model):
@@ -62,6 +64,8 @@ def update_gate_biases(model: nn.Module, *, sum_fn: SumFn | None = None) -> dict
             if layer.cfg.bias_update_rule == "adaptive":
                 step_E = step_E * adaptive_steps(layer, sign_E)
             delta_E = step_E * sign_E.to(torch.float32)
+            if layer.cfg.bias_update_drift > 0:
+                delta_E = drift_update(layer, delta_E)
             if layer.cfg.bias_update_mean_center:
                 delta_E = delta_E - delta_E.mean()
             layer.gate.update_bias(delta_E)
@@ -81,6 +85,18 @@ def adaptive_steps(layer: MoE, sign_E: Tensor) -> Tensor:
     layer.bias_step_exponent.copy_(exponent_E)
     layer.bias_last_sign.copy_(sign_E)
     return torch.exp2(exponent_E.to(torch.float32) / 4)
+
+
+def drift_update(layer: MoE, delta_E: Tensor) -> Tensor:
+    """The drift term: -> delta_E + v_E, then v_E += kappa * delta_E (v_E: the layer's `bias_velocity`, fp32).
+
+    The bias then follows a router that drifts at a steady rate without a standing lag: a bias that keeps moving
+    the same way accumulates the velocity that carries it, instead of waiting each step for the load error to
+    build up again (a double integrator). The velocity is kappa times the sum of all past updates."""
+    velocity_E = layer.bias_velocity
+    out_E = delta_E + velocity_E
+    velocity_E.add_(layer.cfg.bias_update_drift * delta_E)
+    return out_E
 
 
 def _bias_update_enabled(layer: MoE) -> bool:

@@ -24,6 +24,9 @@ from automoe.moe.index import capacity_keep_mask, count_per_expert
 from automoe.moe.shared import SharedExperts
 from automoe.moe.types import IdentityReducer, RouterOutput, StatsReducer, TokenDispatcher
 
+# The bias update's per-layer training state (`moe.balance`): checkpointed buffers, not weights (no HF tensor)
+BIAS_UPDATE_STATE = ("bias_step_exponent", "bias_last_sign", "bias_velocity")
+
 
 def in_backward_recompute() -> bool:
     """True while the autograd engine runs a backward pass, i.e. during activation-checkpoint recomputation."""
@@ -125,6 +128,10 @@ class MoE(nn.Module):
         if cfg.bias_update_rule == "adaptive":
             self.register_buffer("bias_step_exponent", torch.zeros(cfg.num_experts, dtype=torch.int64))
             self.register_buffer("bias_last_sign", torch.zeros(cfg.num_experts, dtype=torch.int64))
+        # State of `bias_update_drift` > 0, checkpointed: each expert's bias velocity (fp32 like the bias, kept fp32
+        # by `_apply`). Computed from the same integer loads and fp32 ops on every rank: bitwise equal everywhere.
+        if cfg.bias_update_drift > 0:
+            self.register_buffer("bias_velocity", torch.zeros(cfg.num_experts, dtype=torch.float32))
         self.aux_loss: Tensor | None = None
         self.loss_values: dict[str, float] = {}
         self._replay = ReplayReducer()
@@ -252,9 +259,17 @@ class MoE(nn.Module):
             self.shared_experts.init_weights(std=std, out_std=out_std)
         for buf in (self.expert_load, self.eval_expert_load, self.step_tokens, self.dropped_slots):
             buf.zero_()
-        for name in ("bias_step_exponent", "bias_last_sign"):
+        for name in BIAS_UPDATE_STATE:
             if hasattr(self, name):
                 getattr(self, name).zero_()
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(dtype)` and the like cast floating buffers; the bias velocity is only moved, fp32 like the bias."""
+        velocity = getattr(self, "bias_velocity", None)
+        super()._apply(fn, recurse)
+        if velocity is not None and self.bias_velocity.dtype != velocity.dtype:
+            self._buffers["bias_velocity"] = velocity.to(device=self.bias_velocity.device)
+        return self
 
 
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:

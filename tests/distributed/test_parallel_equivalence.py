@@ -19,6 +19,7 @@ from automoe.config.moe import MoEConfig
 from automoe.config.parallel import ParallelConfig
 from automoe.models.transformer import Transformer
 from automoe.moe.balance import update_gate_biases
+from automoe.moe.layer import BIAS_UPDATE_STATE
 from automoe.parallel import ParallelDims, clip_grad_norm_, finalize_grads, parallelize, sum_over_ranks
 from automoe.train.loss import forward_backward, micro_batch_ce_sum
 from tests.distributed.equivalence import assert_step_matches, full, global_batch, micro_batches, rel_err
@@ -31,7 +32,7 @@ WORLD_MAX = (
 )
 
 
-def _model_cfg(aux_type: str, num_experts: int = 4, rule: str = "sign") -> ModelConfig:
+def _model_cfg(aux_type: str, num_experts: int = 4, rule: str = "sign", drift: float = 0.0) -> ModelConfig:
     moe = MoEConfig(
         num_experts=num_experts,
         num_activated_experts=min(2, num_experts - 1),
@@ -42,6 +43,7 @@ def _model_cfg(aux_type: str, num_experts: int = 4, rule: str = "sign") -> Model
         z_loss_coeff=0.001,
         gate_bias_update_factor=0.01,
         bias_update_rule=rule,
+        bias_update_drift=drift,
         score_func="sigmoid",
         norm_topk_prob=True,
     )
@@ -106,7 +108,12 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
         fsdp_param_dtype=layout.get("param_dtype", "float32"),
         cp_load_balance=True,
     )
-    cfg = _model_cfg(layout.get("aux", "micro_batch"), layout.get("experts", 4), layout.get("rule", "sign"))
+    cfg = _model_cfg(
+        layout.get("aux", "micro_batch"),
+        layout.get("experts", 4),
+        layout.get("rule", "sign"),
+        layout.get("drift", 0.0),
+    )
     cfg = dataclasses.replace(cfg, mtp_layers=layout.get("mtp", 0))  # DeepSeek-V3 MTP: one more MoE block
     fp32 = pcfg.fsdp_param_dtype == "float32"
     # fp32 layouts vs the single process: the same math with other GEMM row counts and other CP/EP/FSDP reduction
@@ -168,9 +175,7 @@ def _worker(rank: int, world: int, layout: dict) -> dict:
             f"param {name} after {STEPS} steps: relative error {err}"
         )  # a trajectory margin
     biases = {
-        n: b.clone()
-        for n, b in model.named_buffers()
-        if n.endswith(("correction_bias", "bias_step_exponent", "bias_last_sign"))
+        n: b.clone() for n, b in model.named_buffers() if n.endswith(("correction_bias", *BIAS_UPDATE_STATE))
     }
     ref_biases = dict(reference.named_buffers())
     for name, b in biases.items():
@@ -195,7 +200,11 @@ LAYOUTS = [
     pytest.param(4, {"ep": 4, "cp": 1, "fsdp": False}, id="ep4"),
     pytest.param(2, {"ep": 2, "cp": 1, "fsdp": True}, id="ep2-fsdp"),
     pytest.param(2, {"ep": 2, "cp": 1, "fsdp": False}, id="ep2"),
-    pytest.param(2, {"ep": 2, "cp": 1, "fsdp": True, "rule": "adaptive"}, id="ep2-fsdp-adaptive-bias"),
+    pytest.param(
+        2,
+        {"ep": 2, "cp": 1, "fsdp": True, "rule": "adaptive", "drift": 0.02},
+        id="ep2-fsdp-adaptive-drift-bias",
+    ),
     pytest.param(2, {"ep": 2, "cp": 1, "fsdp": True, "mtp": 1}, id="ep2-fsdp-mtp"),
     pytest.param(2, {"ep": 1, "cp": 2, "fsdp": True, "aux": "sequence"}, id="cp2-fsdp-seqaux"),
     pytest.param(4, {"ep": 4, "cp": 1, "fsdp": True, "ac": "full"}, id="ep4-fsdp-ac"),

@@ -156,8 +156,8 @@ def test_ep2_load_into_sharded_model_reads_own_experts_and_matches_transformers(
 
 
 def test_adaptive_bias_rule_state_is_training_state_not_hf_tensors(saved):
-    """`bias_update_rule=adaptive` adds checkpointed step/sign buffers to each MoE layer: an HF import leaves them
-    at their init (and does not name them as unwritten), an export leaves them out."""
+    """`bias_update_rule=adaptive` and `bias_update_drift` add checkpointed step/sign/velocity buffers to each MoE
+    layer: an HF import leaves them at their init (and does not name them as unwritten), an export leaves them out."""
     import dataclasses
 
     from automoe.hf.checkpoint import load_hf_weights
@@ -166,15 +166,19 @@ def test_adaptive_bias_rule_state_is_training_state_not_hf_tensors(saved):
     _, src = saved("deepseek_v3")
     cfg, ref = load_hf_checkpoint(src)
     cfg = dataclasses.replace(
-        cfg, moe=dataclasses.replace(cfg.moe, gate_bias_update_factor=0.001, bias_update_rule="adaptive")
+        cfg,
+        moe=dataclasses.replace(
+            cfg.moe, gate_bias_update_factor=0.001, bias_update_rule="adaptive", bias_update_drift=0.02
+        ),
     )
     model = Transformer(cfg)
     model.init_weights()
     assert any(k.endswith("bias_step_exponent") for k in model.state_dict())
+    assert any(k.endswith("bias_velocity") for k in model.state_dict())
     report = load_hf_weights(model, src)
     assert report.not_written == []
     sd = model.state_dict()
     for k in ref:
         assert_equal(sd[k], ref[k], msg=k)
     exported = dict(hf_tensors(model, cfg, family="deepseek_v3"))
-    assert not any("bias_step" in k or "bias_last" in k for k in exported)
+    assert not any("bias_step" in k or "bias_last" in k or "bias_velocity" in k for k in exported)

@@ -206,3 +206,101 @@ def test_adaptive_rule_is_validated_and_idle_without_gamma():
         MoEConfig(bias_update_rule="proportional")
     with pytest.warns(UserWarning, match="bias_update_rule='adaptive' has no effect"):
         MoEConfig(bias_update_rule="adaptive", correction_bias=True)
+
+
+# ---- bias_update_drift ----
+
+
+def test_drift_term_adds_the_velocity_then_accumulates_kappa_times_the_update():
+    gamma, kappa = 0.01, 0.25
+    for rule in ("sign", "adaptive"):
+        model = _model(
+            num_layers=1, gate_bias_update_factor=gamma, bias_update_rule=rule, bias_update_drift=kappa
+        )
+        plain = _model(num_layers=1, gate_bias_update_factor=gamma, bias_update_rule=rule)
+        layer, ref = model[0], plain[0]  # ref: the same rule without the drift term
+        want_v, want_b = torch.zeros(4), torch.zeros(4)
+        for load in ([6, 2, 4, 4], [6, 2, 4, 4], [5, 3, 4, 4], [2, 6, 4, 4]):
+            _set_loads(model, load)
+            _set_loads(plain, load)
+            update_gate_biases(model)
+            update_gate_biases(plain)
+            sign = torch.sign(torch.tensor(load).sum() - 4 * torch.tensor(load)).float()
+            step = gamma * sign  # the rule's own update; the adaptive rule's step from a twin without drift:
+            if rule == "adaptive":
+                step = gamma * torch.exp2(ref.bias_step_exponent.float() / 4) * sign
+            want_b += step + want_v  # the same fp32 ops in the same order: exact
+            want_v += kappa * step
+            assert_equal(layer.bias_velocity, want_v, msg=rule)
+            assert_equal(layer.gate.correction_bias, want_b, msg=rule)
+        assert layer.bias_velocity[:2].abs().min() > 0 and layer.bias_velocity[2:].abs().sum() == 0
+
+
+def test_drift_velocity_is_checkpointed_stays_fp32_and_a_restored_model_continues_identically():
+    kw = dict(num_layers=2, gate_bias_update_factor=0.01, bias_update_drift=0.05)
+    model = _model(**kw)
+    assert "0.bias_velocity" not in _model(gate_bias_update_factor=0.01).state_dict()  # no drift: no state
+    for step in range(3):
+        _run(model, seed=step)
+        update_gate_biases(model)
+    restored = _model(**kw)
+    restored.load_state_dict(model.state_dict())
+    for m in (model, restored):
+        for step in range(3, 6):
+            _run(m, seed=step)
+            update_gate_biases(m)
+    for a, b in zip(model.state_dict().values(), restored.state_dict().values()):
+        assert_equal(a, b)
+    velocity = model[0].bias_velocity.clone()
+    assert velocity.abs().sum() > 0
+    model.to(torch.bfloat16)  # a bf16 model keeps its bias state fp32, unrounded
+    assert model[0].bias_velocity.dtype == torch.float32 and torch.equal(model[0].bias_velocity, velocity)
+    assert model[0].gate.correction_bias.dtype == torch.float32
+
+
+def _drifting_router_lag(drift: float, steps: int = 300, rate: float = 5e-3) -> float:
+    """A router whose expert-0 score rises by `rate` every step (a steady drift, added to its correction bias),
+    balanced by the sign rule with gamma = 1e-3 (+ the drift term): the mean over the last 100 steps of expert 0's
+    load share above the mean."""
+    torch.manual_seed(0)
+    layer = MoE(
+        MoEConfig(
+            dim=D,
+            moe_inter_dim=8,
+            num_experts=4,
+            num_activated_experts=1,
+            score_func="sigmoid",
+            gate_bias_update_factor=1e-3,
+            bias_update_drift=drift,
+        )
+    )
+    layer.init_weights(std=0.5)
+    model = torch.nn.ModuleList([layer])
+    x = torch.randn(1, 512, D, generator=torch.Generator().manual_seed(1))
+    push = torch.tensor([rate, 0.0, 0.0, 0.0])
+    excess = []
+    for step in range(steps):
+        layer.gate.update_bias(push)  # what the router's own drift does to expert 0's selection score
+        layer(x)
+        load = update_gate_biases(model)["0"].double()
+        if step >= steps - 100:
+            excess.append(load[0].item() / load.mean().item() - 1)
+    return sum(excess) / len(excess)
+
+
+def test_drift_term_removes_the_sign_rules_lag_behind_a_steadily_drifting_router():
+    # the sign rule moves a bias by at most gamma a step, so a router drifting 5x faster leaves it ever further
+    # behind; the velocity (kappa = 0.02: 0.02 * gamma per step of the same sign) learns the drift and keeps up
+    lag_sign, lag_drift = _drifting_router_lag(0.0), _drifting_router_lag(0.02)
+    assert lag_sign > 2.0  # expert 0 takes over 3x its share (all tokens: 3.0)
+    assert abs(lag_drift) < 0.1, (lag_sign, lag_drift)
+
+
+def test_bias_update_drift_is_validated_and_idle_without_gamma():
+    import pytest
+
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="bias_update_drift"):
+            MoEConfig(bias_update_drift=bad, gate_bias_update_factor=0.001)
+    with pytest.warns(UserWarning, match="bias_update_drift=0.02 has no effect"):
+        MoEConfig(bias_update_drift=0.02, correction_bias=True)
