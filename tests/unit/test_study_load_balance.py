@@ -62,3 +62,47 @@ def test_strided_windows_spread_over_the_whole_stream():
     assert starts == list(range(0, 100, 10))
     assert [int(second.windows([i])[0, 0]) // 16 for i in range(10)] == list(range(5, 100, 10))  # disjoint
     assert len(first) == 10
+
+
+def test_a_drift_setting_is_its_rules_setting_plus_kappa_in_its_own_family():
+    assert study.parse_setting("adaptive+drift0.02") == dict(
+        study.parse_setting("adaptive"), family="adaptive+drift", drift=0.02
+    )
+    assert study.parse_setting("sign0.003+drift0.005")["family"] == "sign+drift"
+    assert study.parse_setting("sign0.003")["drift"] == 0.0
+    for bad in ("aux0.01+drift0.02", "adaptive+drift"):
+        try:
+            study.parse_setting(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad} was accepted")
+    overrides = study.run_overrides("tiny", "adaptive+drift0.02", 0, args=study.parse_args([]))
+    assert (
+        "model.moe.bias_update_drift=0.02" in overrides and "model.moe.bias_update_rule=adaptive" in overrides
+    )
+
+
+def _runs(held_out: dict[int, float]) -> dict:
+    return {seed: {"eval": {"held_out": {"loss": 1.0, "max_vio_global": v}}} for seed, v in held_out.items()}
+
+
+def test_choose_compares_a_family_on_the_seeds_all_its_settings_ran():
+    # on the shared seeds 0-2, sign0.003 is the more balanced; its extra seeds (worse) must not flip the choice
+    settings = {
+        "sign0.001": _runs({0: 0.20, 1: 0.20, 2: 0.20}),
+        "sign0.003": _runs({0: 0.15, 1: 0.15, 2: 0.15, 3: 0.40, 4: 0.40}),
+        "adaptive": _runs({0: 0.05, 1: 0.30}),
+    }
+    assert study.choose(settings, "sign") == "sign0.003"
+    assert study.choose(settings, "aux") is None
+    # several balanced (<= 0.10): the lowest held-out loss among them
+    both = {
+        "both0.01_0.001": {
+            s: {"eval": {"held_out": {"loss": 1.2, "max_vio_global": 0.08}}} for s in range(3)
+        },
+        "both0.03_0.001": {
+            s: {"eval": {"held_out": {"loss": 1.1, "max_vio_global": 0.09}}} for s in range(3)
+        },
+        "both0.1_0.001": {s: {"eval": {"held_out": {"loss": 1.0, "max_vio_global": 0.20}}} for s in range(3)},
+    }
+    assert study.choose(both, "both") == "both0.03_0.001"
