@@ -52,9 +52,7 @@ class MoEConfig:
     gate_bias_update_factor: float = 0.0  # gamma of the aux-loss-free bias update; >0 implies correction_bias
     bias_update_mean_center: bool = False  # subtract the mean of each bias update so biases stay centred
     bias_update_rule: str = "sign"  # sign: gamma*sign (DeepSeek-V3) | adaptive: per-expert step, Rprop-style
-    bias_update_drift: float = (
-        0.0  # kappa: each bias also moves by a velocity, kappa * the sum of its past updates
-    )
+    bias_update_drift: float = 0.0  # kappa: biases also move by a velocity, kappa * sum of the past updates
     aux_loss_coeff: float = 0.0  # weight of the Switch/GShard balancing loss (noisy_topk: of its cv^2 loss)
     aux_loss_type: str = "micro_batch"  # micro_batch | sequence | global: where f_e and P_e are averaged
     z_loss_coeff: float = 0.0  # weight of the router z-loss mean_t(logsumexp(logits))^2
