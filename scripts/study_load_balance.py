@@ -8,10 +8,10 @@ MaxVio_global and loss on the whole validation split, hyperparameters chosen on 
 Settings (names encode their values): `none`; `sign<g>` (DeepSeek-V3 sign rule, gamma g); `adaptive` /
 `adaptive<g>` (`bias_update_rule=adaptive`, first step g, default 0.001); `aux<c>` / `auxg<c>` (aux loss, coefficient
 c, micro-batch / global scope); `both<c>_<g>` (micro-batch aux loss + sign rule); a bias-rule setting with
-`+drift<kappa>` appended (`adaptive+drift0.02`) also sets `bias_update_drift` (its own family). Each run is the real recipe
-(`python recipes/pretrain.py`, one process, `parallel=single`) in `<out>/<preset>/<setting>_s<seed>/`; a run whose
-directory holds `DONE` is kept, so an interrupted study resumes. `train.seed` (the initialization) is the seed;
-the data order (`data.seed`) is the same in every run.
+`+drift<kappa>` appended (`adaptive+drift0.02`) also sets `bias_update_drift` (its own family). Each run is the
+real recipe (`python recipes/pretrain.py`, one process, `parallel=single`) in `<out>/<preset>/<setting>_s<seed>/`;
+a run whose directory holds `DONE` is kept, so an interrupted study resumes. `train.seed` (the initialization)
+is the seed; the data order (`data.seed`) is the same in every run.
 
 Splits: every run trains with `data.val_fraction=0.1`, so the last 10% of the token stream is never trained on.
 Its second half is the validation split the docs report (exactly the default 5% split); its first half is the
