@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from automoe.moe.layer import BIAS_UPDATE_STATE
 from automoe.parallel import flight_recorder
 from automoe.parallel.pipeline import is_pipeline_stage
 from automoe.shapes import config_diff, tensor_shape_mismatches
@@ -359,7 +360,7 @@ class Checkpointer:
         )
         try:
             with single_process_ok():
-                dcp.load(state, storage_reader=reader)
+                dcp.load(without_fresh_bias_state(path, state, metadata), storage_reader=reader)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps ranks' failures (a BaseException)
             shards = ", ".join(sorted({info.relative_path for info in metadata.storage_data.values()}))
             cause = (str(e).strip() or type(e).__name__).splitlines()[-1]
@@ -415,7 +416,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint.init_optimizer=true but {path} holds no optimizer state")
         try:
             with single_process_ok():
-                dcp.load(state, storage_reader=reader)
+                dcp.load(without_fresh_bias_state(path, state, metadata), storage_reader=reader)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps ranks' failures
             cause = (str(e).strip() or type(e).__name__).splitlines()[-1]
             raise ValueError(f"could not read the tensors of checkpoint {path}: corrupt? {cause}") from e
@@ -483,6 +484,9 @@ def check_model_shapes(
     stored = stored_tensor_shapes(metadata, prefix="model.")
     if partial:
         stored = {key: shape for key, shape in stored.items() if key in expected}
+    # bias-update state may be new (its option turned on) or gone (turned off): `without_fresh_bias_state`
+    expected = {k: v for k, v in expected.items() if k in stored or not k.endswith(BIAS_UPDATE_STATE)}
+    stored = {k: v for k, v in stored.items() if k in expected or not k.endswith(BIAS_UPDATE_STATE)}
     mismatches = tensor_shape_mismatches(expected, stored)
     if mismatches:
         mine = OmegaConf.to_container(OmegaConf.create(config_yaml)).get("model", {})
@@ -494,6 +498,28 @@ def check_model_shapes(
             + "; ".join(mismatches[:_SHOW])
             + more
         )
+
+
+def without_fresh_bias_state(path: Path, state: dict, metadata: Any) -> dict:
+    """`state` to hand to `dcp.load`: without the bias-update state tensors the checkpoint lacks (a
+    `bias_update_rule` or `bias_update_drift` turned on since the save, `check_model_shapes` allows it), which keep
+    their initial value (zeros), with a warning. Bias-update state the checkpoint has and the model does not is
+    simply not read. The tensors are the same objects: DCP loads into them in place."""
+    model_sd = state["model"]
+    fresh = [
+        k
+        for k in model_sd
+        if k.endswith(BIAS_UPDATE_STATE) and f"model.{k}" not in metadata.state_dict_metadata
+    ]
+    if not fresh:
+        return state
+    warnings.warn(
+        f"checkpoint {path} holds no bias-update state for {len(fresh)} tensor(s) ({fresh[0]}, ...): the "
+        "model.moe.bias_update_rule / bias_update_drift state starts at 0 (the correction biases are restored)",
+        UserWarning,
+        stacklevel=3,
+    )
+    return {**state, "model": {k: v for k, v in model_sd.items() if k not in fresh}}
 
 
 def stored_tensor_shapes(metadata: Any, *, prefix: str = "") -> dict[str, tuple[int, ...]]:

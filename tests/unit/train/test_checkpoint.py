@@ -254,3 +254,30 @@ def test_truncated_metadata_is_named(tmp_path, env):
     (ckpt / ".metadata").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"step_1/\.metadata is corrupt"):
         build_trainer(make_job(tmp_path / "b", f"checkpoint.resume={ckpt}"), env)
+
+
+def test_resume_may_turn_the_bias_update_state_on_and_off(tmp_path, env):
+    """Turning on `bias_update_rule=adaptive` / `bias_update_drift` at a resume starts their state at 0 (with a
+    warning), everything else restored; turning them off again does not read the saved state."""
+    trainer = build_trainer(make_job(tmp_path / "a", "checkpoint.interval=2", "train.val_interval=0"), env)
+    train_steps(trainer, 2)
+    before = snapshot(trainer)
+    ckpt = tmp_path / "a" / "checkpoints" / "step_2"
+    on = ("model.moe.bias_update_rule=adaptive", "model.moe.bias_update_drift=0.02")
+    with pytest.warns(UserWarning, match="holds no bias-update state"):
+        fresh = build_trainer(
+            make_job(tmp_path / "b", *on, "checkpoint.interval=1", f"checkpoint.resume={ckpt}"), env
+        )
+    assert fresh.step == 2
+    sd = fresh.model.state_dict()
+    added = [k for k in sd if k.endswith(("bias_step_exponent", "bias_last_sign", "bias_velocity"))]
+    assert len(added) == 3 * len(list(moe_layers(fresh.model)))
+    assert all(sd[k].abs().sum() == 0 for k in added)
+    for k, v in before["model"].items():  # the weights and the correction biases: exactly the saved ones
+        assert_equal(sd[k], v, msg=k)
+    train_steps(fresh, 1)  # the new state is live: the adaptive rule and the velocity moved
+    assert any(fresh.model.state_dict()[k].abs().sum() > 0 for k in added if k.endswith("bias_velocity"))
+    again = build_trainer(
+        make_job(tmp_path / "c", f"checkpoint.resume={tmp_path / 'b' / 'checkpoints' / 'step_3'}"), env
+    )
+    assert again.step == 3 and not any(k.endswith("bias_velocity") for k in again.model.state_dict())
